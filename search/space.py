@@ -1,0 +1,289 @@
+"""The quantization configuration space (method.md §1.2, §1.5, §1.6) as data.
+
+A *setting* is the five choices made for one target matrix: code (b0), first-level scale bits (b1),
+second-level scale format (b2), weights per first-level block (B0) and first-level scales per second-level block
+(B1). A *configuration* is one setting per target matrix of a model, in registry order.
+
+The space is data, loaded from YAML in ``conf/space/``, so a run can restrict it (fewer values) or extend it
+(``nf5``/``nf6`` codes, or the uniform-integer family ``int2``..``int8``). Codes are named ``<family><bits>``; a
+bare integer ``k`` in YAML means ``nf<k>``. The order of each field's values is the ordinal integer encoding the
+search uses (method.md §4.1), so keep values in ascending cost order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+FIELDS: tuple[str, ...] = ("code", "scale_bits", "scale2_format", "block0", "block1")
+"""Field names in encoding order; the paper's symbols are b0, b1, b2, B0, B1."""
+
+PAPER_SYMBOLS: dict[str, str] = {
+    "code": "b0",
+    "scale_bits": "b1",
+    "scale2_format": "b2",
+    "block0": "B0",
+    "block1": "B1",
+}
+
+FLOAT_FORMAT_BITS: dict[str, int] = {"bf16": 16, "fp16": 16, "fp32": 32}
+"""Width w(b2) of each second-level scale format (method.md §1.5)."""
+
+CODE_FAMILIES: tuple[str, ...] = ("nf", "int")
+"""``nf``: NormalFloat-k codebook (§1.3). ``int``: uniform grid of 2^k levels on [-1, 1] (the paper's integer
+ablation, same blockwise double quantization around it)."""
+
+_CODE_RE = re.compile(r"^(nf|int)([2-8])$")
+
+DEFAULT_SPACE_FILE = Path(__file__).resolve().parents[1] / "conf" / "space" / "default.yaml"
+
+
+def parse_code(code: str | int) -> tuple[str, int]:
+    """Split a code name such as ``nf4`` into (family, bits); a bare int ``k`` means ``nfk``."""
+    if isinstance(code, (int, np.integer)) and not isinstance(code, bool):
+        code = f"nf{int(code)}"
+    if not isinstance(code, str) or not _CODE_RE.match(code):
+        raise ValueError(
+            f"unknown code {code!r}: expected <family><bits> with family in {CODE_FAMILIES} and bits in 2..8 "
+            "(e.g. 'nf4', 'int3') or a bare integer meaning NormalFloat"
+        )
+    m = _CODE_RE.match(code)
+    assert m is not None
+    return m.group(1), int(m.group(2))
+
+
+@dataclass(frozen=True, order=True)
+class QuantSetting:
+    """The five quantization choices for one matrix. Validated on construction, so a bad value never reaches
+    the quantizer."""
+
+    code: str
+    scale_bits: int
+    scale2_format: str
+    block0: int
+    block1: int
+
+    def __post_init__(self) -> None:
+        family, bits = parse_code(self.code)
+        object.__setattr__(self, "code", f"{family}{bits}")
+        if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, (int, np.integer)):
+            raise ValueError(f"scale_bits (b1) must be an int in 1..16, got {self.scale_bits!r}")
+        if not 1 <= int(self.scale_bits) <= 16:
+            raise ValueError(f"scale_bits (b1) must be in 1..16, got {self.scale_bits!r}")
+        if self.scale2_format not in FLOAT_FORMAT_BITS:
+            raise ValueError(
+                f"scale2_format (b2) must be one of {sorted(FLOAT_FORMAT_BITS)}, got {self.scale2_format!r}"
+            )
+        for field, value in (("block0", self.block0), ("block1", self.block1)):
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+            if not ok or int(value) & (int(value) - 1):
+                raise ValueError(f"{field} ({PAPER_SYMBOLS[field]}) must be a positive power of two, got {value!r}")
+        object.__setattr__(self, "scale_bits", int(self.scale_bits))
+        object.__setattr__(self, "block0", int(self.block0))
+        object.__setattr__(self, "block1", int(self.block1))
+
+    @property
+    def family(self) -> str:
+        return parse_code(self.code)[0]
+
+    @property
+    def code_bits(self) -> int:
+        return parse_code(self.code)[1]
+
+    @property
+    def group_size(self) -> int:
+        """Weights per second-level block (B0·B1): the padding granularity of a matrix."""
+        return self.block0 * self.block1
+
+    @property
+    def bits_per_param(self) -> float:
+        """b0 + b1/B0 + w(b2)/(B0·B1) (method.md §1.5): per-matrix offset and padding are not included."""
+        return bits_per_param(self)
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (self.code, self.scale_bits, self.scale2_format, self.block0, self.block1)
+
+    def __str__(self) -> str:
+        return f"({self.code}, {self.scale_bits}, {self.scale2_format}, {self.block0}, {self.block1})"
+
+
+def bits_per_param(setting: QuantSetting) -> float:
+    """Storage cost of one weight under ``setting`` in bits (method.md §1.5)."""
+    return (
+        setting.code_bits
+        + setting.scale_bits / setting.block0
+        + FLOAT_FORMAT_BITS[setting.scale2_format] / (setting.block0 * setting.block1)
+    )
+
+
+def average_bits(settings: Sequence[QuantSetting], numels: Sequence[int]) -> float:
+    """Parameter-weighted mean of bits_per_param over the target matrices (method.md §1.6)."""
+    if len(settings) != len(numels):
+        raise ValueError(f"configuration has {len(settings)} settings but {len(numels)} matrix sizes were given")
+    if len(numels) == 0:
+        raise ValueError("cannot average bits over zero matrices")
+    n = np.asarray(numels, dtype=np.float64)
+    if np.any(n <= 0):
+        raise ValueError("every matrix size must be positive")
+    bpp = np.array([s.bits_per_param for s in settings], dtype=np.float64)
+    return float((n * bpp).sum() / n.sum())
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The allowed values of each field. Value order is the ordinal encoding (index 0 = first listed value)."""
+
+    code: tuple[str, ...]
+    scale_bits: tuple[int, ...]
+    scale2_format: tuple[str, ...]
+    block0: tuple[int, ...]
+    block1: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", tuple(f"{f}{b}" for f, b in (parse_code(c) for c in self.code)))
+        for field in FIELDS:
+            values = getattr(self, field)
+            if len(values) == 0:
+                raise ValueError(f"space field {field} ({PAPER_SYMBOLS[field]}) has no values")
+            if len(set(values)) != len(values):
+                raise ValueError(f"space field {field} ({PAPER_SYMBOLS[field]}) repeats a value: {list(values)}")
+        # Constructing every extreme setting validates every value of every field.
+        for field in FIELDS:
+            for v in getattr(self, field):
+                QuantSetting(**{f: (v if f == field else getattr(self, f)[0]) for f in FIELDS})
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
+        unknown = set(data) - set(FIELDS)
+        missing = set(FIELDS) - set(data)
+        if unknown:
+            raise ValueError(f"unknown space field(s) {sorted(unknown)}; allowed: {list(FIELDS)}")
+        if missing:
+            raise ValueError(f"space is missing field(s) {sorted(missing)}; required: {list(FIELDS)}")
+        for field in FIELDS:
+            if not isinstance(data[field], (list, tuple)):
+                raise ValueError(f"space field {field} must be a list of values, got {data[field]!r}")
+        return cls(**{f: tuple(data[f]) for f in FIELDS})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchSpace":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"space file {str(path)!r} does not exist")
+        with path.open() as fh:
+            data = yaml.safe_load(fh)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"space file {str(path)!r} must hold a mapping of field -> values")
+        return cls.from_dict(data)
+
+    @classmethod
+    def default(cls) -> "SearchSpace":
+        """The paper's 432-setting space, read from ``conf/space/default.yaml``."""
+        return cls.from_yaml(DEFAULT_SPACE_FILE)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {f: list(getattr(self, f)) for f in FIELDS}
+
+    # ---- per-matrix settings ------------------------------------------------------------------------------
+    @property
+    def cardinalities(self) -> tuple[int, ...]:
+        """Number of values of each field, in encoding order (default [4, 4, 3, 3, 3])."""
+        return tuple(len(getattr(self, f)) for f in FIELDS)
+
+    @property
+    def n_settings(self) -> int:
+        return math.prod(self.cardinalities)
+
+    @cached_property
+    def settings(self) -> tuple[QuantSetting, ...]:
+        """Every per-matrix setting, in row-major order of the field indices (flat index order)."""
+        return tuple(QuantSetting(*vals) for vals in itertools.product(*(getattr(self, f) for f in FIELDS)))
+
+    @cached_property
+    def setting_bits(self) -> np.ndarray:
+        """bits_per_param of every setting, indexed by flat index."""
+        return np.array([s.bits_per_param for s in self.settings], dtype=np.float64)
+
+    @cached_property
+    def _value_index(self) -> tuple[dict[Any, int], ...]:
+        return tuple({v: i for i, v in enumerate(getattr(self, f))} for f in FIELDS)
+
+    def setting_indices(self, setting: QuantSetting, *, matrix: str = "matrix") -> tuple[int, ...]:
+        """Field indices of ``setting``; ValueError naming the matrix and field if a value is outside the space."""
+        out = []
+        for field, table, value in zip(FIELDS, self._value_index, setting.as_tuple()):
+            if value not in table:
+                raise ValueError(
+                    f"{matrix}: {field} ({PAPER_SYMBOLS[field]}) = {value!r} is not in the space; "
+                    f"allowed: {list(getattr(self, field))}"
+                )
+            out.append(table[value])
+        return tuple(out)
+
+    def flat_index(self, setting: QuantSetting, *, matrix: str = "matrix") -> int:
+        return int(np.ravel_multi_index(self.setting_indices(setting, matrix=matrix), self.cardinalities))
+
+    def setting_from_indices(self, indices: Sequence[int]) -> QuantSetting:
+        if len(indices) != len(FIELDS):
+            raise ValueError(f"a setting has {len(FIELDS)} field indices, got {len(indices)}")
+        for field, i, card in zip(FIELDS, indices, self.cardinalities):
+            if not 0 <= int(i) < card:
+                raise ValueError(f"{field} index {int(i)} is out of range 0..{card - 1}")
+        return QuantSetting(*(getattr(self, f)[int(i)] for f, i in zip(FIELDS, indices)))
+
+    def validate_setting(self, setting: QuantSetting, *, matrix: str = "matrix") -> None:
+        self.setting_indices(setting, matrix=matrix)
+
+    # ---- whole-model configurations -----------------------------------------------------------------------
+    def encode(self, configuration: Sequence[QuantSetting], names: Sequence[str] | None = None) -> np.ndarray:
+        """Integer vector of length 5N: the field indices of matrix 0, then matrix 1, ... (method.md §4.1)."""
+        names = names or [f"matrix {i}" for i in range(len(configuration))]
+        rows = [self.setting_indices(s, matrix=n) for s, n in zip(configuration, names)]
+        return np.asarray(rows, dtype=np.int64).reshape(-1)
+
+    def decode(self, x: Sequence[int] | np.ndarray) -> list[QuantSetting]:
+        """Inverse of :meth:`encode`; ValueError on a wrong length or an out-of-range index."""
+        arr = np.asarray(x)
+        if arr.ndim != 1 or arr.size % len(FIELDS):
+            raise ValueError(f"an encoded configuration is a 1-D vector of length 5N, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            if not np.all(np.equal(np.mod(arr, 1), 0)):
+                raise ValueError("an encoded configuration must hold integers")
+            arr = arr.astype(np.int64)
+        return [self.setting_from_indices(row) for row in arr.reshape(-1, len(FIELDS))]
+
+    def upper_bounds(self, n_matrices: int) -> np.ndarray:
+        """Largest index of each of the 5N encoded dimensions."""
+        return np.tile(np.asarray(self.cardinalities, dtype=np.int64) - 1, n_matrices)
+
+    def average_bits(self, configuration: Sequence[QuantSetting], numels: Sequence[int]) -> float:
+        for i, s in enumerate(configuration):
+            self.validate_setting(s, matrix=f"matrix {i}")
+        return average_bits(configuration, numels)
+
+    def encoded_average_bits(self, x: np.ndarray, numels: Sequence[int]) -> np.ndarray:
+        """Average bits of one (5N,) or many (n, 5N) encoded configurations, vectorised for the search."""
+        x = np.asarray(x, dtype=np.int64)
+        single = x.ndim == 1
+        x2 = np.atleast_2d(x)
+        n_matrices = len(numels)
+        flat = np.ravel_multi_index(
+            tuple(x2.reshape(x2.shape[0], n_matrices, len(FIELDS))[..., j] for j in range(len(FIELDS))),
+            self.cardinalities,
+        )
+        n = np.asarray(numels, dtype=np.float64)
+        out = (self.setting_bits[flat] * n).sum(axis=1) / n.sum()
+        return out[0] if single else out
+
+    @property
+    def bits_range(self) -> tuple[float, float]:
+        return float(self.setting_bits.min()), float(self.setting_bits.max())

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+from search.space import DEFAULT_SPACE_FILE, QuantSetting, SearchSpace, average_bits, bits_per_param
+
+SPACE = SearchSpace.default()
+
+
+def test_paper_space_facts():
+    assert SPACE.cardinalities == (4, 4, 3, 3, 3)
+    assert SPACE.n_settings == 432 == len(SPACE.settings)
+    assert len(np.unique(SPACE.setting_bits.round(12))) == 184
+    assert SPACE.bits_range == pytest.approx((2.0322265625, 8.625))
+
+
+@pytest.mark.parametrize(
+    "setting, bits",
+    [
+        (("nf4", 8, "fp32", 64, 256), 4.126953125),  # QLoRA NF4 ≈ 4.1270
+        (("nf3", 8, "fp32", 64, 256), 3.126953125),
+        (("nf2", 2, "bf16", 64, 256), 2.0322265625),
+        (("nf8", 8, "fp32", 16, 16), 8.625),
+    ],
+)
+def test_bits_per_param(setting, bits):
+    assert bits_per_param(QuantSetting(*setting)) == pytest.approx(bits, abs=1e-12)
+
+
+def test_encode_decode_round_trip_and_flat_index():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, SPACE.upper_bounds(10) + 1)
+    settings = SPACE.decode(x)
+    assert np.array_equal(SPACE.encode(settings), x)
+    for s in settings:
+        assert SPACE.settings[SPACE.flat_index(s)] == s
+
+
+def test_average_bits_is_parameter_weighted():
+    a, b = QuantSetting("nf2", 2, "bf16", 64, 256), QuantSetting("nf8", 8, "fp32", 16, 16)
+    assert average_bits([a, b], [3, 1]) == pytest.approx((3 * a.bits_per_param + b.bits_per_param) / 4)
+    x = SPACE.encode([a, b])
+    assert SPACE.encoded_average_bits(x, [3, 1]) == pytest.approx(average_bits([a, b], [3, 1]))
+    batch = np.stack([x, SPACE.encode([b, a])])
+    np.testing.assert_allclose(
+        SPACE.encoded_average_bits(batch, [3, 1]), [average_bits([a, b], [3, 1]), average_bits([b, a], [3, 1])]
+    )
+
+
+def test_restrict_from_yaml(tmp_path):
+    import yaml
+
+    conf = SPACE.to_dict()
+    conf["code"] = ["nf3", "nf4"]
+    conf["block1"] = [256]
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    small = SearchSpace.from_yaml(path)
+    assert small.n_settings == 2 * 4 * 3 * 3 * 1
+    assert small.bits_range[0] > 3
+
+
+def test_shipped_extended_and_integer_spaces():
+    ext = SearchSpace.from_yaml(DEFAULT_SPACE_FILE.parent / "extended.yaml")
+    assert ext.code == ("nf2", "nf3", "nf4", "nf5", "nf6", "nf8") and ext.n_settings == 648
+    integer = SearchSpace.from_yaml(DEFAULT_SPACE_FILE.parent / "integer.yaml")
+    assert {s.family for s in integer.settings} == {"int"}
+    assert integer.bits_range == SPACE.bits_range
+
+
+def test_bare_integers_mean_normalfloat():
+    space = SearchSpace.from_dict({**SPACE.to_dict(), "code": [2, 4]})
+    assert space.code == ("nf2", "nf4")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"code": ["nf4", "fp4"]}, "unknown code"),
+        ({"scale_bits": [0]}, "scale_bits"),
+        ({"scale2_format": ["fp8"]}, "scale2_format"),
+        ({"block0": [48]}, "power of two"),
+        ({"block1": []}, "no values"),
+        ({"code": ["nf4", "nf4"]}, "repeats"),
+        ({"colour": ["red"]}, "unknown space field"),
+    ],
+)
+def test_bad_space_definitions(change, message):
+    with pytest.raises(ValueError, match=message):
+        SearchSpace.from_dict({**SPACE.to_dict(), **change})
+
+
+def test_setting_outside_space_names_matrix_and_field():
+    small = SearchSpace.from_dict({**SPACE.to_dict(), "code": ["nf3", "nf4"]})
+    with pytest.raises(ValueError, match=r"layers\.0\.attn.*code \(b0\) = 'nf8'"):
+        small.validate_setting(QuantSetting("nf8", 8, "fp32", 64, 256), matrix="layers.0.attn")
+
+
+def test_decode_rejects_bad_vectors():
+    with pytest.raises(ValueError, match="length 5N"):
+        SPACE.decode(np.zeros(7, dtype=int))
+    with pytest.raises(ValueError, match="out of range"):
+        SPACE.decode(np.array([4, 0, 0, 0, 0]))
+
+
+def test_missing_file():
+    with pytest.raises(ValueError, match="does not exist"):
+        SearchSpace.from_yaml("/nonexistent/space.yaml")

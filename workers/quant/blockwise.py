@@ -1,0 +1,220 @@
+"""Blockwise quantization with double-quantized scales (method.md §1.4), as fake-quant and as a packed form.
+
+Both forms come from the same code path (:func:`_encode`), and the packed form decodes with the same arithmetic,
+so ``dequantize(quantize(W, s))`` is bit-identical to ``fake_quantize(W, s)``.
+
+Padding: a matrix of n entries is flattened row-major and zero-padded to a multiple of B0·B1. The offset o is the
+minimum absmax over blocks that hold at least one real entry (a padding-only block would otherwise force o = 0),
+and padding-only blocks get scale code 0. Packed bytes are exactly
+
+    padded_numel · bits_per_param / 8 + 4        (the +4 is the fp32 offset)
+
+The codebook is implied by the code name and not stored; the shape and dtype are metadata.
+
+Guards the official code lacks (method.md §6 A11): a second-level scale t̂ of 0 (all blocks of a group share the
+global minimum absmax) yields scale codes 0 instead of 0/0, and a dequantized scale ŝ of 0 yields zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from search.space import FLOAT_FORMAT_BITS, QuantSetting
+
+from . import packing
+from .codebooks import codebook, nearest_code
+
+SCALE2_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+OFFSET_BYTES = 4
+
+
+def padded_numel(numel: int, setting: QuantSetting) -> int:
+    """Entries after padding to a whole number of second-level blocks."""
+    g = setting.group_size
+    return -(-numel // g) * g
+
+
+def packed_nbytes(numel: int, setting: QuantSetting) -> int:
+    """Exact bytes of the packed form of a matrix of ``numel`` entries (see the module docstring)."""
+    n = padded_numel(numel, setting)
+    return (
+        packing.packed_nbytes(n, setting.code_bits)
+        + packing.packed_nbytes(n // setting.block0, setting.scale_bits)
+        + (n // setting.group_size) * FLOAT_FORMAT_BITS[setting.scale2_format] // 8
+        + OFFSET_BYTES
+    )
+
+
+def validate_weight(weight: torch.Tensor, setting: QuantSetting, name: str) -> None:
+    """ValueError naming the matrix and the setting for anything the quantizer cannot take."""
+    where = f"{name} with setting {setting}"
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{where}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in ACCEPTED_DTYPES:
+        raise ValueError(f"{where}: dtype {weight.dtype} is not a float type; accepted: fp32, bf16, fp16, fp64")
+    if weight.numel() == 0:
+        raise ValueError(f"{where}: the matrix is empty (shape {tuple(weight.shape)})")
+
+
+def _check_finite(absmax: torch.Tensor, setting: QuantSetting, name: str) -> None:
+    """NaN and Inf propagate into their block's absmax, so checking the (numel/B0) absmaxes is enough and saves a
+    full pass over the matrix."""
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError(f"{name} with setting {setting}: the matrix holds NaN or Inf values")
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    codes: torch.Tensor  # uint8 (padded_numel,), unpacked b0-bit code indices
+    scale_codes: torch.Tensor  # uint8 (padded_numel / B0,)
+    scale2: torch.Tensor  # (padded_numel / (B0·B1),) in the b2 format
+    offset: torch.Tensor  # fp32 scalar
+    scales: torch.Tensor  # fp32 (padded_numel / B0,), dequantized first-level scales ŝ
+
+
+def _dequantize_scales(
+    scale_codes: torch.Tensor, scale2: torch.Tensor, offset: torch.Tensor, setting: QuantSetting
+) -> torch.Tensor:
+    """ŝ = q_s · t̂ / M0 + o, one fp32 value per first-level block. Shared by encoding and decoding so both see
+    the very same floats."""
+    m0 = float(2**setting.scale_bits - 1)
+    step = scale2.float() / m0
+    return (scale_codes.view(-1, setting.block1).float() * step.unsqueeze(1)).reshape(-1) + offset
+
+
+def _encode(weight: torch.Tensor, setting: QuantSetting, name: str) -> _Encoded:
+    n = weight.numel()
+    n_pad = padded_numel(n, setting)
+    flat = weight.detach().reshape(-1).float()
+    if n_pad != n:
+        flat = torch.cat([flat, flat.new_zeros(n_pad - n)])
+    blocks = flat.view(-1, setting.block0)
+    absmax = blocks.abs().amax(dim=1)  # s: one per first-level block
+    _check_finite(absmax, setting, name)
+    n_real_blocks = -(-n // setting.block0)
+    offset = absmax[:n_real_blocks].min()  # o
+    shifted = (absmax - offset).clamp_(min=0)  # s' (padding-only blocks clamp to 0)
+    scale2 = shifted.view(-1, setting.block1).amax(dim=1).to(SCALE2_DTYPES[setting.scale2_format])  # t̂ in b2
+    t_hat = scale2.float()
+    m0 = float(2**setting.scale_bits - 1)
+    safe_t = torch.where(t_hat > 0, t_hat, torch.ones_like(t_hat))  # t̂ = 0 ⇒ s' = 0 in that group ⇒ code 0
+    scale_codes = torch.round(shifted.view(-1, setting.block1) * m0 / safe_t.unsqueeze(1)).clamp_(0, m0)
+    scale_codes = scale_codes.to(torch.uint8).reshape(-1)
+    scales = _dequantize_scales(scale_codes, scale2, offset, setting)
+    safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = nearest_code(blocks / safe_scales.unsqueeze(1), setting.code).reshape(-1)
+    return _Encoded(codes=codes, scale_codes=scale_codes, scale2=scale2, offset=offset, scales=scales)
+
+
+def _decode_values(values: torch.Tensor, scales: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
+    """Multiply decoded codebook values by their block scale, in place (the same float op in both paths; in place
+    because allocating a second output-sized buffer costs as much as the multiply)."""
+    return values.view(-1, setting.block0).mul_(scales.unsqueeze(1)).reshape(-1)
+
+
+def fake_quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight") -> torch.Tensor:
+    """The dequantized matrix Ŵ (same shape, dtype and device as ``weight``): what training multiplies with."""
+    validate_weight(weight, setting, name)
+    enc = _encode(weight, setting, name)
+    values = codebook(setting.code, str(weight.device))[enc.codes.long()]
+    out = _decode_values(values, enc.scales, setting)[: weight.numel()]
+    return out.view(weight.shape).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A matrix in storage form: bit-packed b0-bit codes, bit-packed b1-bit scale codes, second-level scales in
+    their b2 float format and one fp32 offset. Tensors only, so it serialises to safetensors as is."""
+
+    setting: QuantSetting
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    scale2: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def padded_numel(self) -> int:
+        return padded_numel(self.numel, self.setting)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the four stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale_codes, self.scale2, self.offset))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes, "scale_codes": self.scale_codes, "scale2": self.scale2, "offset": self.offset}
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight") -> PackedWeight:
+    """Quantize ``weight`` under ``setting`` into its packed storage form."""
+    validate_weight(weight, setting, name)
+    enc = _encode(weight, setting, name)
+    return PackedWeight(
+        setting=setting,
+        shape=tuple(weight.shape),
+        dtype=weight.dtype,
+        codes=packing.pack(enc.codes, setting.code_bits),
+        scale_codes=packing.pack(enc.scale_codes, setting.scale_bits),
+        scale2=enc.scale2,
+        offset=enc.offset.reshape(1),
+    )
+
+
+def dequantize(packed: PackedWeight) -> torch.Tensor:
+    """Decode a :class:`PackedWeight` back to a dense matrix of its original shape and dtype.
+
+    For code widths dividing 8 each packed byte maps to its (8/k) values through one table gather; other widths
+    unpack first. Either way the floats equal :func:`fake_quantize`'s exactly.
+    """
+    s = packed.setting
+    n_pad = packed.padded_numel
+    scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, n_pad // s.block0)
+    scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
+    book = codebook(s.code, str(packed.codes.device))
+    table = packing.byte_lookup_table(book, s.code_bits)
+    if table is not None:
+        values = _gather_rows(table, packed.codes)
+    else:
+        values = book[packing.unpack(packed.codes, s.code_bits, n_pad).long()]
+    out = _decode_values(values, scales, s)[: packed.numel]
+    return out.view(packed.shape).to(packed.dtype)
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` flattened, for a (256, m) float32 table and a uint8 index. On the CPU numpy's ``take``
+    indexes with the uint8 bytes directly (no int32 copy of the index), treating each table row as one opaque
+    element, and numpy's large buffers are huge-page backed: measured 1.5-2x faster than ``index_select`` here."""
+    if index.device.type != "cpu":
+        return torch.index_select(table, 0, index.to(torch.int32)).reshape(-1)
+    rows = np.ascontiguousarray(table.numpy()).view(np.dtype((np.void, table.shape[1] * 4))).reshape(-1)
+    return torch.from_numpy(np.take(rows, index.numpy()).view(np.float32))
+
+
+def quantize_absmax(weight: torch.Tensor, code: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-level blockwise absmax quantization (no double quantization): (uint8 code indices, fp32 absmax per
+    block). This is what bitsandbytes' ``quantize_4bit(compress_statistics=False)`` computes, and the test suite
+    cross-checks the two. ``weight.numel()`` must be a multiple of ``block_size``."""
+    if weight.numel() % block_size:
+        raise ValueError(f"numel {weight.numel()} is not a multiple of block size {block_size}")
+    blocks = weight.detach().reshape(-1, block_size).float()
+    absmax = blocks.abs().amax(dim=1)
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError(f"weight with {code} block {block_size}: the matrix holds NaN or Inf values")
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return nearest_code(blocks / safe.unsqueeze(1), code).reshape(-1), absmax
