@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -20,7 +21,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="apply configurations spanning 2-8.6 bits to a model and measure them")
     demo.add_argument("--model", default="minilm", help="packaged name (minilm), local path or hub id of an encoder")
+
+    run = sub.add_parser("run", help="start a CoA-LoRA run (default: conf/default.yaml)")
+    run.add_argument("config", nargs="?", help="YAML run configuration (default conf/default.yaml)")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. adapter.rank=16")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    resume = sub.add_parser("resume", help="continue a run from its last valid checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    resume.add_argument("--no-progress", action="store_true")
+
+    status = sub.add_parser("status", help="round, pool, training set, hypervolume, best loss per segment")
+    status.add_argument("run_dir")
+
+    export = sub.add_parser("export", help="PEFT adapter + configuration JSON for a device budget")
+    export.add_argument("run_dir")
+    budget = export.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, help="average bits per weight of the target matrices")
+    budget.add_argument("--memory-mb", type=float, help="packed target matrices + the rest of the model in 16 bits")
+    export.add_argument("--out", help="output directory (default RUN_DIR/exports/<budget>)")
     return parser
+
+
+def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`coalora run key=value` (no config file) is allowed: a first positional with '=' is an override."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,10 +60,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import main as demo_main
 
             demo_main(args.model)
+        elif args.command == "run":
+            from .config import load_config
+            from .runs import start_run
+
+            path, overrides = _split_config_arg(args)
+            run_dir, rows = start_run(load_config(path, overrides), address=args.address,
+                                      progress=not args.no_progress)
+            _print_final(run_dir, rows)
+        elif args.command == "resume":
+            from .runs import resume_run
+
+            rows = resume_run(Path(args.run_dir), address=args.address, progress=not args.no_progress)
+            _print_final(Path(args.run_dir), rows)
+        elif args.command == "status":
+            from .runs import format_status, run_status
+
+            print(format_status(run_status(Path(args.run_dir))))
+        elif args.command == "export":
+            from .export import export_run
+
+            out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out)
+            print(f"exported to {out}")
     except ValueError as err:
         print(f"coalora {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_final(run_dir: Path, rows: list[dict]) -> None:
+    from .report import text_table
+
+    metric = "accuracy" if rows and "accuracy" in rows[0] else "perplexity"
+    print(text_table(rows, ["method", "configuration", "avg_bits", metric, "loss"]))
+    print(f"\nrun directory: {run_dir}")
+    print(f"status: coalora status {run_dir}   resume: coalora resume {run_dir}   export: coalora export {run_dir} --bits 3")
 
 
 def run() -> None:

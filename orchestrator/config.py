@@ -1,0 +1,213 @@
+"""Run configuration: YAML in ``conf/`` validated by a pydantic schema before any compute.
+
+Every error names the field, the value given and what is allowed, e.g.
+``adapter.rank = 0: Input should be greater than 0``. ``key=value`` overrides on the command line use the same
+dotted names and the same validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search.space import DEFAULT_SPACE_FILE, SearchSpace
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DEFAULT_CONFIG = CONF_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which field, what value, and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    root: str = "runs"
+    seed: int = Field(0, ge=0)
+
+
+class ModelSection(_Section):
+    name: str = Field("minilm", min_length=1)
+    task: Literal["classification", "causal-lm"] = "classification"
+
+
+class DataSection(_Section):
+    dataset: Literal["reviews", "shakespeare"] = "reviews"
+    max_length: int = Field(64, gt=0, le=4096)
+    train_examples: int = Field(1024, gt=0)
+    val_examples: int = Field(256, gt=0)
+    score_examples: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+class AdapterSection(_Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    init: Literal["zero_B", "svd_of_W"] = "zero_B"
+    encoder_hidden: int = Field(128, gt=0)
+
+
+class TrainingSection(_Section):
+    steps_per_round: int = Field(20, gt=0)
+    configs_per_step: int = Field(2, gt=0, description="K: configurations drawn per step (mean of their losses)")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class SearchSection(_Section):
+    space: str = str(DEFAULT_SPACE_FILE)
+    rounds: int = Field(2, ge=0)
+    initial_budgets: int = Field(12, gt=0)
+    budget_min: float = 2.25
+    budget_max: float = 7.25
+    proposals_per_round: int = Field(4, gt=0)
+    segments: int = Field(40, gt=0)
+    fisher_examples: int = Field(32, gt=0)
+    cost_sample: int = Field(65536, ge=0, description="entries per matrix for the ILP cost estimate; 0 = exact")
+
+    @model_validator(mode="after")
+    def _budget_order(self) -> "SearchSection":
+        if self.budget_min >= self.budget_max:
+            raise ValueError(f"budget_min ({self.budget_min}) must be below budget_max ({self.budget_max})")
+        return self
+
+
+class EvaluationSection(_Section):
+    targets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
+    unseen: int = Field(4, ge=0)
+    baselines: tuple[Literal["no_adapter", "shared_lora", "qlora", "lq_lora"], ...] = ("no_adapter", "shared_lora")
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("at least one target budget is needed")
+        return v
+
+
+class ClusterSection(_Section):
+    executor: Literal["ray", "local"] = "ray"  # local: one in-process replica, no Ray (debugging, benchmarks)
+    address: str | None = None
+    workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_restarts: int = Field(2, ge=0)
+
+
+class TrackingSection(_Section):
+    uri: str | None = None
+    experiment: str = Field("coalora", min_length=1)
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    adapter: AdapterSection = AdapterSection()
+    training: TrainingSection = TrainingSection()
+    search: SearchSection = SearchSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    cluster: ClusterSection = ClusterSection()
+    tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        pairs = {("reviews", "classification"), ("shakespeare", "causal-lm")}
+        if (self.data.dataset, self.model.task) not in pairs:
+            raise ValueError(
+                f"data.dataset {self.data.dataset!r} does not fit model.task {self.model.task!r}; "
+                "allowed pairs: reviews+classification, shakespeare+causal-lm"
+            )
+        return self
+
+    def load_space(self) -> SearchSpace:
+        try:
+            space = SearchSpace.from_yaml(_resolve_path(self.search.space))
+        except ValueError as err:
+            raise ConfigError(f"search.space = {self.search.space!r}: {err}") from None
+        lo, hi = space.bits_range
+        for t in self.evaluation.targets:
+            if not lo <= t <= hi:
+                raise ConfigError(f"evaluation.targets = {t}: outside the space's bit range [{lo:.4f}, {hi:.4f}]")
+        if self.search.budget_min < lo or self.search.budget_max > hi:
+            raise ConfigError(
+                f"search.budget_min/budget_max = [{self.search.budget_min}, {self.search.budget_max}]: must lie "
+                f"inside the space's bit range [{lo:.4f}, {hi:.4f}]"
+            )
+        return space
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Dotted keys → values, the form MLflow params take."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _resolve_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else CONF_DIR.parent / p
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "config"
+        value = e.get("input")
+        shown = "" if isinstance(value, Mapping) else f" = {value!r}"
+        lines.append(f"{field}{shown}: {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. adapter.rank=16")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return parts, value
+
+
+def build_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        if section not in RunConfig.model_fields:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {list(RunConfig.model_fields)}")
+        allowed = RunConfig.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+        if key not in allowed:
+            raise ConfigError(f"override {item!r}: unknown field {section}.{key}; allowed: {list(allowed)}")
+        merged.setdefault(section, {})[key] = value
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run configuration (default ``conf/default.yaml``), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"configuration file {str(path)!r} must hold a mapping of sections")
+    return build_config(data, overrides)

@@ -1,0 +1,366 @@
+"""The CoA-LoRA loop (design.md "Data flow of one run"), durable and resumable.
+
+    round 0   sensitivity → ILP initial pool → score the pool                      → checkpoint 0
+    round r   train (K configurations per step, shards on every worker)
+              re-score the pool with the current adapters + θ on the fixed scoring subset
+              propose q candidates (BoTorch) → evaluate them in parallel → segmented Pareto training set
+                                                                                     → checkpoint r
+    final     CoA-LoRA, baselines and no-adapter on the target budgets' ILP configurations (the same ones for
+              every method) and on unseen configurations
+
+Determinism: every random choice is drawn from a generator seeded by (seed, purpose, step), never from global
+state, and checkpoints hold every tensor and the ledger length at the round boundary. A resume truncates the
+ledger to that length and replays from there, so it writes the same ledger, pool, training set and proposals as an
+uninterrupted run. Worker calls are pure functions of their arguments, so retried calls cannot double-count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from search.allocation import budget_grid, flat_to_encoded, initial_pool, solve_allocation
+from search.hypervolume import normalized_hypervolume
+from search.pareto import segment_index
+from search.searcher import ParetoSearcher
+from search.space import SearchSpace
+from workers.training import TrainConfig
+
+from . import report
+from .config import RunConfig
+from .executor import Executor
+from .faults import commit_point
+from .optim import MasterState, weighted_mean
+from .state import CheckpointStore, Ledger, canonical_json, write_json_atomic
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def seeded(seed: int, *purpose: int) -> torch.Generator:
+    """A torch generator for one purpose and step, independent of every other draw."""
+    state = np.random.SeedSequence([seed, *purpose]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+PURPOSE_DATA, PURPOSE_CONFIGS, PURPOSE_UNSEEN, PURPOSE_SHARED = 1, 2, 3, 4
+
+
+def key(x: np.ndarray) -> str:
+    """The configuration's identity in the ledger (its encoding as a compact string)."""
+    return "".join(str(int(v)) for v in x) if np.all(np.asarray(x) < 10) else ",".join(str(int(v)) for v in x)
+
+
+@dataclass
+class RunContext:
+    config: RunConfig
+    run_dir: Path
+    space: SearchSpace
+    numels: list[int]
+    no_decay: set[str]
+    n_train: int
+
+
+class Driver:
+    """Runs (or resumes) one coalora run in ``run_dir`` with worker calls going through ``executor``."""
+
+    def __init__(self, ctx: RunContext, executor: Executor, tracker: Tracker | None, progress: bool = True):
+        self.ctx, self.cfg, self.ex, self.tracker = ctx, ctx.config, executor, tracker
+        self.ledger = Ledger(ctx.run_dir / "ledger.jsonl")
+        self.store = CheckpointStore(ctx.run_dir / "checkpoints")
+        self.progress = progress
+        self.train_config = TrainConfig(
+            lr=self.cfg.training.lr, weight_decay=self.cfg.training.weight_decay,
+            warmup_steps=self.cfg.training.warmup_steps,
+            total_steps=max(1, self.cfg.search.rounds * self.cfg.training.steps_per_round),
+            max_grad_norm=self.cfg.training.grad_clip, configs_per_step=self.cfg.training.configs_per_step,
+            seed=self.cfg.run.seed,
+        )
+        self.master: MasterState | None = None
+        self.costs: np.ndarray | None = None
+        self.pool: list[np.ndarray] = []
+        self.training_set: list[np.ndarray] = []
+        self.loss_ref: float = 1.0
+        self.round = 0
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="it", disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    def _put(self, value: Any) -> Any:
+        put = getattr(self.ex, "put", None)
+        return put(value) if put else value
+
+    def _searcher(self) -> ParetoSearcher:
+        return ParetoSearcher(self.ctx.space, self.ctx.numels, self.cfg.run.seed, segments=self.cfg.search.segments)
+
+    def _score_all(self, configs: list[np.ndarray], state: dict[str, torch.Tensor], desc: str) -> list[float]:
+        ref = self._put(state)
+        with self._bar(len(configs), desc) as bar:
+            losses = self.ex.map("score", [("coa", ref, x) for x in configs])
+            bar.update(len(configs))
+        return [float(v) for v in losses]
+
+    # ---- round 0 --------------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        n = len(self.ctx.numels)
+        chunks = [list(c) for c in np.array_split(np.arange(n), self.ex.n_workers) if len(c)]
+        with self._bar(1, "sensitivity (Fisher + cost table)") as bar:
+            rows = self.ex.map("cost_rows", [(c,) for c in chunks])
+            bar.update(1)
+        self.costs = np.concatenate(rows)
+        budgets = budget_grid(cfg.search.budget_min, cfg.search.budget_max, cfg.search.initial_budgets)
+        self.pool = initial_pool(self.ctx.space, self.costs, self.ctx.numels, budgets)
+        self.ledger.append("initial_pool", configs=[key(x) for x in self.pool])
+        state = self.master.state()
+        losses = self._score_all(self.pool, state, "score initial pool")
+        self.loss_ref = float(max(losses)) * 1.1
+        for x, loss in zip(self.pool, losses):
+            self.ledger.append("result", round=0, config=key(x), loss=loss, phase="initial")
+        commit_point("pool_scored")
+        searcher = self._searcher()
+        searcher.tell(zip(self.pool, losses))
+        self.training_set = searcher.training_set()
+        self._end_round(0, losses, train_loss=float("nan"))
+
+    # ---- round r --------------------------------------------------------------------------------------------------
+    def _train(self, r: int) -> float:
+        cfg = self.cfg
+        bs, n_train, k = cfg.data.batch_size, self.ctx.n_train, cfg.training.configs_per_step
+        steps_per_epoch = max(1, n_train // bs)
+        losses = []
+        with self._bar(cfg.training.steps_per_round, f"round {r}: train") as bar:
+            for j in range(cfg.training.steps_per_round):
+                step = (r - 1) * cfg.training.steps_per_round + j
+                epoch, pos = divmod(step, steps_per_epoch)
+                perm = torch.randperm(n_train, generator=seeded(cfg.run.seed, PURPOSE_DATA, epoch))
+                ids = perm[pos * bs : (pos + 1) * bs].tolist()
+                order = torch.randperm(len(self.training_set), generator=seeded(cfg.run.seed, PURPOSE_CONFIGS, step))
+                configs = [self.training_set[int(i)] for i in order[:k]]
+                shards = [s.tolist() for s in np.array_split(np.asarray(ids), self.ex.n_workers) if len(s)]
+                ref = self._put(self.master.state())
+                results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
+                loss, grads = weighted_mean(results)
+                self.master.step(grads)
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        mean = float(np.mean(losses))
+        self.ledger.append("trained", round=r, steps=len(losses), mean_loss=mean, last_loss=losses[-1])
+        commit_point("trained")
+        return mean
+
+    def _search_round(self, r: int, train_loss: float) -> None:
+        state = self.master.state()
+        losses = self._score_all(self.pool, state, f"round {r}: re-score pool")
+        for x, loss in zip(self.pool, losses):
+            self.ledger.append("result", round=r, config=key(x), loss=loss, phase="rescore")
+        searcher = self._searcher()
+        searcher.tell(zip(self.pool, losses))
+        with self._bar(1, f"round {r}: propose") as bar:
+            proposals = searcher.propose(self.cfg.search.proposals_per_round)
+            bar.update(1)
+        self.ledger.append("proposed", round=r, configs=[key(x) for x in proposals])
+        commit_point("proposed")
+        new_losses = self._score_all(proposals, state, f"round {r}: evaluate candidates")
+        for x, loss in zip(proposals, new_losses):
+            self.ledger.append("result", round=r, config=key(x), loss=loss, phase="candidate")
+        commit_point("evaluated")
+        searcher.tell(zip(proposals, new_losses))
+        self.pool = self.pool + list(proposals)
+        self.training_set = searcher.training_set()
+        self._end_round(r, losses + new_losses, train_loss)
+
+    def _end_round(self, r: int, losses: list[float], train_loss: float) -> None:
+        space, numels = self.ctx.space, self.ctx.numels
+        bits = np.atleast_1d(space.encoded_average_bits(np.stack(self.pool), numels))
+        loss = np.asarray(losses, dtype=np.float64)
+        selected = np.zeros(len(self.pool), dtype=bool)
+        chosen = {x.tobytes() for x in self.training_set}
+        for i, x in enumerate(self.pool):
+            selected[i] = x.tobytes() in chosen
+        hv = normalized_hypervolume(bits, np.minimum(loss, self.loss_ref), space.bits_range, (0.0, self.loss_ref))
+        self.ledger.append(
+            "round_end", round=r, pool=len(self.pool), training_set=[key(x) for x in self.training_set],
+            hypervolume=hv, train_loss=None if np.isnan(train_loss) else train_loss,
+        )
+        self.round = r
+        # Track before the checkpoint: a crash in between replays the round, and re-logging is idempotent.
+        self._track_round(r, bits, loss, selected, hv, train_loss)
+        self._checkpoint(r, bits, loss, selected, hv)
+
+    # ---- persistence ----------------------------------------------------------------------------------------------
+    def _checkpoint(self, r: int, bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, hv: float) -> None:
+        params, opt_tensors, opt_meta = self.master.to_tensors()
+        meta = {
+            "round": r,
+            "ledger_len": len(self.ledger.entries()),
+            "optimizer": opt_meta,
+            "loss_ref": self.loss_ref,
+            "pool": [x.tolist() for x in self.pool],
+            "pool_loss": loss.tolist(),
+            "training_set": [x.tolist() for x in self.training_set],
+            "hypervolume": hv,
+            "numels": list(self.ctx.numels),
+        }
+        tensors = {"trainable": params, "optimizer": opt_tensors, "costs": {"costs": torch.from_numpy(self.costs)}}
+        self.store.save(r, tensors, meta)
+        commit_point("checkpoint")
+
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint; False if there is none (a fresh run)."""
+        ckpt = self.store.load_latest()
+        if ckpt is None:
+            return False
+        self.master.load(ckpt.tensors["trainable"], ckpt.tensors.get("optimizer", {}), ckpt.meta["optimizer"])
+        self.costs = ckpt.tensors["costs"]["costs"].numpy().astype(np.float64)
+        self.pool = [np.asarray(x, dtype=np.int64) for x in ckpt.meta["pool"]]
+        self.training_set = [np.asarray(x, dtype=np.int64) for x in ckpt.meta["training_set"]]
+        self.loss_ref = float(ckpt.meta["loss_ref"])
+        self.round = ckpt.round
+        self.ledger.truncate_to(int(ckpt.meta["ledger_len"]))
+        return True
+
+    # ---- tracking -------------------------------------------------------------------------------------------------
+    def _track_round(self, r: int, bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, hv: float,
+                     train_loss: float) -> None:
+        out = self.ctx.run_dir / "artifacts" / f"round-{r:04d}"
+        report.pareto_plot(bits, loss, selected, out / "pareto.png", f"round {r}: pool and training set")
+        seg = segment_index(bits, self.cfg.search.segments, self.ctx.space.bits_range)
+        rows = [
+            {"config": key(x), "avg_bits": float(b), "loss": float(l), "segment": int(s), "training_set": bool(t)}
+            for x, b, l, s, t in sorted(zip(self.pool, bits, loss, seg, selected), key=lambda z: z[1])
+        ]
+        (out / "pareto.md").write_text(report.markdown_table(rows, ["avg_bits", "loss", "segment", "training_set", "config"]))
+        if self.tracker is None:
+            return
+        metrics = {"hypervolume": hv, "pool_size": len(self.pool), "training_set_size": len(self.training_set),
+                   "best_loss": float(loss.min())}
+        if not np.isnan(train_loss):
+            metrics["train_loss"] = train_loss
+        self.tracker.log_metrics(metrics, step=r)
+        self.tracker.log_artifact(out / "pareto.png", f"rounds/round-{r:04d}")
+        self.tracker.log_artifact(out / "pareto.md", f"rounds/round-{r:04d}")
+
+    # ---- final evaluation -----------------------------------------------------------------------------------------
+    def evaluation_configurations(self) -> list[tuple[str, np.ndarray]]:
+        """The targets' ILP configurations (identical for every method) and seeded unseen configurations."""
+        space, numels = self.ctx.space, self.ctx.numels
+        out = [(f"target {t:g}", flat_to_encoded(space, solve_allocation(space, self.costs, numels, t)))
+               for t in self.cfg.evaluation.targets]
+        g = np.random.default_rng(np.random.SeedSequence([self.cfg.run.seed, PURPOSE_UNSEEN]))
+        bits = space.setting_bits
+        seen = {x.tobytes() for x in self.pool}
+        lo, hi = max(2.5, space.bits_range[0]), min(6.0, space.bits_range[1])
+        while len(out) < len(self.cfg.evaluation.targets) + self.cfg.evaluation.unseen:
+            beta = g.uniform(lo, hi)
+            near = np.flatnonzero(np.abs(bits - beta) <= 0.75)
+            flat = g.choice(near if len(near) else np.arange(len(bits)), size=len(numels))
+            x = flat_to_encoded(space, flat)
+            if x.tobytes() not in seen:
+                seen.add(x.tobytes())
+                out.append((f"unseen {len(out) - len(self.cfg.evaluation.targets) + 1}", x))
+        return out
+
+    def _train_shared(self, configs: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Shared-LoRA baseline: one plain LoRA (θ off), one configuration per step drawn from ``configs``, for as
+        many steps as CoA-LoRA took in total."""
+        cfg = self.cfg
+        init = self.ex.call("initial_state", "shared")
+        no_decay = {n for n in init if n.endswith("bias")}
+        master = MasterState(init, no_decay, self.train_config)
+        bs, n_train = cfg.data.batch_size, self.ctx.n_train
+        steps_per_epoch = max(1, n_train // bs)
+        with self._bar(self.train_config.total_steps, "baseline: shared-lora") as bar:
+            for step in range(self.train_config.total_steps):
+                epoch, pos = divmod(step, steps_per_epoch)
+                perm = torch.randperm(n_train, generator=seeded(cfg.run.seed, PURPOSE_DATA, epoch))
+                ids = perm[pos * bs : (pos + 1) * bs].tolist()
+                pick = int(torch.randint(len(configs), (1,), generator=seeded(cfg.run.seed, PURPOSE_SHARED, step)))
+                shards = [s.tolist() for s in np.array_split(np.asarray(ids), self.ex.n_workers) if len(s)]
+                ref = self._put(master.state())
+                _, grads = weighted_mean(self.ex.map("gradients", [("shared", ref, s, [configs[pick]]) for s in shards]))
+                master.step(grads)
+                bar.update(1)
+        return master.state()
+
+    def final_evaluation(self) -> list[dict[str, Any]]:
+        configs = self.evaluation_configurations()
+        targets = [x for name, x in configs if name.startswith("target")]
+        state = self.master.state()
+        methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
+        if "no_adapter" in self.cfg.evaluation.baselines:
+            methods["no-adapter"] = ("coa", None, False)
+        if "shared_lora" in self.cfg.evaluation.baselines:
+            methods["shared-lora"] = ("shared", self._train_shared(targets), True)
+        calls, labels = [], []
+        for method, (replica, st, adapter) in methods.items():
+            ref = self._put(st) if st is not None else None
+            for name, x in configs:
+                calls.append((replica, ref, x, adapter))
+                labels.append((method, name, x))
+        with self._bar(len(calls), "final evaluation") as bar:
+            results = self.ex.map("evaluate", calls)
+            bar.update(len(calls))
+        rows = []
+        for (method, name, x), metrics in zip(labels, results):
+            bits = float(self.ctx.space.encoded_average_bits(x, self.ctx.numels))
+            rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
+            self.ledger.append("final", method=method, configuration=name, config=key(x), avg_bits=bits,
+                               metrics=metrics)
+        commit_point("final")
+        return rows
+
+    # ---- the whole run --------------------------------------------------------------------------------------------
+    def run(self, initial_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        self.master = MasterState(initial_state, self.ctx.no_decay, self.train_config)
+        done = [e for e in self.ledger.entries() if e["kind"] == "done"]
+        if done:
+            return json.loads((self.ctx.run_dir / "final" / "evaluation.json").read_text())
+        resumed = self.restore()
+        if not resumed:  # nothing durable yet: whatever a crashed first attempt logged is discarded
+            self.ledger.truncate_to(0)
+            self.ledger.append("start", seed=self.cfg.run.seed)
+            self._setup()
+        for r in range(self.round + 1, self.cfg.search.rounds + 1):
+            train_loss = self._train(r)
+            self._search_round(r, train_loss)
+        rows = self.final_evaluation()
+        self._write_final(rows)
+        self.ledger.append("done", rounds=self.cfg.search.rounds)
+        return rows
+
+    def _write_final(self, rows: list[dict[str, Any]]) -> None:
+        out = self.ctx.run_dir / "final"
+        metric = "accuracy" if self.ctx.config.model.task == "classification" else "perplexity"
+        write_json_atomic(out / "evaluation.json", rows)
+        columns = ["method", "configuration", "avg_bits", metric, "loss"]
+        (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n")
+        if self.tracker is None:
+            return
+        self.tracker.log_artifact(out / "evaluation.md", "final")
+        self.tracker.log_artifact(out / "evaluation.json", "final")
+        by_method: dict[str, dict[str, float]] = {}
+        for row in rows:
+            tag = row["configuration"].replace(" ", "_")
+            by_method.setdefault(row["method"], {})[f"{tag}.{metric}"] = row[metric]
+        for method, metrics in by_method.items():
+            child = self.tracker.child(method)
+            means = [v for k, v in metrics.items() if k.startswith("target")]
+            metrics[f"mean_target_{metric}"] = float(np.mean(means))
+            self.tracker.log_metrics(metrics, step=self.cfg.search.rounds, run=child)
+            self.tracker.client.set_terminated(child)
+
+
+def ledger_digest(run_dir: Path) -> str:
+    """The ledger's canonical text, for comparing runs."""
+    return "\n".join(canonical_json(e) for e in Ledger(run_dir / "ledger.jsonl").entries())
+

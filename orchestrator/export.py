@@ -1,0 +1,86 @@
+"""``coalora export``: the best configuration a device can hold, as a standard PEFT adapter.
+
+"Best" is the lowest scoring loss among every configuration the run evaluated (its pool, as of the last
+checkpoint) whose cost fits the budget: average bits of the target matrices ≤ ``--bits``, or total memory ≤
+``--memory-mb`` where memory counts the packed target matrices exactly (padding and offsets included) plus every
+other parameter of the model at 16 bits. For a uniform NF4 configuration a bitsandbytes 4-bit model config is
+written alongside, so the adapter can be served on bitsandbytes' CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from workers.export import export_adapter
+from workers.quant.blockwise import packed_nbytes
+from workers.worker import Worker
+
+from .config import ConfigError
+from .runs import load_run_config, worker_spec
+from .state import CheckpointStore, write_json_atomic
+
+
+def _memory_bytes(settings, numels, other_params: int) -> int:
+    return sum(packed_nbytes(n, s) for n, s in zip(numels, settings)) + 2 * other_params
+
+
+def choose_configuration(
+    pool: np.ndarray, losses: np.ndarray, fits: np.ndarray, describe: str
+) -> int:
+    """Index of the lowest-loss configuration among those that fit; a clear error if none does."""
+    idx = np.flatnonzero(fits)
+    if idx.size == 0:
+        raise ConfigError(f"no evaluated configuration fits {describe}; the cheapest one in the run costs more")
+    return int(idx[np.argmin(losses[idx])])
+
+
+def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | None = None,
+               out: str | Path | None = None) -> Path:
+    if (bits is None) == (memory_mb is None):
+        raise ConfigError("give exactly one of --bits and --memory-mb")
+    if (bits is not None and bits <= 0) or (memory_mb is not None and memory_mb <= 0):
+        raise ConfigError("the budget must be positive")
+    run_dir = Path(run_dir).resolve()
+    cfg = load_run_config(run_dir)
+    ckpt = CheckpointStore(run_dir / "checkpoints").load_latest()
+    if ckpt is None:
+        raise ConfigError(f"{run_dir} has no valid checkpoint yet; nothing to export")
+    space = cfg.load_space()
+    pool = np.asarray(ckpt.meta["pool"], dtype=np.int64)
+    losses = np.asarray(ckpt.meta["pool_loss"], dtype=np.float64)
+    numels = ckpt.meta["numels"]
+    avg = np.atleast_1d(space.encoded_average_bits(pool, numels))
+    worker = Worker(worker_spec(cfg))
+    coa = worker.models["coa"]
+    if bits is not None:
+        i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight")
+        label = f"bits-{bits:g}"
+    else:
+        target_numel = sum(numels)
+        other = sum(p.numel() for p in coa.model.parameters()) - target_numel
+        mem = np.array([_memory_bytes(space.decode(x), numels, other) for x in pool])
+        i = choose_configuration(pool, losses, mem <= memory_mb * 2**20, f"{memory_mb} MB")
+        label = f"memory-{memory_mb:g}MB"
+    coa.load_trainable_state(ckpt.tensors["trainable"])
+    settings = space.decode(pool[i])
+    directory = Path(out) if out else run_dir / "exports" / label
+    export_adapter(coa, settings, directory)
+    summary = {
+        "run": str(run_dir), "round": ckpt.round, "average_bits": float(avg[i]), "scoring_loss": float(losses[i]),
+        "packed_target_bytes": int(sum(packed_nbytes(n, s) for n, s in zip(numels, settings))),
+    }
+    if all(s.code == "nf4" for s in settings):
+        summary["bitsandbytes_config"] = {
+            "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": all(s.scale_bits == 8 for s in settings),
+            "bnb_4bit_compute_dtype": "bfloat16",
+        }
+    write_json_atomic(directory / "coalora_export.json", summary)
+    return directory
+
+
+def read_summary(directory: Path) -> dict:
+    return json.loads((Path(directory) / "coalora_export.json").read_text())

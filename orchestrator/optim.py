@@ -1,0 +1,84 @@
+"""The driver's master copy of the trainable tensors and its optimizer.
+
+Workers compute gradient shards; the driver averages them and steps AdamW here, then ships the new state with the
+next calls. The whole optimizer state round-trips through safetensors + JSON (no pickles), so a resumed run takes
+exactly the step an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from workers.training import TrainConfig, lr_factor
+
+
+class MasterState:
+    """Trainable tensors as leaf parameters + AdamW with warmup/decay (no decay on ``no_decay`` names)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], no_decay: set[str], config: TrainConfig):
+        self.config = config
+        self.params = {n: torch.nn.Parameter(t.detach().clone().float()) for n, t in sorted(state.items())}
+        decay = [p for n, p in self.params.items() if n not in no_decay]
+        plain = [p for n, p in self.params.items() if n in no_decay]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+            lr=config.lr,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def step(self, grads: Mapping[str, torch.Tensor]) -> float:
+        """Clip the global norm, step, advance the schedule; returns the pre-clip norm."""
+        if set(grads) != set(self.params):
+            raise ValueError(f"gradient keys differ from the trainable state: {sorted(set(grads) ^ set(self.params))}")
+        for n, p in self.params.items():
+            p.grad = grads[n].to(p.dtype).clone()
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(norm)
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """(parameters, optimizer tensors, optimizer JSON)."""
+        opt = self.optimizer.state_dict()
+        names = list(self.params)
+        tensors: dict[str, torch.Tensor] = {}
+        for idx, slot in opt["state"].items():
+            for key, value in slot.items():
+                tensors[f"{names[idx]}::{key}"] = torch.as_tensor(value)
+        meta = {
+            "param_groups": [{k: v for k, v in g.items()} for g in opt["param_groups"]],
+            "scheduler": self.scheduler.state_dict()["last_epoch"],
+        }
+        return self.state(), tensors, meta
+
+    def load(self, params: Mapping[str, torch.Tensor], opt_tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        if set(params) != set(self.params):
+            raise ValueError("checkpoint parameters do not match this run's trainable state")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(params[n])
+        names = list(self.params)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in opt_tensors.items():
+            name, _, slot = key.rpartition("::")
+            state.setdefault(names.index(name), {})[slot] = value.clone()
+        self.optimizer.load_state_dict({"state": state, "param_groups": list(meta["param_groups"])})
+        self.scheduler.last_epoch = int(meta["scheduler"])
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+
+
+def weighted_mean(shards: Sequence[tuple[float, Mapping[str, torch.Tensor], int]]) -> tuple[float, dict[str, torch.Tensor]]:
+    """Combine (loss, grads, n_examples) shards into the full batch's mean loss and gradient; shards are summed
+    in call order, so the result does not depend on which worker finished first."""
+    total = sum(n for _, _, n in shards)
+    loss = sum(l * n for l, _, n in shards) / total
+    names = shards[0][1].keys()
+    grads = {k: sum(g[k] * (n / total) for _, g, n in shards) for k in names}
+    return loss, grads  # type: ignore[return-value]

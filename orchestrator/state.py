@@ -1,0 +1,185 @@
+"""Durable run state: an append-only ledger and atomic, checksummed checkpoints.
+
+Ledger (``ledger.jsonl``): one JSON object per line, flushed and fsynced before the driver moves on, so a crash
+loses at most the line being written. A torn last line (the process died mid-write) is detected and ignored.
+
+Checkpoints (``checkpoints/round-NNNN/``): tensors in safetensors, everything else in JSON, plus a MANIFEST.json of
+SHA-256 digests. A checkpoint is written into a temporary directory and renamed into place, so a directory under
+its final name is always complete; on load, a checkpoint whose files do not match their digests is skipped with a
+warning and the previous one is used. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+RUN_MARKER = "coalora-run.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class Ledger:
+    """Append-only JSON-lines record of everything the driver did, in order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        entry = {"kind": kind, **fields}
+        line = canonical_json(entry) + "\n"
+        with self.path.open("a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return entry
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        lines = self.path.read_text().split("\n")
+        for i, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i >= len(lines) - 2:  # the last line, torn by a crash mid-write
+                    log.warning("ledger %s: ignoring a torn last line", self.path)
+                    break
+                raise ValueError(f"ledger {self.path} is corrupt at line {i + 1}") from None
+        return out
+
+    def truncate_to(self, n_entries: int) -> None:
+        """Keep the first ``n_entries`` entries (used when resuming from a checkpoint older than the ledger)."""
+        kept = self.entries()[:n_entries]
+        write_atomic(self.path, "".join(canonical_json(e) + "\n" for e in kept).encode())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.entries())
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    tensors: dict[str, dict[str, torch.Tensor]]  # file stem -> tensors
+    meta: dict[str, Any]
+
+
+class CheckpointStore:
+    """Round-indexed checkpoints under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _dir(self, round_: int) -> Path:
+        return self.root / f"round-{round_:04d}"
+
+    def rounds(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("round-[0-9]*") if p.is_dir())
+
+    def save(self, round_: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self._dir(round_)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".round-{round_:04d}."))
+        try:
+            for stem, group in tensors.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{stem}.safetensors")
+            (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {"round": round_, "files": {name: _digest(tmp / name) for name in files}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+            for p in tmp.iterdir():
+                with p.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _verify(self, path: Path) -> bool:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            return all(_digest(path / name) == digest for name, digest in manifest["files"].items())
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint whose files match their manifest; corrupt ones are skipped with a warning."""
+        for round_ in reversed(self.rounds()):
+            path = self._dir(round_)
+            if not self._verify(path):
+                log.warning("checkpoint %s is corrupt or incomplete; falling back to the previous one", path)
+                continue
+            tensors = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
+            meta = json.loads((path / "meta.json").read_text())
+            return Checkpoint(round_, tensors, meta)
+        return None
+
+
+def rng_state_tensor(generator: torch.Generator) -> torch.Tensor:
+    return generator.get_state()
+
+
+def restore_generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state.to(torch.uint8))
+    return g

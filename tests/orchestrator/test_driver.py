@@ -1,0 +1,113 @@
+"""The driver end to end on a tiny local model: a full run, its status, export, MLflow records, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import build_config
+from orchestrator.export import export_run, read_summary
+from orchestrator.runs import format_status, resume_run, run_status, start_run
+from orchestrator.state import Ledger
+from orchestrator.tracking import CHILD_TAG, RUN_ID_TAG
+
+
+@pytest.fixture
+def finished_run(make_config):
+    config, _ = make_config()
+    run_dir, rows = start_run(build_config(config), progress=False)
+    return config, run_dir, rows
+
+
+def test_run_produces_ledger_checkpoints_and_final_table(finished_run):
+    config, run_dir, rows = finished_run
+    entries = Ledger(run_dir / "ledger.jsonl").entries()
+    kinds = [e["kind"] for e in entries]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert [e["round"] for e in entries if e["kind"] == "round_end"] == [0, 1, 2]
+    # every proposed configuration got exactly one candidate result in its round
+    for e in entries:
+        if e["kind"] == "proposed":
+            results = [x for x in entries if x["kind"] == "result" and x.get("phase") == "candidate"
+                       and x["round"] == e["round"]]
+            assert sorted(r["config"] for r in results) == sorted(e["configs"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0000", "round-0001", "round-0002"]
+    # same configurations for every method: 2 targets + 1 unseen, for coa-lora and no-adapter
+    by_method: dict[str, list[str]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["configuration"])
+    assert by_method == {"coa-lora": ["target 2.5", "target 4", "unseen 1"],
+                         "no-adapter": ["target 2.5", "target 4", "unseen 1"]}
+    for r in rows:
+        if r["configuration"].startswith("target"):
+            assert r["avg_bits"] <= float(r["configuration"].split()[1]) + 1e-9  # ILP solution within budget
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert json.loads((run_dir / "final" / "evaluation.json").read_text()) == rows
+    assert (run_dir / "artifacts" / "round-0002" / "pareto.png").stat().st_size > 1000
+
+
+def test_status_reports_the_run(finished_run):
+    config, run_dir, _ = finished_run
+    status = run_status(run_dir)
+    assert status.finished and status.round == 2
+    assert status.pool_size == len(json.loads((run_dir / "checkpoints" / "round-0002" / "meta.json").read_text())["pool"])
+    assert 0 < status.training_set_size <= status.pool_size
+    assert 0 < status.hypervolume <= 1
+    text = format_status(status)
+    assert "round 2 of 2" in text and "best loss per segment" in text
+
+
+def test_mlflow_parent_params_metrics_artifacts_and_children(finished_run):
+    config, run_dir, _ = finished_run
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    exp = client.get_experiment_by_name("tests")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_dir}'")
+    parent = [r for r in runs if CHILD_TAG not in r.data.tags]
+    children = [r for r in runs if CHILD_TAG in r.data.tags]
+    assert len(parent) == 1 and len(children) == 2
+    p = parent[0]
+    assert p.info.status == "FINISHED"
+    assert p.data.params["adapter.rank"] == "4"
+    assert [m.step for m in client.get_metric_history(p.info.run_id, "hypervolume")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(p.info.run_id, "train_loss")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(p.info.run_id, "rounds/round-0002")}
+    assert artifacts == {"rounds/round-0002/pareto.png", "rounds/round-0002/pareto.md"}
+    assert {a.path for a in client.list_artifacts(p.info.run_id, "final")} >= {"final/evaluation.md"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == p.info.run_id
+        assert any(k.endswith(".accuracy") for k in child.data.metrics)
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run):
+    config, run_dir, rows = finished_run
+    ledger_before = (run_dir / "ledger.jsonl").read_bytes()
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    exp = client.get_experiment_by_name("tests")
+    n_runs = len(client.search_runs([exp.experiment_id]))
+    assert resume_run(run_dir, progress=False) == rows
+    assert (run_dir / "ledger.jsonl").read_bytes() == ledger_before
+    assert len(client.search_runs([exp.experiment_id])) == n_runs
+
+
+def test_export_best_configuration_under_budget(finished_run):
+    import peft
+
+    config, run_dir, _ = finished_run
+    out = export_run(run_dir, bits=4.0, out=run_dir / "exp")
+    summary = read_summary(out)
+    assert summary["average_bits"] <= 4.0
+    meta = json.loads((run_dir / "checkpoints" / "round-0002" / "meta.json").read_text())
+    assert summary["scoring_loss"] in meta["pool_loss"]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "quant_configuration.json").is_file()
+    assert peft.PeftConfig.from_pretrained(str(out)).r == 4
+    small = export_run(run_dir, memory_mb=500, out=run_dir / "exp2")
+    assert read_summary(small)["packed_target_bytes"] > 0
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no evaluated configuration fits 1.0 bits"):
+        export_run(run_dir, bits=1.0)

@@ -1,0 +1,46 @@
+"""PEFT round trip: coalora's outputs are reproduced by peft on the exported adapter and quantized base."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from workers.coa_model import CoAModel
+from workers.export import configuration_from_json, export_adapter, folded_adapter, quantized_base_weights
+from workers.training import TrainConfig, train
+
+
+@pytest.mark.parametrize("kind,init", [("bert", "zero_B"), ("roberta", "svd_of_W"), ("llama", "zero_B")])
+def test_peft_round_trip(kind, init, space, pool, make_model, make_batch, tmp_path):
+    coa = CoAModel(make_model(kind), space, rank=4, alpha=8.0, init=init)
+    configs = [[s] * len(coa.registry) for s in pool]
+    train(coa, [make_batch(kind)], configs, TrainConfig(lr=2e-2, total_steps=3))
+    with torch.no_grad():
+        coa.encoder.out.weight.normal_(std=0.05)  # make M clearly ≠ I, so the fold matters
+    mixed = [pool[i % 3] for i in range(len(coa.registry))]
+    batch = make_batch(kind, seed=1)
+    with torch.no_grad():
+        expected = coa(mixed, **batch).logits
+    out = export_adapter(coa, mixed, tmp_path / "adapter")
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") for k in keys)
+    saved = configuration_from_json(json.loads((out / "quant_configuration.json").read_text()))
+    assert list(saved.values()) == mixed
+
+    base = make_model(kind)  # the same original weights, as a deployment would load them
+    base.load_state_dict(quantized_base_weights(coa, mixed), strict=False)
+    served = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        got = served(**batch).logits
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_fold_is_m_times_a(space, pool, make_model):
+    coa = CoAModel(make_model("qwen2"), space, rank=4, alpha=8.0)
+    config = [pool[0]] * len(coa.registry)
+    m = coa.mixing_matrices(config).detach()
+    folded = folded_adapter(coa, config)
+    for i, layer in enumerate(coa.layers):
+        torch.testing.assert_close(folded[layer.name][0], m[i] @ layer.lora_A.detach())

@@ -1,0 +1,27 @@
+"""The thin Ray layer over :class:`workers.worker.Worker`: one actor per model replica.
+
+Actors restart after their process dies (``max_restarts``) and their calls are retried (``max_task_retries``);
+since every worker method is a pure function of its arguments, a retried call returns what the lost one would
+have, so the driver never sees a partial or duplicated result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from .worker import Worker, WorkerSpec
+
+
+def create_actors(
+    spec: WorkerSpec, n: int, *, num_cpus: float, num_gpus: float, max_restarts: int
+) -> list[Any]:
+    """``n`` worker actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs (fractions allowed)."""
+    remote_cls = ray.remote(Worker).options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
+    )
+    return [remote_cls.remote(spec) for _ in range(n)]

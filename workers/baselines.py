@@ -1,0 +1,119 @@
+"""Baselines on the same harness as CoA-LoRA (method.md §5.2): the same wrapped layers, data, trainer and
+evaluation, so only the method differs.
+
+- QLoRA: one plain LoRA (B = 0) per configuration, trained on that configuration only.
+- LQ-LoRA: one LoRA per configuration initialised by the faithful LQ decomposition (lq.py: T ≤ 100, best
+  iterate, randomized SVD, optional Fisher); its base is Q = quant_c(W − L1·L2) and A, B = L2/√s, L1/√s.
+- Shared-LoRA: one plain LoRA (θ disabled, M = I) trained over the training configurations, one drawn per step.
+- No adapter: the quantized base alone (``evaluate(..., adapter=False)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from search.space import QuantSetting, SearchSpace
+
+from .coa_model import CoAModel
+from .lq import lq_decompose
+from .tasks import evaluate
+from .training import TrainConfig, train
+
+Configuration = Sequence[QuantSetting]
+Batch = Mapping[str, torch.Tensor]
+METHODS: tuple[str, ...] = ("coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter")
+
+
+def plain_lora(model: nn.Module, space: SearchSpace, *, rank: int, alpha: float, seed: int = 0) -> CoAModel:
+    """The wrapped model with θ disabled (M = I) and B = 0: the starting point of QLoRA and Shared-LoRA."""
+    return CoAModel(model, space, rank=rank, alpha=alpha, init="zero_B", use_encoder=False, seed=seed)
+
+
+def lq_lora(
+    model: nn.Module,
+    space: SearchSpace,
+    configuration: Configuration,
+    *,
+    rank: int,
+    alpha: float,
+    iterations: int = 100,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> CoAModel:
+    """A plain LoRA model bound to ``configuration`` whose every layer starts from its LQ decomposition."""
+    coa = plain_lora(model, space, rank=rank, alpha=alpha, seed=seed)
+    settings = coa.resolve(configuration)
+    for i, (layer, setting) in enumerate(zip(coa.layers, settings)):
+        f = None if fisher is None else fisher[layer.name]
+        result = lq_decompose(layer.weight, setting, rank, iterations=iterations, fisher=f, seed=seed + i)
+        layer.set_decomposition(result.l1, result.l2)
+    return coa
+
+
+def train_per_configuration(
+    coa: CoAModel, configuration: Configuration, batches: Iterable[Batch], config: TrainConfig
+) -> list[float]:
+    """Train ``coa`` on one configuration only (QLoRA, LQ-LoRA)."""
+    return train(coa, batches, [list(configuration)], _with_k(config, 1))
+
+
+def train_shared(
+    coa: CoAModel, configurations: Sequence[Configuration], batches: Iterable[Batch], config: TrainConfig
+) -> list[float]:
+    """Shared-LoRA: one configuration drawn uniformly per step (method.md §5.2)."""
+    return train(coa, batches, [list(c) for c in configurations], _with_k(config, 1))
+
+
+def compare(
+    model_factory: Callable[[], nn.Module],
+    space: SearchSpace,
+    train_configurations: Sequence[Configuration],
+    eval_configurations: Sequence[Configuration],
+    train_batches: Iterable[Batch],
+    eval_loader: Iterable[Batch],
+    config: TrainConfig,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    methods: Sequence[str] = METHODS,
+    lq_iterations: int = 100,
+) -> dict[str, list[dict[str, float]]]:
+    """Metrics of each method at each evaluation configuration. ``model_factory`` returns a fresh fp32 model;
+    per-configuration methods get one fresh model per evaluation configuration, trained for the same number of
+    steps as the shared methods."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; allowed: {list(METHODS)}")
+    results: dict[str, list[dict[str, float]]] = {}
+    if "coa-lora" in methods:
+        coa = CoAModel(model_factory(), space, rank=rank, alpha=alpha, seed=config.seed)
+        train(coa, train_batches, [list(c) for c in train_configurations], config)
+        results["coa-lora"] = [evaluate(coa, c, eval_loader) for c in eval_configurations]
+    if "shared-lora" in methods:
+        shared = plain_lora(model_factory(), space, rank=rank, alpha=alpha, seed=config.seed)
+        train_shared(shared, train_configurations, train_batches, config)
+        results["shared-lora"] = [evaluate(shared, c, eval_loader) for c in eval_configurations]
+    if "no-adapter" in methods:
+        bare = plain_lora(model_factory(), space, rank=rank, alpha=alpha, seed=config.seed)
+        results["no-adapter"] = [evaluate(bare, c, eval_loader, adapter=False) for c in eval_configurations]
+    for method in ("qlora", "lq-lora"):
+        if method not in methods:
+            continue
+        results[method] = []
+        for c in eval_configurations:
+            if method == "qlora":
+                per = plain_lora(model_factory(), space, rank=rank, alpha=alpha, seed=config.seed)
+            else:
+                per = lq_lora(model_factory(), space, c, rank=rank, alpha=alpha, iterations=lq_iterations,
+                              seed=config.seed)
+            train_per_configuration(per, c, train_batches, config)
+            results[method].append(evaluate(per, c, eval_loader))
+    return results
+
+
+def _with_k(config: TrainConfig, k: int) -> TrainConfig:
+    return TrainConfig(**{**config.__dict__, "configs_per_step": k})
+

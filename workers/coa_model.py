@@ -1,0 +1,164 @@
+"""A whole Hugging Face model with every registry target wrapped in :class:`CoALoRALinear`, plus θ.
+
+One model instance holds the full-precision weights, the shared LoRA pairs, θ and any extra trainable head; a
+configuration is switched by setting each layer's active setting and its M (one batched θ call), so K
+configurations per step cost K forward/backward passes and no model reloads (method.md §3.5, §6 B15, B16).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from search.space import QuantSetting, SearchSpace
+
+from .apply import resolve_configuration
+from .encoder import ConfigurationEncoder, encode_settings, no_decay_parameter_names
+from .lora import CoALoRALinear, Init, Quantizer
+from .registry import ModuleRegistry
+
+CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")
+"""Module names of sequence-classification heads in BERT/RoBERTa (``classifier``) and decoders (``score``)."""
+
+
+def wrap_targets(
+    model: nn.Module,
+    registry: ModuleRegistry,
+    rank: int,
+    alpha: float,
+    *,
+    init: Init = "zero_B",
+    cache_size: int = 4,
+    seed: int = 0,
+    quantizer: Quantizer | None = None,
+) -> list[CoALoRALinear]:
+    """Replace every registry target of ``model`` in place by a :class:`CoALoRALinear` (registry order). A's
+    random init comes from one generator seeded with ``seed``, drawn in registry order."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for target in registry:
+        base = registry.module(model, target)
+        layer = CoALoRALinear(
+            base, rank, alpha, init=init, name=target.name, cache_size=cache_size, generator=generator,
+            quantizer=quantizer,
+        )
+        parent_name, _, child = target.name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers.append(layer)
+    return layers
+
+
+class CoAModel(nn.Module):
+    """The trainable system: base model (frozen, targets wrapped), θ (optional: ``use_encoder=False`` is plain
+    shared LoRA, M = I) and trainable extra modules such as the classification head.
+
+    Call ``model(configuration, **batch)``: it activates ``configuration`` (list of settings in registry order,
+    or None for the unquantized base), computes all M in one θ call and runs the wrapped model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        space: SearchSpace,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        init: Init = "zero_B",
+        use_encoder: bool = True,
+        trainable_modules: Sequence[str] | None = None,
+        cache_size: int = 4,
+        seed: int = 0,
+        registry: ModuleRegistry | None = None,
+    ):
+        super().__init__()
+        self.registry = registry or ModuleRegistry.from_model(model)
+        self.space = space
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.init = init
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache_size=cache_size, seed=seed)
+        self.encoder = (
+            ConfigurationEncoder.for_model(space, self.registry, rank, generator=torch.Generator().manual_seed(seed + 1))
+            if use_encoder
+            else None
+        )
+        if trainable_modules is None:
+            trainable_modules = [n for n in CLASSIFIER_HEADS if _has_submodule(model, n)]
+        self.trainable_modules = list(trainable_modules)
+        for name in self.trainable_modules:
+            model.get_submodule(name).requires_grad_(True)
+        self.register_buffer("block_ids", torch.tensor(self.registry.blocks(), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "type_ids", torch.tensor(self.registry.module_type_ids(), dtype=torch.long), persistent=False
+        )
+        self.configuration: list[QuantSetting] | None = None
+
+    # ---- configuration ------------------------------------------------------------------------------------
+    def resolve(self, configuration: Any) -> list[QuantSetting]:
+        return resolve_configuration(self.registry, configuration, self.space)
+
+    def mixing_matrices(self, configuration: Sequence[QuantSetting]) -> torch.Tensor | None:
+        """(N, r, r) M matrices of ``configuration`` in one batched θ call; None without θ."""
+        if self.encoder is None:
+            return None
+        idx = encode_settings(self.space, configuration, self.registry.names).to(self.block_ids.device)
+        return self.encoder(idx, self.block_ids, self.type_ids)
+
+    def set_configuration(self, configuration: Any | None, mixing: torch.Tensor | None = None) -> None:
+        """Activate ``configuration`` on every wrapped layer (None: unquantized) with the given M matrices (None:
+        computed by θ if there is one, else M = I)."""
+        settings = None if configuration is None else self.resolve(configuration)
+        if mixing is None and settings is not None:
+            mixing = self.mixing_matrices(settings)
+        for i, layer in enumerate(self.layers):
+            layer.setting = None if settings is None else settings[i]
+            layer.mixing = None if mixing is None else mixing[i]
+        self.configuration = settings
+
+    def forward(self, configuration: Any | None, **batch: Any) -> Any:
+        self.set_configuration(configuration)
+        return self.model(**batch)
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Within the block every layer is its quantized base alone: the no-adapter baseline."""
+        for layer in self.layers:
+            layer.adapter_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.adapter_enabled = True
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of every trainable tensor (LoRA pairs, θ, heads), keyed by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict: a missing or unexpected key is an error (method.md §6 B22)."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    def no_decay_names(self) -> set[str]:
+        """Trainable parameters that take no weight decay: θ's γ, LayerNorm and embeddings, and every bias."""
+        names = no_decay_parameter_names(self.encoder, "encoder.") if self.encoder is not None else set()
+        return names | {n for n, p in self.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,89 @@
+"""Export one configuration's adapter as a standard PEFT LoRA directory (method.md §3.1 "deployment").
+
+M is folded into A (A' = M·A), so the served model is ordinary LoRA with no θ at run time. The directory holds
+``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's key names, any trained head as
+``modules_to_save``, and ``quant_configuration.json`` (target name → setting). The matching base is the original
+model with each target weight replaced by :func:`quantized_base_weights` (quant_c of W, or of W − L1·L2 after an
+SVD/LQ init).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from search.space import FIELDS, QuantSetting
+
+from .coa_model import CoAModel
+
+CONFIGURATION_FILE = "quant_configuration.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@torch.no_grad()
+def folded_adapter(coa: CoAModel, configuration: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Target name → (A' = M(C)·A, B) for ``configuration``: one batched θ call, then one r×r matmul per
+    matrix. This is all it takes to serve a new configuration."""
+    settings = coa.resolve(configuration)
+    mixing = coa.mixing_matrices(settings)
+    out = {}
+    for i, layer in enumerate(coa.layers):
+        a = layer.lora_A.detach()
+        out[layer.name] = ((mixing[i].to(a.dtype) @ a) if mixing is not None else a.clone(), layer.lora_B.detach())
+    return out
+
+
+@torch.no_grad()
+def quantized_base_weights(coa: CoAModel, configuration: Any) -> dict[str, torch.Tensor]:
+    """``<target>.weight`` → its fake-quantized base under ``configuration``, to load into the original model."""
+    settings = coa.resolve(configuration)
+    return {
+        f"{layer.name}.weight": layer.quantized_weight(s).detach().clone() for layer, s in zip(coa.layers, settings)
+    }
+
+
+def configuration_to_json(coa: CoAModel, configuration: Any) -> dict[str, dict[str, Any]]:
+    return {name: dict(zip(FIELDS, s.as_tuple())) for name, s in zip(coa.registry.names, coa.resolve(configuration))}
+
+
+def configuration_from_json(data: dict[str, dict[str, Any]]) -> dict[str, QuantSetting]:
+    return {name: QuantSetting(**fields) for name, fields in data.items()}
+
+
+def export_adapter(coa: CoAModel, configuration: Any, directory: str | Path) -> Path:
+    """Write the PEFT adapter of ``configuration`` to ``directory`` and return it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in folded_adapter(coa, configuration).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().clone()
+    for module in coa.trainable_modules:
+        for pname, p in coa.model.get_submodule(module).named_parameters():
+            tensors[f"{PEFT_PREFIX}{module}.{pname}"] = p.detach().contiguous().clone()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    LoraConfig(
+        r=coa.rank,
+        lora_alpha=coa.alpha,
+        lora_dropout=0.0,
+        target_modules=coa.registry.names,
+        modules_to_save=coa.trainable_modules or None,
+        task_type=_task_type(coa),
+        bias="none",
+    ).save_pretrained(str(directory))
+    (directory / CONFIGURATION_FILE).write_text(json.dumps(configuration_to_json(coa, configuration), indent=1))
+    return directory
+
+
+def _task_type(coa: CoAModel) -> str | None:
+    name = type(coa.model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None

@@ -1,0 +1,133 @@
+"""Empirical diagonal Fisher of the target matrices (method.md §2.1) and the ILP cost table (method.md §2.2).
+
+F_i = Σ_examples (∂ℓ/∂W_i)², one example per backward pass (batch size 1: the square of a batch gradient is not
+the sum of per-example squares). The cost table holds ‖√F_i ⊙ (W_i − Ŵ_c)‖²_F for every target i and every
+setting c of the space (plain quantization, the "ranks-None, data-True" table CoA-LoRA uses), or the unweighted
+‖W_i − Ŵ_c‖²_F without Fisher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from search.space import SearchSpace
+
+from .quant.blockwise import fake_quantize
+from .registry import ModuleRegistry
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    registry: ModuleRegistry,
+    examples: Iterable[Mapping[str, torch.Tensor]],
+    n_examples: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Per-target fp32 tensors shaped like the weights. ``examples`` yields batches that each hold ONE example
+    with labels (ValueError otherwise); at most ``n_examples`` are used. The model's requires_grad flags are
+    restored afterwards."""
+    weights = {t.name: registry.module(model, t).weight for t in registry}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    device = next(iter(weights.values())).device
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the deployed network
+    count = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        for batch in examples:
+            if count >= n_examples:
+                break
+            size = batch["labels"].shape[0]
+            if size != 1:
+                raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for (name, _), g in zip(weights.items(), grads):
+                fisher[name] += g.float().square()
+            count += 1
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no examples were given for the Fisher estimate")
+    return fisher
+
+
+def layer_fisher(coa: Any, examples: Iterable[Mapping[str, torch.Tensor]], n_examples: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`diagonal_fisher` of an already wrapped :class:`~workers.coa_model.CoAModel`, without unwrapping it.
+
+    With no active configuration and adapters off, each wrapped layer computes x·Wᵀ from its ``residual`` buffer;
+    substituting the full-precision weight for that buffer (``functional_call``) gives exactly the original
+    network, whose weight gradients are the ones the Fisher needs, whatever the adapter init was."""
+    leaves = {f"{layer.name}.residual": layer.weight.detach().clone().requires_grad_(True) for layer in coa.layers}
+    fisher = {layer.name: torch.zeros_like(layer.weight, dtype=torch.float32) for layer in coa.layers}
+    device = coa.layers[0].weight.device
+    count = 0
+    with coa.adapters_disabled():
+        coa.set_configuration(None)
+        for batch in examples:
+            if count >= n_examples:
+                break
+            size = batch["labels"].shape[0]
+            if size != 1:
+                raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = functional_call(coa.model, leaves, args=(), kwargs=batch, strict=False).loss
+            for layer, g in zip(coa.layers, torch.autograd.grad(loss, list(leaves.values()))):
+                fisher[layer.name] += g.float().square()
+            count += 1
+    if count == 0:
+        raise ValueError("no examples were given for the Fisher estimate")
+    return fisher
+
+
+def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor | None = None,
+                  name: str = "weight", sample: int | None = None) -> np.ndarray:
+    """(n_settings,) float64: ‖√F ⊙ (W − quant_c(W))‖²_F for every setting c of ``space`` (plain ‖W − Ŵ_c‖²_F
+    without ``fisher``), in ``space.settings`` order — one row of the ILP cost table.
+
+    ``sample``: estimate from about this many entries instead of all of them (432 fake-quantizations of every
+    matrix dominate a run's start-up on CPU). The estimate takes whole chunks of the largest second-level block
+    (B0·B1) at evenly spaced positions, so every block is quantized exactly as in the full matrix except that the
+    per-matrix offset (min absmax) is taken over the chunks, and scales the sum by numel / sampled entries.
+    """
+    w = weight.detach().float().reshape(-1)
+    f = None if fisher is None else fisher.to(w.device).float().reshape(-1)
+    scale = 1.0
+    chunk = max(s.group_size for s in space.settings)
+    if sample is not None and w.numel() > max(sample, chunk):
+        n_chunks = w.numel() // chunk
+        take = max(1, -(-sample // chunk))
+        starts = torch.linspace(0, n_chunks - 1, take).round().long().unique() * chunk
+        idx = (starts.unsqueeze(1) + torch.arange(chunk)).reshape(-1)
+        scale = w.numel() / idx.numel()
+        w = w[idx]
+        f = None if f is None else f[idx]
+    out = np.empty(space.n_settings, dtype=np.float64)
+    for j, setting in enumerate(space.settings):
+        diff = (w - fake_quantize(w, setting, name=name)).square()
+        out[j] = float((diff * f).sum() if f is not None else diff.sum()) * scale
+    return out
+
+
+def cost_table(
+    model: nn.Module,
+    registry: ModuleRegistry,
+    space: SearchSpace,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+) -> np.ndarray:
+    """(N, n_settings) float64 table: row i, column ``space.flat_index(c)`` = ‖√F_i ⊙ (W_i − quant_c(W_i))‖²_F
+    (unweighted without ``fisher``). Columns follow ``space.settings`` order."""
+    return np.stack([
+        setting_costs(registry.module(model, t).weight, space, None if fisher is None else fisher[t.name], t.name)
+        for t in registry
+    ])

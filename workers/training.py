@@ -1,0 +1,182 @@
+"""Training over configurations (method.md §3.5), split so a driver can shard it.
+
+:func:`compute_gradients` is a pure function of (trainable state, batch, configurations) → (loss, gradients):
+it substitutes the given tensors into the model with ``torch.func.functional_call`` and never touches the model's
+own parameters, so any worker holding the same frozen base can run it as a "fine-tuning shard" and a driver can
+average the shards' gradients. :func:`apply_gradients` is the optimizer step on the master copy.
+
+Objective: the loss of a step is the MEAN of the K per-configuration task losses (not their sum, unlike the
+official code; method.md §6 A9), so the learning rate does not depend on K.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager, Iterable, Mapping, Sequence
+
+import torch
+from torch.func import functional_call
+
+from search.space import QuantSetting
+
+from .coa_model import CoAModel
+
+Configuration = Sequence[QuantSetting]
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters. ``schedule`` is the decay after a linear warmup: cosine or linear to 0."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    total_steps: int = 100
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    configs_per_step: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.total_steps < 1 or self.configs_per_step < 1:
+            raise ValueError("total_steps and configs_per_step must be >= 1")
+
+
+def autocast_for(device: torch.device) -> ContextManager:
+    """bf16 autocast where the device runs bf16 natively (CUDA with bf16); full fp32 elsewhere (CPU bf16
+    matmuls are slow and would change numerics for no gain)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sample_configurations(
+    pool: Sequence[Configuration], k: int, generator: torch.Generator
+) -> list[Configuration]:
+    """K distinct configurations drawn uniformly from ``pool`` (all of them if K ≥ |pool|), from an explicit
+    generator so a run is reproducible from its seed alone."""
+    if not pool:
+        raise ValueError("the configuration pool is empty")
+    order = torch.randperm(len(pool), generator=generator)[: min(k, len(pool))]
+    return [pool[int(i)] for i in order]
+
+
+def compute_gradients(
+    model: CoAModel,
+    state: Mapping[str, torch.Tensor],
+    batch: Batch,
+    configurations: Sequence[Configuration],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over the configurations of the task loss on the same batch, and its gradient w.r.t. every tensor of
+    ``state``. One backward per configuration (memory of one configuration at a time); gradients are summed
+    with weight 1/K so the result is the gradient of the mean."""
+    if not configurations:
+        raise ValueError("need at least one configuration")
+    leaves = {n: t.detach().requires_grad_(True) for n, t in state.items()}
+    grads = {n: torch.zeros_like(t) for n, t in leaves.items()}
+    device = next(iter(leaves.values())).device
+    total = torch.zeros((), device=device)
+    weight = 1.0 / len(configurations)
+    for configuration in configurations:
+        with autocast_for(device):
+            out = functional_call(model, leaves, args=(configuration,), kwargs=dict(batch), strict=False)
+        loss = out.loss.float()
+        parts = torch.autograd.grad(loss * weight, list(leaves.values()), allow_unused=True)
+        for (name, _), g in zip(leaves.items(), parts):
+            if g is not None:
+                grads[name] += g
+        total += loss.detach() * weight
+    return total, grads
+
+
+def build_optimizer(
+    model: CoAModel, config: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters (no decay on γ, LayerNorm, embeddings and biases) with linear warmup
+    then cosine or linear decay to 0 at ``total_steps``."""
+    no_decay = model.no_decay_names()
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if name in no_decay else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+
+def apply_gradients(
+    model: CoAModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    grads: Mapping[str, torch.Tensor],
+    max_grad_norm: float = 1.0,
+) -> float:
+    """One optimizer step on the model's trainable parameters from (possibly shard-averaged) gradients; clips the
+    global norm first. Returns the pre-clip norm."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(grads):
+        raise ValueError(f"gradients for {sorted(set(grads) ^ set(params))} do not match the trainable parameters")
+    for name, p in params.items():
+        p.grad = grads[name].to(p.device, p.dtype).clone()
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return float(norm)
+
+
+def average_gradients(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean of several shards' gradient dicts (equal-size shards ⇒ the gradient of the pooled mean loss)."""
+    if not shards:
+        raise ValueError("no gradient shards to average")
+    return {name: torch.stack([s[name] for s in shards]).mean(0) for name in shards[0]}
+
+
+def train(
+    model: CoAModel,
+    batches: Iterable[Batch],
+    pool: Sequence[Configuration],
+    config: TrainConfig,
+) -> list[float]:
+    """Run ``config.total_steps`` steps (cycling over ``batches``), each over ``configs_per_step`` configurations
+    sampled from ``pool``. Returns the per-step mean losses."""
+    optimizer, scheduler = build_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    losses: list[float] = []
+    model.train()
+    while len(losses) < config.total_steps:
+        n_before = len(losses)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            configurations = sample_configurations(pool, config.configs_per_step, generator)
+            loss, grads = compute_gradients(model, _state_view(model), batch, configurations)
+            apply_gradients(model, optimizer, scheduler, grads, config.max_grad_norm)
+            losses.append(float(loss))
+            if len(losses) >= config.total_steps:
+                break
+        if len(losses) == n_before:
+            raise ValueError("the batch iterable is empty")
+    model.eval()
+    return losses
+
+
+def _state_view(model: CoAModel) -> dict[str, Any]:
+    """The trainable tensors without a copy: ``compute_gradients`` detaches them, so the step stays pure."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,192 @@
+"""What one worker holds and does: a model replica with its data, running training shards, configuration scoring,
+evaluation and sensitivity (cost-table) shards for the driver.
+
+Every method is a pure function of its arguments and the worker's fixed set-up (model, data, seed): the trainable
+state travels with each call. That is what makes a retried task (after a worker process died) return exactly what
+the first attempt would have, and lets the driver run the same code in-process or in Ray actors
+(``workers/actor.py``) with identical numbers. Models stay in eval mode (no dropout) for the same reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from search.space import SearchSpace
+
+from .baselines import plain_lora
+from .coa_model import CoAModel
+from .fisher import layer_fisher, setting_costs
+from .tasks import Task, build_review_task, build_shakespeare_task, evaluate
+from .training import compute_gradients
+
+METHOD_MODELS = ("coa", "shared")
+"""Replicas a worker holds: CoA-LoRA (with θ) and plain shared LoRA (θ disabled), over one frozen base each."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself; plain data so it ships to a Ray actor unchanged."""
+
+    model: str
+    task: str  # "classification" | "causal-lm"
+    space: dict[str, list[Any]]
+    rank: int
+    alpha: float
+    init: str
+    seed: int
+    max_length: int
+    train_examples: int
+    val_examples: int
+    score_examples: int
+    batch_size: int
+    fisher_examples: int
+    cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
+    methods: tuple[str, ...] = ("coa",)
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _build_task(spec: WorkerSpec) -> Task:
+    if spec.task == "classification":
+        return build_review_task(
+            spec.model, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
+            batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+        )
+    return build_shakespeare_task(
+        spec.model, block_size=spec.max_length, n_train_blocks=spec.train_examples,
+        n_validation_blocks=spec.val_examples + spec.score_examples, batch_size=spec.batch_size, seed=spec.seed,
+    )
+
+
+class Worker:
+    """A model replica plus its data. ``state`` arguments are trainable-state dicts (see ``CoAModel``)."""
+
+    def __init__(self, spec: WorkerSpec):
+        torch.set_num_threads(max(1, spec.threads))
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.space = SearchSpace.from_dict(spec.space)
+        task = _build_task(spec)
+        self.kind = task.kind
+        self.collate = task.train_loader.collate_fn
+        self.train_items = list(task.train_loader.dataset)
+        held_out = list(task.validation_loader.dataset)
+        # the scoring subset is disjoint from the validation set used for final numbers
+        self.score_batches = self._batches(held_out[: spec.score_examples])
+        self.val_batches = self._batches(held_out[spec.score_examples :])
+        unknown = set(spec.methods) - set(METHOD_MODELS)
+        if unknown or "coa" not in spec.methods:
+            raise ValueError(f"worker methods must include 'coa' and be among {list(METHOD_MODELS)}, got {spec.methods}")
+        self.models: dict[str, CoAModel] = {}
+        if "shared" in spec.methods:  # its own copy of the frozen base, so the two replicas never interfere
+            self.models["shared"] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
+                                               alpha=spec.alpha, seed=spec.seed)
+        self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=spec.init,
+                                      seed=spec.seed)
+        for model in self.models.values():
+            model.eval()
+        self._fisher: dict[str, torch.Tensor] | None = None
+
+    # ---- bookkeeping --------------------------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
+
+    def numels(self) -> list[int]:
+        return self.models["coa"].registry.numels
+
+    def registry(self) -> list[dict[str, Any]]:
+        return self.models["coa"].registry.to_dict()
+
+    def no_decay_names(self, method: str = "coa") -> set[str]:
+        return self._model(method).no_decay_names()
+
+    def initial_state(self, method: str = "coa") -> dict[str, torch.Tensor]:
+        return self._model(method).trainable_state()
+
+    def n_train(self) -> int:
+        return len(self.train_items)
+
+    def _batches(self, items: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
+        bs = self.spec.batch_size
+        return [self.collate(items[i : i + bs]) for i in range(0, len(items), bs)]
+
+    def _model(self, method: str) -> CoAModel:
+        if method not in self.models:
+            raise ValueError(f"this worker holds no {method!r} model; it holds {sorted(self.models)}")
+        return self.models[method]
+
+    def _with_state(self, method: str, state: Mapping[str, torch.Tensor] | None) -> CoAModel:
+        model = self._model(method)
+        if state is not None:
+            model.load_trainable_state(dict(state))
+        return model
+
+    # ---- work -----------------------------------------------------------------------------------------------
+    def gradients(
+        self,
+        method: str,
+        state: Mapping[str, torch.Tensor],
+        example_ids: Sequence[int],
+        configurations: Sequence[np.ndarray],
+    ) -> tuple[float, dict[str, torch.Tensor], int]:
+        """One fine-tuning shard: (mean loss over the configurations, gradients, number of examples)."""
+        model = self._model(method)
+        batch = self.collate([self.train_items[i] for i in example_ids])
+        configs = [self.space.decode(np.asarray(c)) for c in configurations]
+        loss, grads = compute_gradients(model, state, batch, configs)
+        return float(loss), grads, len(example_ids)
+
+    def score(self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray) -> float:
+        """Mean loss on the fixed scoring subset: the search's objective for this configuration."""
+        _injected_fault("score")
+        model = self._with_state(method, state)
+        return evaluate(model, self.space.decode(np.asarray(configuration)), self.score_batches)["loss"]
+
+    def evaluate(
+        self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray | None,
+        adapter: bool = True,
+    ) -> dict[str, float]:
+        """Metrics on the validation set (accuracy and loss, or loss and perplexity)."""
+        model = self._with_state(method, state)
+        config = None if configuration is None else self.space.decode(np.asarray(configuration))
+        return evaluate(model, config, self.val_batches, adapter=adapter)
+
+    def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the
+        ILP's (N, n_settings) cost table. The Fisher is estimated once per worker, on the quantization-free model."""
+        model = self.models["coa"]
+        if self._fisher is None:
+            single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
+            with model.adapters_disabled():
+                model.set_configuration(None)
+                self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
+        sample = self.spec.cost_sample or None
+        return np.stack([
+            setting_costs(layer.weight, self.space, self._fisher[layer.name], layer.name, sample)
+            for layer in (model.layers[i] for i in rows)
+        ])
+
+
+def _injected_fault(call: str) -> None:
+    """Fault injection for the fault tests: with ``COALORA_FAULT_KILL_WORKER=<call>:<marker file>`` the first
+    worker to reach ``call`` creates the marker and SIGKILLs its own process (mid-call, as a crash would)."""
+    spec = os.environ.get("COALORA_FAULT_KILL_WORKER")
+    if not spec:
+        return
+    name, _, marker = spec.partition(":")
+    if name == call and marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
