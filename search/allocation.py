@@ -14,8 +14,11 @@ the budget is tightened slightly and re-solved in the rare case it is exceeded.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from contextlib import contextmanager
 from fractions import Fraction
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -27,6 +30,23 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_RANGE: tuple[float, float] = (2.25, 7.25)
 DEFAULT_BUDGET_COUNT = 50
+
+
+@contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """HiGHS prints MIP debug lines from C++ straight to file descriptor 1, past Python's sys.stdout and past
+    ``disp=False``; silence that descriptor for the duration of one solve so they do not interleave with progress
+    bars."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def budget_grid(low: float = DEFAULT_BUDGET_RANGE[0], high: float = DEFAULT_BUDGET_RANGE[1],
@@ -122,13 +142,15 @@ def solve_allocation(
     exact_budget = Fraction(float(budget))
     slack = 0.0
     for _ in range(6):
-        res = milp(
-            c,
-            integrality=np.ones(cols.size),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_per_matrix, 1, 1), LinearConstraint(weight[None, :], -np.inf, budget - slack)],
-            options={"time_limit": float(time_limit)},
-        )
+        with _native_stdout_silenced():
+            res = milp(
+                c,
+                integrality=np.ones(cols.size),
+                bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(one_per_matrix, 1, 1),
+                             LinearConstraint(weight[None, :], -np.inf, budget - slack)],
+                options={"time_limit": float(time_limit)},
+            )
         if res.x is None:
             raise ValueError(f"the ILP found no configuration within budget {budget} ({res.message})")
         chosen = res.x > 0.5

@@ -60,6 +60,15 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec)  # a hub id
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and per-file progress bars: in worker processes they interleave with the
+    driver's progress bars and repeat once per replica. Errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 

@@ -23,6 +23,7 @@ from search.space import SearchSpace
 from .baselines import plain_lora
 from .coa_model import CoAModel
 from .fisher import layer_fisher, setting_costs
+from .models import quiet_transformers
 from .tasks import Task, build_review_task, build_shakespeare_task, evaluate
 from .training import compute_gradients
 
@@ -73,6 +74,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         torch.set_num_threads(max(1, spec.threads))
         torch.manual_seed(spec.seed)
+        quiet_transformers()
         self.spec = spec
         self.space = SearchSpace.from_dict(spec.space)
         task = _build_task(spec)
