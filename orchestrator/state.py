@@ -173,13 +173,3 @@ class CheckpointStore:
             meta = json.loads((path / "meta.json").read_text())
             return Checkpoint(round_, tensors, meta)
         return None
-
-
-def rng_state_tensor(generator: torch.Generator) -> torch.Tensor:
-    return generator.get_state()
-
-
-def restore_generator(state: torch.Tensor) -> torch.Generator:
-    g = torch.Generator()
-    g.set_state(state.to(torch.uint8))
-    return g

@@ -8,7 +8,7 @@ setting c of the space (plain quantization, the "ranks-None, data-True" table Co
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -19,6 +19,31 @@ from search.space import SearchSpace
 
 from .quant.blockwise import fake_quantize
 from .registry import ModuleRegistry
+
+
+def _squared_gradient_sum(
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    examples: Iterable[Mapping[str, torch.Tensor]],
+    n_examples: int,
+) -> dict[str, torch.Tensor]:
+    """Σ over (at most ``n_examples``) single-example batches of (∂loss/∂tensor)², per named tensor."""
+    fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in tensors.items()}
+    device = next(iter(tensors.values())).device
+    count = 0
+    for batch in examples:
+        if count >= n_examples:
+            break
+        size = batch["labels"].shape[0]
+        if size != 1:
+            raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
+        loss = loss_of({k: v.to(device) for k, v in batch.items()})
+        for name, g in zip(tensors, torch.autograd.grad(loss, list(tensors.values()))):
+            fisher[name] += g.float().square()
+        count += 1
+    if count == 0:
+        raise ValueError("no examples were given for the Fisher estimate")
+    return fisher
 
 
 def diagonal_fisher(
@@ -32,34 +57,18 @@ def diagonal_fisher(
     restored afterwards."""
     weights = {t.name: registry.module(model, t).weight for t in registry}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    device = next(iter(weights.values())).device
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the deployed network
-    count = 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        for batch in examples:
-            if count >= n_examples:
-                break
-            size = batch["labels"].shape[0]
-            if size != 1:
-                raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            for (name, _), g in zip(weights.items(), grads):
-                fisher[name] += g.float().square()
-            count += 1
+        return _squared_gradient_sum(lambda batch: model(**batch).loss, weights, examples, n_examples)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
-    if count == 0:
-        raise ValueError("no examples were given for the Fisher estimate")
-    return fisher
 
 
 def layer_fisher(coa: Any, examples: Iterable[Mapping[str, torch.Tensor]], n_examples: int = 128) -> dict[str, torch.Tensor]:
@@ -68,26 +77,14 @@ def layer_fisher(coa: Any, examples: Iterable[Mapping[str, torch.Tensor]], n_exa
     With no active configuration and adapters off, each wrapped layer computes x·Wᵀ from its ``residual`` buffer;
     substituting the full-precision weight for that buffer (``functional_call``) gives exactly the original
     network, whose weight gradients are the ones the Fisher needs, whatever the adapter init was."""
-    leaves = {f"{layer.name}.residual": layer.weight.detach().clone().requires_grad_(True) for layer in coa.layers}
-    fisher = {layer.name: torch.zeros_like(layer.weight, dtype=torch.float32) for layer in coa.layers}
-    device = coa.layers[0].weight.device
-    count = 0
+    weights = {layer.name: layer.weight.detach().clone().requires_grad_(True) for layer in coa.layers}
+    leaves = {f"{name}.residual": w for name, w in weights.items()}
     with coa.adapters_disabled():
         coa.set_configuration(None)
-        for batch in examples:
-            if count >= n_examples:
-                break
-            size = batch["labels"].shape[0]
-            if size != 1:
-                raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = functional_call(coa.model, leaves, args=(), kwargs=batch, strict=False).loss
-            for layer, g in zip(coa.layers, torch.autograd.grad(loss, list(leaves.values()))):
-                fisher[layer.name] += g.float().square()
-            count += 1
-    if count == 0:
-        raise ValueError("no examples were given for the Fisher estimate")
-    return fisher
+        return _squared_gradient_sum(
+            lambda batch: functional_call(coa.model, leaves, args=(), kwargs=batch, strict=False).loss,
+            weights, examples, n_examples,
+        )
 
 
 def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor | None = None,

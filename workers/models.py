@@ -79,8 +79,9 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def load_model(source: ModelSource, task: str = "base", num_labels: int = 2) -> nn.Module:
-    """Load in fp32 for the given task: ``base`` (bare encoder/decoder), ``classification`` or ``causal-lm``."""
+def load_model(source: ModelSource, task: str = "base", num_labels: int = 2, quantization_config=None) -> nn.Module:
+    """Load in fp32 for the given task: ``base`` (bare encoder/decoder), ``classification`` or ``causal-lm``;
+    ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) is passed through to ``from_pretrained``."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -96,6 +97,8 @@ def load_model(source: ModelSource, task: str = "base", num_labels: int = 2) -> 
         kwargs["gguf_file"] = source.gguf_file
     if task == "classification":
         kwargs["num_labels"] = num_labels
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         model = classes[task].from_pretrained(source.path, **kwargs)
     except OSError as err:

@@ -111,3 +111,23 @@ def test_export_best_configuration_under_budget(finished_run):
 
     with pytest.raises(ConfigError, match="no evaluated configuration fits 1.0 bits"):
         export_run(run_dir, bits=1.0)
+
+
+def test_bitsandbytes_model_for_uniform_nf4(tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from orchestrator.export import save_bitsandbytes_model
+
+    # bitsandbytes' CPU 4-bit matmul needs in_features >= its block size (64)
+    BertForSequenceClassification(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=32)).save_pretrained(tmp_path / "m")
+    out = save_bitsandbytes_model(str(tmp_path / "m"), "classification", tmp_path / "bnb", double_quant=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == "nf4" and config["bnb_4bit_use_double_quant"] is True
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) >= 12  # every target (and the other linear layers) is 4-bit
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 20, 2]])).logits
+    assert torch.isfinite(logits).all()
