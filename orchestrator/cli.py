@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--bits", type=float, help="average bits per weight of the target matrices")
     budget.add_argument("--memory-mb", type=float, help="packed target matrices + the rest of the model in 16 bits")
     export.add_argument("--out", help="output directory (default RUN_DIR/exports/<budget>)")
+
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
@@ -86,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out)
             print(f"exported to {out}")
+        elif args.command == "sweep":
+            from .sweep import run_sweep_command
+
+            return run_sweep_command(args)
     except ValueError as err:
         print(f"coalora {args.command}: error: {err}", file=sys.stderr)
         return 2

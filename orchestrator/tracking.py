@@ -25,6 +25,14 @@ def default_tracking_uri(runs_root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts beside the database: MLflow's default would be ./mlruns of whatever directory
+    the process started in (the silent local-mlruns trap). A server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any compute, if an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -37,6 +45,32 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise ValueError(f"MLflow tracking server {uri} is unreachable: {err}") from None
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The experiment called ``name``, created on first use with :func:`artifact_location`."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+
+
+def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], name: str,
+                       extra_tags: Mapping[str, str] | None = None) -> str:
+    """The one run whose tags include ``tags`` (created if none): what makes logging idempotent across resumes.
+    ``extra_tags`` (e.g. ``mlflow.parentRunId``) are set on creation and brought up to date on a found run."""
+    extra = dict(extra_tags or {})
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client.search_runs([experiment], filter_string=query, max_results=2)
+    if len(found) > 1:
+        raise RuntimeError(f"more than one MLflow run matches {dict(tags)}; the tracking store is inconsistent")
+    if not found:
+        return client.create_run(experiment, tags={**tags, **extra}, run_name=name).info.run_id
+    run = found[0]
+    for k, v in extra.items():
+        if run.data.tags.get(k) != v:
+            client.set_tag(run.info.run_id, k, v)
+    return run.info.run_id
+
+
 class Tracker:
     """The parent run of one coalora run and its children."""
 
@@ -46,30 +80,17 @@ class Tracker:
         check_reachable(uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.parent_id = self._find_or_create({RUN_ID_TAG: run_id, ROLE_TAG: "parent"}, run_name)
+        self.experiment_id = experiment_id(self.client, experiment)
+        self.parent_id = find_or_create_run(self.client, self.experiment_id, {RUN_ID_TAG: run_id, ROLE_TAG: "parent"},
+                                            run_name)
+        self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
         self.run_id = run_id
-
-    def _find_or_create(self, tags: Mapping[str, str], name: str, parent: str | None = None) -> str:
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
-        if len(found) > 1:
-            raise RuntimeError(f"more than one MLflow run matches {dict(tags)}; the tracking store is inconsistent")
-        if found:
-            run_id = found[0].info.run_id
-            if found[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        all_tags = dict(tags)
-        if parent:
-            all_tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
     def child(self, name: str) -> str:
         """The nested run called ``name`` (created once)."""
-        return self._find_or_create({RUN_ID_TAG: self.run_id, ROLE_TAG: "child", CHILD_TAG: name}, name,
-                                    parent=self.parent_id)
+        return find_or_create_run(self.client, self.experiment_id,
+                                  {RUN_ID_TAG: self.run_id, ROLE_TAG: "child", CHILD_TAG: name}, name,
+                                  {"mlflow.parentRunId": self.parent_id})
 
     def log_params_once(self, params: Mapping[str, Any], run: str | None = None) -> None:
         """Write params that are not there yet; a resumed run with the same config logs nothing new. A changed
