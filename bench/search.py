@@ -21,10 +21,8 @@ Usage: python bench/search.py [--quick]. The last line printed is one JSON objec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -41,20 +39,6 @@ from search.searcher import ParetoSearcher  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
 
 SIZES = {144: ([1, 1, 1, 1, 4, 4], 6), 252: ([4, 1, 1, 4, 11, 11, 11], 7)}
-
-
-@contextlib.contextmanager
-def quiet_fd1():
-    """HiGHS prints solver debug lines straight to fd 1; keep them out of the table."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 class Problem:
@@ -195,11 +179,10 @@ def main() -> None:
     for n in sizes:
         p = Problem(n, args.seed)
         t = time.perf_counter()
-        with quiet_fd1():
-            pool = initial_pool(p.space, p.est_costs, p.numels, budget_grid(2.25, 7.25, n_pool))
-            ilp_s = time.perf_counter() - t
-            front = np.stack(initial_pool(p.space, p.err[None, :] * p.sens[:, None], p.numels,
-                                          budget_grid(2.1, 8.5, 60)))
+        pool = initial_pool(p.space, p.est_costs, p.numels, budget_grid(2.25, 7.25, n_pool))
+        ilp_s = time.perf_counter() - t
+        front = np.stack(initial_pool(p.space, p.err[None, :] * p.sens[:, None], p.numels,
+                                      budget_grid(2.1, 8.5, 60)))
         res = {"pool": p.hv(np.stack(pool)), "known_front": p.hv(front), "ilp_pool_s": ilp_s}
         X, times = run_coalora(p, pool, total, q, args.seed)
         res["coalora"] = p.hv(X)

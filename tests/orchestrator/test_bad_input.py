@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, build_config

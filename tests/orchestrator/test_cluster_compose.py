@@ -5,9 +5,7 @@ at one path, depends_on conditions, the MLflow server's backend/artifact stores.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

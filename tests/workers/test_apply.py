@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from search.space import QuantSetting, SearchSpace
-from workers.apply import applied_configuration, quantize_configuration, resolve_configuration, uniform_configuration
+from workers.apply import applied_configuration, resolve_configuration, uniform_configuration
 from workers.quant.blockwise import fake_quantize, packed_nbytes
 from workers.registry import ModuleRegistry
 
