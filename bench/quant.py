@@ -17,9 +17,13 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not bench/search.py
 
 import torch
 
