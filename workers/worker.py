@@ -56,7 +56,7 @@ class WorkerSpec:
         return asdict(self)
 
 
-def _build_task(spec: WorkerSpec) -> Task:
+def build_task(spec: WorkerSpec) -> Task:
     if spec.task == "classification":
         return build_review_task(
             spec.model, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
@@ -77,7 +77,7 @@ class Worker:
         quiet_transformers()
         self.spec = spec
         self.space = SearchSpace.from_dict(spec.space)
-        task = _build_task(spec)
+        task = build_task(spec)
         self.kind = task.kind
         self.collate = task.train_loader.collate_fn
         self.train_items = list(task.train_loader.dataset)

@@ -1,6 +1,5 @@
-"""Fixtures for driver tests: a tiny BERT saved to disk with the packaged MiniLM tokenizer (a real local model
-path, loaded the way users' models are), a template MLflow SQLite store (migrations run once), and a small run
-configuration that exercises every phase in seconds."""
+"""Fixtures for driver tests: a template MLflow SQLite store (migrations run once) and a small run configuration
+on tests/conftest.py's tiny local model that exercises every phase in seconds."""
 
 from __future__ import annotations
 
@@ -9,26 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from workers.models import load_tokenizer, resolve_model
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = load_tokenizer(resolve_model("minilm"))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,116 @@
+"""bench/accuracy.py --quick end to end on a tiny random model with tiny data, so the benchmark cannot rot: outputs
+exist and have the right structure, the last stdout line is the headline JSON, MLflow holds one parent with one
+child per method, and a second run gives identical metrics (the documented tolerance is 0 on one machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = {"coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter"}
+TARGETS = ["target 2.5", "target 3", "target 3.5", "target 4"]
+UNSEEN = 3
+QLORA_UNSEEN = 2
+
+
+def _overrides(model_dir: Path) -> list[str]:
+    pairs = {
+        "model.name": str(model_dir), "data.max_length": 24, "data.train_examples": 32, "data.val_examples": 16,
+        "data.score_examples": 8, "data.batch_size": 16, "adapter.rank": 2, "adapter.alpha": 4,
+        "training.steps_per_round": 1, "training.warmup_steps": 0, "search.rounds": 1, "search.initial_budgets": 3,
+        "search.proposals_per_round": 1, "search.segments": 10, "search.fisher_examples": 2,
+        "search.cost_sample": 4096, "evaluation.unseen": UNSEEN,
+    }
+    return [a for k, v in pairs.items() for a in ("--override", f"{k}={v}")]
+
+
+def _run(tmp: Path, model_dir: Path, uri: str) -> tuple[dict, str]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = tmp / "bench.yaml"
+    quick = (ROOT / "conf" / "bench" / "quick.yaml").read_text()
+    config.write_text(quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--quick", "--config", str(config), "--out", str(tmp),
+         "--tracking-uri", uri, *_overrides(model_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bench")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    first = _run(base / "a", tiny_model_dir, uri)
+    second = _run(base / "b", tiny_model_dir, uri)
+    return base, uri, first, second
+
+
+def test_outputs_have_the_right_structure(two_runs):
+    base, _, (head, stdout), _ = two_runs
+    out = base / "a"
+    md = (out / "results.md").read_text()
+    assert "quick mode" in md and "strongest fair baseline" in md and "Tolerance" in md
+    png = out / "results" / "accuracy-minilm-reviews.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    raw = json.loads((out / "results" / "accuracy.json").read_text())
+    job = raw["jobs"][0]
+    rows = {(r["method"], r["configuration"]) for r in job["rows"]}
+    for m in METHODS:
+        for t in TARGETS:
+            assert (m, t) in rows, (m, t)
+    unseen = [f"unseen {i}" for i in range(1, UNSEEN + 1)]
+    assert job["unseen"] == unseen
+    for m in ("coa-lora", "shared-lora", "no-adapter"):
+        assert all((m, u) in rows for u in unseen)
+    assert [u for u in unseen if ("qlora", u) in rows] == unseen[:QLORA_UNSEEN]
+    assert not any(("lq-lora", u) in rows for u in unseen)
+    assert job["baseline_steps_per_configuration"] == 1  # rounds x steps_per_round
+    for r in job["rows"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["avg_bits"] > 2.0
+    for m in METHODS:
+        assert f"| {m} |" in md
+    # the headline: last stdout line
+    assert head["mode"] == "quick"
+    h = head["minilm-reviews"]
+    assert set(h["mean_target"]) == METHODS and set(h["minutes"]) >= METHODS
+    assert h["gap_coa_minus_qlora"] == pytest.approx(h["mean_target"]["coa-lora"] - h["mean_target"]["qlora"], abs=1e-3)
+    assert all(0.0 <= v <= 1.0 for v in h["hv_targets"].values())
+    assert "coa-lora" in stdout and "lq-lora" in stdout
+
+
+def test_mlflow_parent_with_one_child_per_method(two_runs):
+    from mlflow.tracking import MlflowClient
+
+    _, uri, (head, _), _ = two_runs
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("coalora-bench")
+    parent = client.get_run(head["mlflow_parent_run"])
+    assert parent.info.experiment_id == exp.experiment_id and parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(METHODS)
+    for c in children:
+        assert "mean_target_accuracy" in c.data.metrics and "train_minutes" in c.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.md", "accuracy.json"} <= artifacts
+
+
+def test_two_runs_give_identical_numbers(two_runs):
+    base, _, _, _ = two_runs
+    a = json.loads((base / "a" / "results" / "accuracy.json").read_text())["jobs"][0]
+    b = json.loads((base / "b" / "results" / "accuracy.json").read_text())["jobs"][0]
+    key = lambda r: (r["method"], r["configuration"])  # noqa: E731
+    ra = {key(r): (r["avg_bits"], r["accuracy"], r["loss"]) for r in a["rows"]}
+    rb = {key(r): (r["avg_bits"], r["accuracy"], r["loss"]) for r in b["rows"]}
+    assert ra == rb
+    assert a["configurations"] == b["configurations"]
