@@ -7,7 +7,6 @@ tracking server); only then does it create the run directory. A run directory is
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from workers.models import package_dir, resolve_model
 from workers.worker import WorkerSpec
 
 from .config import ConfigError, RunConfig, build_config
-from .state import RUN_MARKER, CheckpointStore, Ledger, write_json_atomic
+from .state import RUN_MARKER, CheckpointStore, Ledger, read_marker, write_json_atomic
 from .tracking import Tracker, check_reachable, default_tracking_uri
 
 RUN_FORMAT = 1
@@ -111,12 +110,10 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
 
 # ---- run / resume ---------------------------------------------------------------------------------------------------
 def load_run_config(run_dir: Path) -> RunConfig:
-    marker = Path(run_dir) / RUN_MARKER
-    if not marker.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a coalora run directory (no {RUN_MARKER})")
-    data = json.loads(marker.read_text())
-    if data.get("format") != RUN_FORMAT:
-        raise ConfigError(f"{marker}: unsupported run format {data.get('format')!r}")
+    try:
+        data = read_marker(run_dir, RUN_MARKER, RUN_FORMAT, "run")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return build_config(data["config"])
 
 

@@ -58,6 +58,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
+def read_marker(directory: Path, name: str, fmt: int, what: str) -> dict[str, Any]:
+    """The JSON file ``name`` that marks ``directory`` as a coalora ``what`` (run, sweep) of format ``fmt``."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ValueError(f"{str(directory)!r} is not a coalora {what} directory (no {name})")
+    data = json.loads(path.read_text())
+    if data.get("format") != fmt:
+        raise ValueError(f"{path}: unsupported {what} format {data.get('format')!r}")
+    return data
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 

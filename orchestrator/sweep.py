@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, RunConfig, build_config, load_config, parse_override
-from .state import RUN_MARKER, write_json_atomic
+from .state import RUN_MARKER, read_marker, write_json_atomic
 from .tracking import ROLE_TAG, RUN_ID_TAG, check_reachable, experiment_id, find_or_create_run
 
 SWEEP_FILE = "sweep.json"
@@ -270,13 +270,10 @@ def create_sweep(cfg: RunConfig, params: Mapping[str, Sequence[Any]], *, name: s
 
 
 def load_sweep(sweep_dir: Path) -> dict[str, Any]:
-    path = Path(sweep_dir) / SWEEP_FILE
-    if not path.is_file():
-        raise ConfigError(f"{str(sweep_dir)!r} is not a coalora sweep directory (no {SWEEP_FILE})")
-    state = json.loads(path.read_text())
-    if state.get("format") != SWEEP_FORMAT:
-        raise ConfigError(f"{path}: unsupported sweep format {state.get('format')!r}")
-    return state
+    try:
+        return read_marker(sweep_dir, SWEEP_FILE, SWEEP_FORMAT, "sweep")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_sweep(sweep_dir: Path, *, address: str | None = None, restore: bool = False) -> tuple[bool, list[dict]]:
