@@ -108,6 +108,15 @@ class Driver:
             bar.update(len(configs))
         return [float(v) for v in losses]
 
+    def _shards(self, step: int) -> list[list[int]]:
+        """The training examples of global ``step`` (a seeded permutation per epoch, read in batch-size slices),
+        split into one contiguous shard per worker. Every method sees the same data order."""
+        bs, n_train = self.cfg.data.batch_size, self.ctx.n_train
+        epoch, pos = divmod(step, max(1, n_train // bs))
+        perm = torch.randperm(n_train, generator=seeded(self.cfg.run.seed, PURPOSE_DATA, epoch))
+        ids = perm[pos * bs : (pos + 1) * bs].numpy()
+        return [s.tolist() for s in np.array_split(ids, self.ex.n_workers) if len(s)]
+
     # ---- round 0 --------------------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
@@ -134,18 +143,14 @@ class Driver:
     # ---- round r --------------------------------------------------------------------------------------------------
     def _train(self, r: int) -> float:
         cfg = self.cfg
-        bs, n_train, k = cfg.data.batch_size, self.ctx.n_train, cfg.training.configs_per_step
-        steps_per_epoch = max(1, n_train // bs)
+        k = cfg.training.configs_per_step
         losses = []
         with self._bar(cfg.training.steps_per_round, f"round {r}: train") as bar:
             for j in range(cfg.training.steps_per_round):
                 step = (r - 1) * cfg.training.steps_per_round + j
-                epoch, pos = divmod(step, steps_per_epoch)
-                perm = torch.randperm(n_train, generator=seeded(cfg.run.seed, PURPOSE_DATA, epoch))
-                ids = perm[pos * bs : (pos + 1) * bs].tolist()
                 order = torch.randperm(len(self.training_set), generator=seeded(cfg.run.seed, PURPOSE_CONFIGS, step))
                 configs = [self.training_set[int(i)] for i in order[:k]]
-                shards = [s.tolist() for s in np.array_split(np.asarray(ids), self.ex.n_workers) if len(s)]
+                shards = self._shards(step)
                 ref = self._put(self.master.state())
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
                 loss, grads = weighted_mean(results)
@@ -277,15 +282,10 @@ class Driver:
         init = self.ex.call("initial_state", "shared")
         no_decay = {n for n in init if n.endswith("bias")}
         master = MasterState(init, no_decay, self.train_config)
-        bs, n_train = cfg.data.batch_size, self.ctx.n_train
-        steps_per_epoch = max(1, n_train // bs)
         with self._bar(self.train_config.total_steps, "baseline: shared-lora") as bar:
             for step in range(self.train_config.total_steps):
-                epoch, pos = divmod(step, steps_per_epoch)
-                perm = torch.randperm(n_train, generator=seeded(cfg.run.seed, PURPOSE_DATA, epoch))
-                ids = perm[pos * bs : (pos + 1) * bs].tolist()
                 pick = int(torch.randint(len(configs), (1,), generator=seeded(cfg.run.seed, PURPOSE_SHARED, step)))
-                shards = [s.tolist() for s in np.array_split(np.asarray(ids), self.ex.n_workers) if len(s)]
+                shards = self._shards(step)
                 ref = self._put(master.state())
                 _, grads = weighted_mean(self.ex.map("gradients", [("shared", ref, s, [configs[pick]]) for s in shards]))
                 master.step(grads)
