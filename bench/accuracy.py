@@ -9,7 +9,8 @@ Shakespeare):
   [no_adapter, shared_lora]`` so the driver also trains **Shared-LoRA** once (one plain LoRA, one target
   configuration drawn per step) and reports the quantized base without adapters as a reference;
 - **QLoRA** (plain LoRA, B = 0) and **LQ-LoRA** (faithful LQ init: T <= 100, best iterate, randomized SVD,
-  Fisher-weighted by default; ``bench.lq_lr`` gives it its own learning rate, default the shared one)
+  Fisher-weighted by default; ``bench.lq_lora_lr`` gives its SVD-initialised LoRA factors their own learning rate,
+  as LQ-LoRA's recipe does, while its task head keeps the shared one)
   **once per target configuration**, on exactly the ILP configurations the driver
   evaluated (read back from the run's ledger), plus QLoRA on the first ``bench.qlora_unseen`` unseen
   configurations to show what per-configuration training buys there.
@@ -39,7 +40,7 @@ Reproducibility: every random choice is seeded (run.seed) and torch runs one thr
 tests/bench/test_accuracy.py on a tiny model). Across machines / BLAS builds allow one validation example of
 accuracy (1 / val_examples) or 1e-3 relative perplexity. Wall times are not reproducible (shared machine).
 
-Outputs (``--out``, default ``docs/``): ``results.md``; ``results/accuracy-<job>.png`` (metric vs average bits per
+Outputs (``--out``, default ``docs/`` for the full mode and ``docs/quick/`` for ``--quick``): ``results.md``; ``results/accuracy-<job>.png`` (metric vs average bits per
 method); ``results/accuracy.json`` (every row, timings, hypervolumes, the resolved configurations);
 ``results/work/`` (the product run directories and, unless a tracking URI is given, the MLflow SQLite store).
 MLflow: one parent run (experiment ``coalora-bench``) with one nested run per method (per job and method when the
@@ -63,6 +64,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -79,7 +81,7 @@ import yaml  # noqa: E402
 from orchestrator import report  # noqa: E402
 from orchestrator.config import ConfigError, RunConfig, build_config  # noqa: E402
 from orchestrator.driver import PURPOSE_DATA, Driver, seeded  # noqa: E402
-from orchestrator.optim import MasterState, weighted_mean  # noqa: E402
+from orchestrator.optim import MasterState, train_config, weighted_mean  # noqa: E402
 from orchestrator.runs import start_run, worker_spec  # noqa: E402
 from orchestrator.state import Ledger  # noqa: E402
 from orchestrator.tracking import Tracker  # noqa: E402
@@ -95,7 +97,7 @@ DRIVER_METHODS = ("coa-lora", "shared-lora", "no-adapter")
 BENCH_EXPERIMENT = "coalora-bench"
 PRODUCT_EXPERIMENT = "coalora-bench-product"
 TOLERANCE = "0 (identical) on the same machine and torch build; across machines 1/val_examples accuracy, 1e-3 relative perplexity"
-BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lr": None, "hv_reference": None}
+BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None}
 
 
 # ---- configuration --------------------------------------------------------------------------------------------------
@@ -185,12 +187,8 @@ class Baselines:
         self.cfg, self.opts = cfg, opts
         self.spec = worker_spec(cfg)
         self.worker = Worker(self.spec)  # holds "coa" and "shared" (plain LoRA, B = 0: the QLoRA starting point)
-        self.total_steps = max(1, cfg.search.rounds * cfg.training.steps_per_round)
-        self.train_config = TrainConfig(
-            lr=cfg.training.lr, weight_decay=cfg.training.weight_decay, warmup_steps=cfg.training.warmup_steps,
-            total_steps=self.total_steps, max_grad_norm=cfg.training.grad_clip, configs_per_step=1,
-            seed=cfg.run.seed,
-        )
+        self.train_config = train_config(cfg, configs_per_step=1)
+        self.total_steps = self.train_config.total_steps
         self._base = None
         self._fisher = None
         self._qlora_init = self.worker.initial_state("shared")  # before any evaluate() loads a trained state
@@ -241,8 +239,8 @@ class Baselines:
         model.eval()
         self.worker.models["lq"] = model
         try:
-            lr = self.opts.get("lq_lr")
-            config = None if lr is None else TrainConfig(**{**self.train_config.__dict__, "lr": float(lr)})
+            lr = self.opts.get("lq_lora_lr")
+            config = None if lr is None else replace(self.train_config, lora_lr=float(lr))
             state = self._train("lq", model.trainable_state(), x, config)
             seconds = time.perf_counter() - t0
             return self.worker.evaluate("lq", state, x), seconds
@@ -310,8 +308,12 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
     by = {(r["method"], r["configuration"]): r for r in rows}
 
     def mean(method: str, names: Sequence[str]) -> float:
-        vals = [by[(method, n)][metric] for n in names if (method, n) in by]
-        return float(np.mean(vals)) if vals else float("nan")
+        """Arithmetic for accuracy; geometric for perplexity (exp of the mean loss), so one collapsed
+        configuration (perplexity 1e9 at 2.5 bits) does not swamp the others."""
+        vals = np.asarray([by[(method, n)][metric] for n in names if (method, n) in by], dtype=np.float64)
+        if not vals.size:
+            return float("nan")
+        return float(np.mean(vals)) if metric == "accuracy" else float(np.exp(np.mean(np.log(vals))))
 
     mean_target = {m: mean(m, target_names) for m in METHODS}
     unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
@@ -401,7 +403,8 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
             f"{r['coa_wins_on_targets']['lq-lora']}/{len(tnames)} vs LQ-LoRA, "
             f"{r['coa_wins_on_targets']['shared-lora']}/{len(tnames)} vs Shared-LoRA.")
     if not r["higher_is_better"]:
-        gaps += " (Perplexity: a negative gap means CoA-LoRA is better.)"
+        gaps += (" (Perplexity: means are geometric means, exp of the mean log-perplexity; a negative gap means "
+                 "CoA-LoRA is better.)")
     out += [gaps, ""]
     if r["higher_is_better"]:
         n_val = r["config"]["data"]["val_examples"]
@@ -417,7 +420,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
                                                                                if r["higher_is_better"] else 0)]
     if flat:
         out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
-                "every method by design; see `bench.lq_lr` to give LQ-LoRA its own).", ""]
+                "every method by design; see `bench.lq_lora_lr` to give LQ-LoRA's factors their own).", ""]
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]
@@ -547,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="conf/bench/quick.yaml: MiniLM + reviews, < 15 min on 2 CPUs")
     ap.add_argument("--config", type=Path, help="bench YAML (default conf/bench/full.yaml, or quick.yaml with --quick)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory (default docs/)")
+    ap.add_argument("--out", type=Path, help="output directory (default docs/, or docs/quick/ with --quick)")
     ap.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI, else sqlite under --out)")
     ap.add_argument("--override", action="append", default=[], metavar="section.key=value",
                     help="applied to every job's run configuration (repeatable)")
@@ -557,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    if args.out is None:
+        args.out = ROOT / "docs" / ("quick" if args.quick else "")
     if args.render_only:
         saved = json.loads(args.render_only.read_text())
         out = args.out.resolve()

@@ -59,6 +59,7 @@ class TrainingSection(_Section):
     steps_per_round: int = Field(20, gt=0)
     configs_per_step: int = Field(2, gt=0, description="K: configurations drawn per step (mean of their losses)")
     lr: float = Field(3e-3, gt=0)
+    lora_lr: float | None = Field(None, gt=0, description="peak lr of the LoRA factors alone (None: lr)")
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)

@@ -31,13 +31,12 @@ from search.hypervolume import normalized_hypervolume
 from search.pareto import segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
-from workers.training import TrainConfig
 
 from . import report
 from .config import RunConfig
 from .executor import Executor
 from .faults import commit_point
-from .optim import MasterState, weighted_mean
+from .optim import MasterState, train_config, weighted_mean
 from .state import CheckpointStore, Ledger, canonical_json, write_json_atomic
 from .tracking import Tracker
 
@@ -76,13 +75,7 @@ class Driver:
         self.ledger = Ledger(ctx.run_dir / "ledger.jsonl")
         self.store = CheckpointStore(ctx.run_dir / "checkpoints")
         self.progress = progress
-        self.train_config = TrainConfig(
-            lr=self.cfg.training.lr, weight_decay=self.cfg.training.weight_decay,
-            warmup_steps=self.cfg.training.warmup_steps,
-            total_steps=max(1, self.cfg.search.rounds * self.cfg.training.steps_per_round),
-            max_grad_norm=self.cfg.training.grad_clip, configs_per_step=self.cfg.training.configs_per_step,
-            seed=self.cfg.run.seed,
-        )
+        self.train_config = train_config(self.cfg)
         self.master: MasterState | None = None
         self.costs: np.ndarray | None = None
         self.pool: list[np.ndarray] = []

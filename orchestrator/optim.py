@@ -7,11 +7,26 @@ exactly the step an uninterrupted one would have.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from workers.training import TrainConfig, lr_factor
+from workers.training import TrainConfig, lr_factor, param_groups
+
+from .config import RunConfig
+
+
+def train_config(cfg: RunConfig, **changes: Any) -> TrainConfig:
+    """The optimisation settings of a run: its whole schedule spans rounds × steps_per_round steps. ``changes``
+    override fields (a per-configuration baseline trains one configuration per step, for example)."""
+    t = cfg.training
+    config = TrainConfig(
+        lr=t.lr, lora_lr=t.lora_lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        total_steps=max(1, cfg.search.rounds * t.steps_per_round), max_grad_norm=t.grad_clip,
+        configs_per_step=t.configs_per_step, seed=cfg.run.seed,
+    )
+    return replace(config, **changes)
 
 
 class MasterState:
@@ -20,12 +35,10 @@ class MasterState:
     def __init__(self, state: Mapping[str, torch.Tensor], no_decay: set[str], config: TrainConfig):
         self.config = config
         self.params = {n: torch.nn.Parameter(t.detach().clone().float()) for n, t in sorted(state.items())}
-        decay = [p for n, p in self.params.items() if n not in no_decay]
-        plain = [p for n, p in self.params.items() if n in no_decay]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-            lr=config.lr,
-        )
+        self.optimizer = torch.optim.AdamW(param_groups(self.params.items(), no_decay, config), lr=config.lr)
+        # the optimizer numbers tensors in group order, not name order: name its state slots by that order
+        by_id = {id(p): n for n, p in self.params.items()}
+        self._slot_names = [by_id[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -47,7 +60,7 @@ class MasterState:
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """(parameters, optimizer tensors, optimizer JSON)."""
         opt = self.optimizer.state_dict()
-        names = list(self.params)
+        names = self._slot_names
         tensors: dict[str, torch.Tensor] = {}
         for idx, slot in opt["state"].items():
             for key, value in slot.items():
@@ -64,7 +77,7 @@ class MasterState:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(params[n])
-        names = list(self.params)
+        names = self._slot_names
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in opt_tensors.items():
             name, _, slot = key.rpartition("::")

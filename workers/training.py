@@ -29,7 +29,12 @@ Batch = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation hyper-parameters. ``schedule`` is the decay after a linear warmup: cosine or linear to 0."""
+    """Optimisation hyper-parameters. ``schedule`` is the decay after a linear warmup: cosine or linear to 0.
+
+    ``lora_lr`` is the peak learning rate of the LoRA factors (``lora_A``/``lora_B``) when they need their own:
+    LQ-LoRA starts them from an SVD of the quantization residual, so the rate that trains a zero-initialised
+    adapter and a fresh task head throws its non-zero factors off (measured: it collapses to the majority class);
+    None gives them ``lr`` like every other tensor."""
 
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -39,8 +44,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     configs_per_step: int = 2
     seed: int = 0
+    lora_lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.lr < 0 or (self.lora_lr is not None and self.lora_lr < 0):
+            raise ValueError("learning rates must be >= 0")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         if self.total_steps < 1 or self.configs_per_step < 1:
@@ -94,20 +102,34 @@ def compute_gradients(
     return total, grads
 
 
+LORA_FACTORS: tuple[str, ...] = ("lora_A", "lora_B")
+"""Parameter-name leaves of the LoRA factors, the tensors ``TrainConfig.lora_lr`` applies to."""
+
+
+def param_groups(
+    named: Iterable[tuple[str, torch.Tensor]], no_decay: set[str], config: TrainConfig
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay except on ``no_decay`` names, and ``lora_lr`` on the LoRA factors when
+    set. Groups keep first-seen order and empty ones are dropped, so one list of tensors always maps to the same
+    optimizer state indices (what a checkpoint relies on)."""
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+    for name, tensor in named:
+        lora = name.rpartition(".")[2] in LORA_FACTORS
+        lr = config.lora_lr if lora and config.lora_lr is not None else config.lr
+        groups.setdefault((name not in no_decay, lr), []).append(tensor)
+    return [
+        {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "lr": lr}
+        for (decay, lr), params in groups.items()
+    ]
+
+
 def build_optimizer(
     model: CoAModel, config: TrainConfig
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters (no decay on γ, LayerNorm, embeddings and biases) with linear warmup
-    then cosine or linear decay to 0 at ``total_steps``."""
-    no_decay = model.no_decay_names()
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if name in no_decay else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
+    """AdamW over the trainable parameters (no decay on γ, LayerNorm, embeddings and biases; see
+    :func:`param_groups`) with linear warmup then cosine or linear decay to 0 at ``total_steps``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(trainable, model.no_decay_names(), config), lr=config.lr)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
 

@@ -97,3 +97,22 @@ def test_apply_gradients_clips(space, make_model):
     assert apply_gradients(coa, optimizer, scheduler, grads, max_grad_norm=1.0) > 1.0
     with pytest.raises(ValueError):
         apply_gradients(coa, optimizer, scheduler, {})
+
+
+def test_lora_lr_moves_only_the_lora_factors(space, make_model):
+    coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0)
+    optimizer, scheduler = build_optimizer(coa, TrainConfig(lr=0.0, lora_lr=1e-2, weight_decay=0.0))
+    lrs = {n: g["lr"] for g in optimizer.param_groups for n, p in coa.named_parameters() if any(p is q for q in g["params"])}
+    assert {lr for n, lr in lrs.items() if n.endswith(("lora_A", "lora_B"))} == {1e-2}
+    assert {lr for n, lr in lrs.items() if not n.endswith(("lora_A", "lora_B"))} == {0.0}
+    before = coa.trainable_state()
+    grads = {n: torch.ones_like(p) for n, p in coa.named_parameters() if p.requires_grad}
+    apply_gradients(coa, optimizer, scheduler, grads, max_grad_norm=1e9)
+    moved = {n for n, p in coa.trainable_state().items() if not torch.equal(p, before[n])}
+    assert moved and all(n.endswith(("lora_A", "lora_B")) for n in moved)
+    assert any(n.endswith("lora_A") for n in moved) and any(n.endswith("lora_B") for n in moved)
+
+
+def test_negative_learning_rates_are_rejected():
+    with pytest.raises(ValueError, match="learning rates"):
+        TrainConfig(lora_lr=-1.0)
