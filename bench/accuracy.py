@@ -81,9 +81,10 @@ import yaml  # noqa: E402
 from orchestrator import report  # noqa: E402
 from orchestrator.config import ConfigError, RunConfig, build_config  # noqa: E402
 from orchestrator.driver import PURPOSE_DATA, Driver, seeded  # noqa: E402
+from orchestrator.executor import init_ray  # noqa: E402
 from orchestrator.optim import MasterState, train_config, weighted_mean  # noqa: E402
 from orchestrator.runs import start_run, worker_spec  # noqa: E402
-from orchestrator.state import Ledger  # noqa: E402
+from orchestrator.state import Ledger, write_json_atomic  # noqa: E402
 from orchestrator.tracking import Tracker  # noqa: E402
 from search.hypervolume import normalized_hypervolume  # noqa: E402
 from workers.baselines import lq_lora  # noqa: E402
@@ -248,6 +249,53 @@ class Baselines:
             del self.worker.models["lq"]
 
 
+class BaselineReplica:
+    """One process's :class:`Baselines`; ``run`` trains and evaluates one (method, configuration) pair and returns
+    (metrics, training seconds, evaluation seconds)."""
+
+    def __init__(self, cfg_json: Mapping[str, Any], opts: Mapping[str, Any]):
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        self.baselines = Baselines(RunConfig.model_validate(cfg_json), opts)
+
+    def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], float, float]:
+        t0 = time.perf_counter()
+        metrics, seconds = self.baselines.qlora(x) if method == "qlora" else self.baselines.lq_lora(x)
+        return metrics, seconds, time.perf_counter() - t0 - seconds
+
+
+def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray]],
+                  log) -> list[tuple[dict[str, float], float, float]]:
+    """Every per-configuration training, in ``calls`` order. With ``cluster.executor = ray`` they spread over
+    ``cluster.workers`` Ray actors (``cpus_per_worker`` CPUs each, the same processes budget as the CoA-LoRA run);
+    else they run here one after another. Each training is a pure function of (method, configuration): seeded data
+    order and initialisation, fixed base; so the numbers do not depend on where or with how many replicas it ran."""
+    if cfg.cluster.executor == "local" or cfg.cluster.workers == 1:
+        replica = BaselineReplica(cfg.model_dump(mode="json"), opts)
+        out = []
+        for method, cname, x in calls:
+            log(f"[{cfg.run.name}] {method} on {cname}")
+            out.append(replica.run(method, x))
+        return out
+    import ray
+
+    if __name__ != "__main__":  # imported (not run as a script): ship this module's classes by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    init_ray(cfg.cluster.address, None)  # started by the CoA-LoRA run already unless it ran in-process
+    actor = ray.remote(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=cfg.cluster.gpus_per_worker)(BaselineReplica)
+    replicas = [actor.remote(cfg.model_dump(mode="json"), dict(opts)) for _ in range(cfg.cluster.workers)]
+    try:
+        refs = [replicas[i % len(replicas)].run.remote(method, x) for i, (method, _, x) in enumerate(calls)]
+        out = []
+        for (method, cname, _), ref in zip(calls, refs):
+            out.append(ray.get(ref))
+            log(f"[{cfg.run.name}] {method} on {cname}: done")
+        return out
+    finally:
+        for r in replicas:
+            ray.kill(r)
+
+
 # ---- one job -----------------------------------------------------------------------------------------------------------
 def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str, log) -> dict[str, Any]:
     cfg, opts = job_config(job, overrides, work, uri)
@@ -270,17 +318,15 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     bits_of = {r["configuration"]: r["avg_bits"] for r in driver_rows}
     rows = [dict(r) for r in driver_rows]
 
-    baselines = Baselines(cfg, opts)
-    steps = baselines.total_steps
     per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
     per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+    steps = train_config(cfg).total_steps
+    log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
+        f"(qlora / lq-lora on {len(targets)} targets, qlora on {len(per_config) - 2 * len(targets)} unseen)")
     train_s = {"qlora": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
     eval_s = 0.0
-    for method, cname, x in per_config:
-        log(f"[{name}] {method} on {cname} ({bits_of[cname]:.3f} bits): {steps} steps")
-        t1 = time.perf_counter()
-        metrics, seconds = baselines.qlora(x) if method == "qlora" else baselines.lq_lora(x)
-        eval_s += time.perf_counter() - t1 - seconds
+    for (method, cname, _), (metrics, seconds, evaluation) in zip(per_config, run_baselines(cfg, opts, per_config, log)):
+        eval_s += evaluation
         train_s[method if cname.startswith("target") else "qlora (unseen)"] += seconds
         rows.append({"method": method, "configuration": cname, "avg_bits": bits_of[cname], **metrics})
     minutes.update({k: v / 60 for k, v in train_s.items()})
@@ -472,14 +518,18 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         f"{r0['baseline_steps_per_configuration']} here), with the same learning rate, warmup + cosine schedule, weight "
         "decay, clipping, batch size, rank, data order and gradient code, and evaluated on the same validation "
         "batches. Per-configuration baselines therefore cost (number of targets) × CoA-LoRA's steps. The Fisher cost "
-        "table that yields the ILP configurations is charged to CoA-LoRA only.", "",
+        "table that yields the ILP configurations is charged to CoA-LoRA only. One exception, in LQ-LoRA's favour: "
+        "its SVD-initialised LoRA factors train at their own rate (`bench.lq_lora_lr`: "
+        + ", ".join(f"{r['job']} {r['bench_options'].get('lq_lora_lr') or r['config']['training']['lr']:g}" for r in results)
+        + "; its head at the shared rate), as its recipe does: at the shared rate it fell to the no-adapter level on "
+        "MiniLM (measured, see conf/bench/quick.yaml).", "",
         "**Hypervolume.** Of each method's (average bits, metric) points with a fixed reference independent of the "
         f"data: bits normalised over the space's range [{r0['hv_reference']['bits'][0]:.4f}, "
         f"{r0['hv_reference']['bits'][1]:.4f}]; accuracy as the error 1 − acc over [0, 1 − acc_ref] with acc_ref = 0.5 "
         "(chance on the two-class task); perplexity as log(ppl) over [0, log(ppl_ref)] (ppl_ref in the job's "
         "`bench.hv_reference`). Both minimised, reference point (1, 1), best possible value 1. \"HV (targets)\" uses the "
         "four target points of every method, so it compares methods on identical configurations.", "",
-        f"**Reproducibility.** Seeds fixed (run.seed = {c['run']['seed']}), one torch thread per process. Tolerance "
+        f"**Reproducibility.** Seeds fixed (run.seed = {c['run']['seed']}), one torch thread per process. The per-configuration baselines do not depend on the number of worker processes; the CoA-LoRA run does, through the float summation order of its gradient shards, so repeats must keep cluster.workers. Tolerance "
         f"between two runs of the same command: {TOLERANCE}. Wall times vary with the machine's other load."
         + (f" Checked: {meta['reproduced']}." if meta.get("reproduced") else ""), "",
         "**Settings.** " + ", ".join(f"{k} = {v}" for k, v in [
@@ -493,6 +543,8 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     ]
     for r, png in zip(results, pngs):
         lines.append(job_markdown(r, png))
+    if meta.get("notes"):
+        lines += ["## Discussion", "", meta["notes"].strip(), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -546,6 +598,15 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
     return tracker.parent_id
 
 
+def _processes(jobs: Sequence[Mapping[str, Any]], overrides: Sequence[str]) -> str:
+    """How the jobs ran, for the report: in-process or on N Ray workers."""
+    def one(job: Mapping[str, Any]) -> str:
+        c = build_config(job.get("run", {}), overrides).cluster
+        return "in one process" if c.executor == "local" else f"{c.workers} Ray worker process(es)"
+    kinds = sorted({one(j) for j in jobs})
+    return " / ".join(kinds)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="conf/bench/quick.yaml: MiniLM + reviews, < 15 min on 2 CPUs")
@@ -557,13 +618,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", help="comma-separated job names to run (default: all of the file)")
     ap.add_argument("--render-only", type=Path, metavar="ACCURACY_JSON",
                     help="re-write results.md and the plots from a saved accuracy.json (no compute, no MLflow)")
+    ap.add_argument("--notes", type=Path, metavar="MARKDOWN",
+                    help="with --render-only: a hand-written discussion, kept in accuracy.json and rendered last")
+    ap.add_argument("--reproduced", metavar="TEXT",
+                    help="with --render-only: how a repeat run compared, kept in accuracy.json and rendered")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     if args.out is None:
         args.out = ROOT / "docs" / ("quick" if args.quick else "")
+    if (args.notes or args.reproduced) and not args.render_only:
+        ap.error("--notes and --reproduced go with --render-only")
     if args.render_only:
         saved = json.loads(args.render_only.read_text())
+        if args.notes:
+            saved["meta"]["notes"] = args.notes.read_text()
+        if args.reproduced:
+            saved["meta"]["reproduced"] = args.reproduced
+        if args.notes or args.reproduced:
+            write_json_atomic(args.render_only, saved)
         out = args.out.resolve()
         pngs = [plot(r, out / "results" / f"accuracy-{r['job']}.png") for r in saved["jobs"]]
         write_markdown(saved["jobs"], saved["meta"], out / "results.md", [str(p.relative_to(out)) for p in pngs])
@@ -600,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mode": mode, "stamp": stamp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([".venv/bin/python bench/accuracy.py", *cmd_args]),
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
-                   "1 torch thread, no GPU",
+                   f"{_processes(jobs, args.override)}, 1 torch thread each, no GPU",
         "total_minutes": total, "tolerance": TOLERANCE, "config_file": str(path),
     }
     pngs = [plot(r, res_dir / f"accuracy-{r['job']}.png") for r in results]
