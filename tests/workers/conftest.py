@@ -20,10 +20,11 @@ from search.space import QuantSetting, SearchSpace
 VOCAB = 128
 
 
-def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random model of ``kind`` ('bert', 'roberta', 'llama', 'qwen2') in eval mode, seeded."""
+def tiny_model(kind: str, seed: int = 0, *, layers: int = 2, intermediate: int = 64) -> torch.nn.Module:
+    """A random model of ``kind`` ('bert', 'roberta', 'llama', 'qwen2') with hidden size 32, in eval mode, seeded."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=intermediate)
     if kind == "bert":
         model = BertForSequenceClassification(
             BertConfig(**common, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
@@ -63,7 +64,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def make_model():
-    """Factory fixture: ``make_model(kind, seed=0)`` (tests cannot import this conftest by name: the suite-level
+    """Factory fixture: ``make_model(kind, seed=0, layers=2, intermediate=64)`` (tests cannot import this conftest by name: the suite-level
     tests/conftest.py owns that module name)."""
     return tiny_model
 

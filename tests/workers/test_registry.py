@@ -1,15 +1,5 @@
 import pytest
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
 from workers.registry import MODULE_TYPES, ModuleRegistry, TargetRule
 
@@ -17,25 +7,18 @@ DECODER_TYPES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "
 ENCODER_TYPES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 
 
-def tiny(kind: str, layers: int = 3) -> nn.Module:
-    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, **common))
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, **common))
-    if kind == "bert":
-        return BertForSequenceClassification(BertConfig(vocab_size=64, **common))
-    if kind == "roberta":
-        return RobertaForSequenceClassification(RobertaConfig(vocab_size=64, **common))
-    raise AssertionError(kind)
+@pytest.fixture
+def tiny(make_model):
+    """The registry tests' models: 3 layers (a middle block to index) and an FFN width unlike the hidden size."""
+    return lambda kind: make_model(kind, layers=3, intermediate=48)
 
 
 @pytest.mark.parametrize(
     "kind, types, kv_out",
     [("llama", DECODER_TYPES, 16), ("qwen2", DECODER_TYPES, 16), ("bert", ENCODER_TYPES, 32), ("roberta", ENCODER_TYPES, 32)],
 )
-def test_targets_blocks_types_shapes(kind, types, kv_out):
-    model = tiny(kind, layers=3)
+def test_targets_blocks_types_shapes(tiny, kind, types, kv_out):
+    model = tiny(kind)
     reg = ModuleRegistry.from_model(model)
     assert len(reg) == 3 * len(types)
     assert reg.n_blocks == 3
@@ -52,7 +35,7 @@ def test_targets_blocks_types_shapes(kind, types, kv_out):
     assert reg.total_numel == sum(t.numel for t in reg)
 
 
-def test_bert_attention_output_and_ffn_output_are_distinct():
+def test_bert_attention_output_and_ffn_output_are_distinct(tiny):
     reg = ModuleRegistry.from_model(tiny("bert"))
     attn_o = reg.get("bert.encoder.layer.2.attention.output.dense")
     ffn_down = reg.get("bert.encoder.layer.2.output.dense")
@@ -60,13 +43,13 @@ def test_bert_attention_output_and_ffn_output_are_distinct():
     assert attn_o.block == ffn_down.block == 2
 
 
-def test_classifier_head_and_embeddings_are_not_targets():
+def test_classifier_head_and_embeddings_are_not_targets(tiny):
     model = tiny("roberta")
     reg = ModuleRegistry.from_model(model)
     assert not any("classifier" in n or "embed" in n or "lm_head" in n for n in reg.names)
 
 
-def test_not_a_target_is_a_value_error():
+def test_not_a_target_is_a_value_error(tiny):
     reg = ModuleRegistry.from_model(tiny("llama"))
     with pytest.raises(ValueError, match="'lm_head' is not a target"):
         reg.get("lm_head")
