@@ -598,13 +598,11 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
     return tracker.parent_id
 
 
-def _processes(jobs: Sequence[Mapping[str, Any]], overrides: Sequence[str]) -> str:
-    """How the jobs ran, for the report: in-process or on N Ray workers."""
-    def one(job: Mapping[str, Any]) -> str:
-        c = build_config(job.get("run", {}), overrides).cluster
-        return "in one process" if c.executor == "local" else f"{c.workers} Ray worker process(es)"
-    kinds = sorted({one(j) for j in jobs})
-    return " / ".join(kinds)
+def _processes(results: Sequence[Mapping[str, Any]]) -> str:
+    """How the jobs ran, for the report: in-process or on N Ray workers (from their resolved configurations)."""
+    def one(cluster: Mapping[str, Any]) -> str:
+        return "in one process" if cluster["executor"] == "local" else f"{cluster['workers']} Ray worker process(es)"
+    return " / ".join(sorted({one(r["config"]["cluster"]) for r in results}))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -673,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mode": mode, "stamp": stamp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([".venv/bin/python bench/accuracy.py", *cmd_args]),
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
-                   f"{_processes(jobs, args.override)}, 1 torch thread each, no GPU",
+                   f"{_processes(results)}, 1 torch thread each, no GPU",
         "total_minutes": total, "tolerance": TOLERANCE, "config_file": str(path),
     }
     pngs = [plot(r, res_dir / f"accuracy-{r['job']}.png") for r in results]
