@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _offline_defaults() -> None:
@@ -22,6 +24,7 @@ def _offline_defaults() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coalora", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="apply configurations spanning 2-8.6 bits to a model and measure them")
     demo.add_argument("--model", default="minilm", help="packaged name (minilm), local path or hub id of an encoder")
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-progress", action="store_true")
+    resume.add_argument("--repair-ledger", action="store_true",
+                        help="restore a ledger that lost or changed entries from the newest checkpoint's copy")
 
     status = sub.add_parser("status", help="round, pool, training set, hypervolume, best loss per segment")
     status.add_argument("run_dir")
@@ -60,43 +65,66 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config, list(args.overrides)
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the MLflow run is ended KILLED and locks and workers are released."""
+    raise SystemExit(128 + signum)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text if isinstance(err, (ValueError, RuntimeError, OSError)) else f"{type(err).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _offline_defaults()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
-        if args.command == "demo":
-            from .demo import main as demo_main
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"coalora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every error becomes a clear message
+        if args.debug:
+            traceback.print_exc()
+        print(f"coalora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        if not args.debug and not isinstance(err, ValueError):
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
 
-            demo_main(args.model)
-        elif args.command == "run":
-            from .config import load_config
-            from .runs import start_run
 
-            path, overrides = _split_config_arg(args)
-            run_dir, rows = start_run(load_config(path, overrides), address=args.address,
-                                      progress=not args.no_progress)
-            _print_final(run_dir, rows)
-        elif args.command == "resume":
-            from .runs import resume_run
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import main as demo_main
 
-            rows = resume_run(Path(args.run_dir), address=args.address, progress=not args.no_progress)
-            _print_final(Path(args.run_dir), rows)
-        elif args.command == "status":
-            from .runs import format_status, run_status
+        demo_main(args.model)
+    elif args.command == "run":
+        from .config import load_config
+        from .runs import start_run
 
-            print(format_status(run_status(Path(args.run_dir))))
-        elif args.command == "export":
-            from .export import export_run
+        path, overrides = _split_config_arg(args)
+        run_dir, rows = start_run(load_config(path, overrides), address=args.address, progress=not args.no_progress)
+        _print_final(run_dir, rows)
+    elif args.command == "resume":
+        from .runs import resume_run
 
-            out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out)
-            print(f"exported to {out}")
-        elif args.command == "sweep":
-            from .sweep import run_sweep_command
+        rows = resume_run(Path(args.run_dir), address=args.address, progress=not args.no_progress,
+                          repair_ledger=args.repair_ledger)
+        _print_final(Path(args.run_dir), rows)
+    elif args.command == "status":
+        from .runs import format_status, run_status
 
-            return run_sweep_command(args)
-    except ValueError as err:
-        print(f"coalora {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(format_status(run_status(Path(args.run_dir))))
+    elif args.command == "export":
+        from .export import export_run
+
+        out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out)
+        print(f"exported to {out}")
+    elif args.command == "sweep":
+        from .sweep import run_sweep_command
+
+        return run_sweep_command(args)
     return 0
 
 

@@ -7,6 +7,8 @@ dotted names and the same validation.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -17,6 +19,30 @@ from search.space import DEFAULT_SPACE_FILE, SearchSpace
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
+MAX_CONFIG_BYTES = 1 << 20
+"""A run configuration is a page of YAML; anything larger is refused before it is parsed."""
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_SAFE_NAME_RULE = ("use 1-128 letters, digits, '_', '.', '-', starting with a letter, digit or '_' "
+                   "(one directory name inside run.root)")
+
+
+def check_safe_name(name: str, what: str) -> str:
+    """``name`` if it is one path component that cannot leave its parent directory (no separator, no '.' or '..',
+    nothing hidden), else a :class:`ConfigError` naming ``what``. Run and sweep directories are named this way."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{what} = {show_value(name)}: {_SAFE_NAME_RULE}")
+    return name
+
+
+
+def show_value(value: Any) -> str:
+    """``repr`` of a user-supplied value, bounded in size whatever the value: a YAML alias bomb is a DAG of
+    billions of leaves, and printing one whole once hung validation for minutes."""
+    shower = reprlib.Repr()  # attributes, not keywords: Python 3.10 has no keyword constructor
+    shower.maxlevel, shower.maxstring, shower.maxother, shower.maxlong = 2, 80, 80, 40
+    shower.maxlist = shower.maxtuple = shower.maxdict = shower.maxset = 4
+    return shower.repr(value)
 
 
 class ConfigError(ValueError):
@@ -24,14 +50,24 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN learning rate or an infinite budget is refused here, not discovered mid-run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunSection(_Section):
-    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
-                             description="run directory name; None: run-<UTC timestamp>")
-    root: str = "runs"
-    seed: int = Field(0, ge=0)
+    name: str | None = Field(None, description="run directory name, one path component; None: run-<UTC timestamp>")
+    root: str = Field("runs", min_length=1, max_length=4096)
+    seed: int = Field(0, ge=0, lt=2**32)
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_safe_name(v, "name")
+            except ConfigError:
+                raise ValueError(_SAFE_NAME_RULE) from None
+        return v
 
 
 class ModelSection(_Section):
@@ -49,7 +85,7 @@ class DataSection(_Section):
 
 
 class AdapterSection(_Section):
-    rank: int = Field(8, gt=0)
+    rank: int = Field(8, gt=0, le=4096)
     alpha: float = Field(16.0, gt=0)
     init: Literal["zero_B", "svd_of_W"] = "zero_B"
     encoder_hidden: int = Field(128, gt=0)
@@ -99,15 +135,17 @@ class EvaluationSection(_Section):
 class ClusterSection(_Section):
     executor: Literal["ray", "local"] = "ray"  # local: one in-process replica, no Ray (debugging, benchmarks)
     address: str | None = None
-    workers: int = Field(2, gt=0)
+    workers: int = Field(2, gt=0, le=4096, description="checked against the CPUs/GPUs Ray offers before any compute")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    max_restarts: int = Field(2, ge=0)
+    max_restarts: int = Field(2, ge=0, le=100)
+    connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for a Ray cluster address")
 
 
 class TrackingSection(_Section):
     uri: str | None = None
-    experiment: str = Field("coalora", min_length=1)
+    experiment: str = Field("coalora", min_length=1, max_length=256)
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for each MLflow server request")
 
 
 class RunConfig(_Section):
@@ -161,27 +199,30 @@ def _resolve_path(path: str) -> Path:
     return p if p.is_absolute() or p.exists() else CONF_DIR.parent / p
 
 
-def _format(err: ValidationError) -> str:
+def _format(err: ValidationError, limit: int = 10) -> str:
+    errors = err.errors()
     lines = []
-    for e in err.errors():
+    for e in errors[:limit]:
         field = ".".join(str(x) for x in e["loc"]) or "config"
         value = e.get("input")
-        shown = "" if isinstance(value, Mapping) else f" = {value!r}"
+        shown = "" if isinstance(value, Mapping) else f" = {show_value(value)}"
         lines.append(f"{field}{shown}: {e['msg']}")
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"override {show_value(item)} must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {key!r} must be section.key, e.g. adapter.rank=16")
+        raise ConfigError(f"override key {show_value(key)} must be section.key, e.g. adapter.rank=16")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        raise ConfigError(f"override {show_value(item)}: value is not valid YAML ({err})") from None
     return parts, value
 
 
@@ -190,10 +231,12 @@ def build_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunC
     for item in overrides:
         (section, key), value = parse_override(item)
         if section not in RunConfig.model_fields:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {list(RunConfig.model_fields)}")
+            raise ConfigError(f"override {show_value(item)}: unknown section {show_value(section)}; "
+                              f"allowed: {list(RunConfig.model_fields)}")
         allowed = RunConfig.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
         if key not in allowed:
-            raise ConfigError(f"override {item!r}: unknown field {section}.{key}; allowed: {list(allowed)}")
+            raise ConfigError(f"override {show_value(item)}: unknown field {section}.{str(key)[:80]}; "
+                              f"allowed: {list(allowed)}")
         merged.setdefault(section, {})[key] = value
     try:
         return RunConfig.model_validate(merged)
@@ -206,10 +249,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"configuration file {str(path)!r} is {size} bytes; a run configuration is at most "
+                          f"{MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"configuration file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {err}") from err
+        raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {str(err)[:500]}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"configuration file {str(path)!r} must hold a mapping of sections")
     return build_config(data, overrides)

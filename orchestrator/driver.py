@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +36,12 @@ from search.searcher import ParetoSearcher
 from search.space import SearchSpace
 
 from . import report
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .executor import Executor
 from .faults import commit_point
 from .optim import MasterState, train_config, weighted_mean
-from .state import CheckpointStore, Ledger, canonical_json, write_json_atomic
+from .state import (LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, finite_or_none, ledger_text,
+                    write_atomic, write_json_atomic)
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,27 @@ def seeded(seed: int, *purpose: int) -> torch.Generator:
 
 
 PURPOSE_DATA, PURPOSE_CONFIGS, PURPOSE_UNSEEN, PURPOSE_SHARED = 1, 2, 3, 4
+
+
+MAX_NEAR_MISSES = 1000
+"""Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
+
+
+def check_unseen_feasible(space: SearchSpace, n_matrices: int, n_seen: int, unseen: int) -> None:
+    """Refuse ``evaluation.unseen`` when the space has fewer distinct configurations than the pool, the targets
+    and the unseen ones need together (a tiny space on a tiny model): drawing would never end."""
+    free = space.n_settings ** n_matrices - n_seen
+    if unseen > free:
+        raise ConfigError(f"evaluation.unseen = {unseen}: the space has only {max(free, 0)} configuration(s) besides "
+                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {n_matrices} matrices)")
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient; the message names where. Nothing non-finite is recorded."""
+
+
+class LedgerMismatch(ValueError):
+    """The ledger no longer holds what the newest checkpoint says it held: entries were lost or changed."""
 
 
 def key(x: np.ndarray) -> str:
@@ -70,8 +95,10 @@ class RunContext:
 class Driver:
     """Runs (or resumes) one coalora run in ``run_dir`` with worker calls going through ``executor``."""
 
-    def __init__(self, ctx: RunContext, executor: Executor, tracker: Tracker | None, progress: bool = True):
+    def __init__(self, ctx: RunContext, executor: Executor, tracker: Tracker | None, progress: bool = True,
+                 repair_ledger: bool = False):
         self.ctx, self.cfg, self.ex, self.tracker = ctx, ctx.config, executor, tracker
+        self.repair_ledger = repair_ledger
         self.ledger = Ledger(ctx.run_dir / "ledger.jsonl")
         self.store = CheckpointStore(ctx.run_dir / "checkpoints")
         self.progress = progress
@@ -97,9 +124,21 @@ class Driver:
     def _score_all(self, configs: list[np.ndarray], state: dict[str, torch.Tensor], desc: str) -> list[float]:
         ref = self._put(state)
         with self._bar(len(configs), desc) as bar:
-            losses = self.ex.map("score", [("coa", ref, x) for x in configs])
+            losses = [float(v) for v in self.ex.map("score", [("coa", ref, x) for x in configs])]
             bar.update(len(configs))
-        return [float(v) for v in losses]
+        for x, loss in zip(configs, losses):
+            if not math.isfinite(loss):
+                raise DivergenceError(f"{desc}: scoring loss = {loss} for configuration {self._describe(x)}; "
+                                      f"{self._advice()}")
+        return losses
+
+    def _describe(self, x: np.ndarray) -> str:
+        bits = float(self.ctx.space.encoded_average_bits(np.asarray(x), self.ctx.numels))
+        return f"{key(x)} ({bits:.3f} bits)"
+
+    def _advice(self) -> str:
+        return (f"the adapter diverged at training.lr = {self.cfg.training.lr:g}; start a new run with a lower "
+                "training.lr (resuming this one repeats the same steps)")
 
     def _shards(self, step: int) -> list[list[int]]:
         """The training examples of global ``step`` (a seeded permutation per epoch, read in batch-size slices),
@@ -147,6 +186,7 @@ class Driver:
                 ref = self._put(self.master.state())
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
                 loss, grads = weighted_mean(results)
+                self._check_finite(loss, grads, r, j, step, configs)
                 self.master.step(grads)
                 losses.append(loss)
                 bar.update(1)
@@ -155,6 +195,17 @@ class Driver:
         self.ledger.append("trained", round=r, steps=len(losses), mean_loss=mean, last_loss=losses[-1])
         commit_point("trained")
         return mean
+
+    def _check_finite(self, loss: float, grads: dict[str, torch.Tensor], r: int, j: int, step: int,
+                      configs: list[np.ndarray]) -> None:
+        """Stop at the step where training diverges, before the bad update is applied or anything is recorded."""
+        bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+        if math.isfinite(loss) and not bad:
+            return
+        what = f"loss = {loss}" if not math.isfinite(loss) else f"loss = {loss:.4g} but non-finite gradients in {bad[:3]}"
+        raise DivergenceError(
+            f"training diverged in round {r}, step {j + 1} of {self.cfg.training.steps_per_round} (global step "
+            f"{step + 1}): {what} on configurations {', '.join(self._describe(x) for x in configs)}; {self._advice()}")
 
     def _search_round(self, r: int, train_loss: float) -> None:
         state = self.master.state()
@@ -210,14 +261,42 @@ class Driver:
             "numels": list(self.ctx.numels),
         }
         tensors = {"trainable": params, "optimizer": opt_tensors, "costs": {"costs": torch.from_numpy(self.costs)}}
-        self.store.save(r, tensors, meta)
+        self.store.save(r, tensors, meta, files={LEDGER_COPY: self.ledger.path.read_bytes()})
         commit_point("checkpoint")
 
-    def restore(self) -> bool:
-        """Load the newest valid checkpoint; False if there is none (a fresh run)."""
-        ckpt = self.store.load_latest()
-        if ckpt is None:
-            return False
+    def _check_ledger(self, ckpt: Checkpoint) -> None:
+        """The ledger must still begin with the entries the checkpoint covers. If it does not (deleted, truncated,
+        edited, or corrupt inside the covered part), refuse, or with ``repair_ledger`` restore the checkpoint's copy
+        (the damaged file is kept beside it). Damage after the covered part is harmless: that part is replayed."""
+        n = int(ckpt.meta["ledger_len"])
+        copy = ckpt.path / LEDGER_COPY
+        expected = copy.read_text() if copy.exists() else None
+        text = self.ledger.path.read_text(errors="replace") if self.ledger.path.exists() else ""
+        lines = text.split("\n")
+        complete = len(lines) > n  # n newline-terminated lines exist
+        head = "".join(line + "\n" for line in lines[:n]) if complete else None
+        if head is not None and (expected is None or head == expected):
+            return
+        found = sum(1 for line in lines if line)
+        problem = (f"{self.ledger.path} holds {found} line(s) but checkpoint round {ckpt.round} covers {n} entries"
+                   if head is None else
+                   f"the first {n} entries of {self.ledger.path} differ from those checkpoint round {ckpt.round} covers")
+        if not self.repair_ledger:
+            raise LedgerMismatch(
+                f"{problem}: the ledger lost or changed entries since that checkpoint. Nothing was changed. To "
+                f"continue from the checkpoint with its own copy of the ledger, run `coalora resume "
+                f"{self.ctx.run_dir} --repair-ledger` (the current file is kept as ledger.jsonl.bak-<time>).")
+        if expected is None:
+            raise LedgerMismatch(f"{problem}, and checkpoint round {ckpt.round} holds no copy of the ledger to "
+                                 "restore it from")
+        if self.ledger.path.exists():
+            backup = self.ledger.path.with_name(f"ledger.jsonl.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copy2(self.ledger.path, backup)
+            log.warning("ledger: %s; kept the damaged file as %s", problem, backup)
+        write_atomic(self.ledger.path, expected.encode())
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Load ``ckpt`` (the newest valid checkpoint) and cut the ledger back to what it covers."""
         self.master.load(ckpt.tensors["trainable"], ckpt.tensors.get("optimizer", {}), ckpt.meta["optimizer"])
         self.costs = ckpt.tensors["costs"]["costs"].numpy().astype(np.float64)
         self.pool = [np.asarray(x, dtype=np.int64) for x in ckpt.meta["pool"]]
@@ -225,7 +304,6 @@ class Driver:
         self.loss_ref = float(ckpt.meta["loss_ref"])
         self.round = ckpt.round
         self.ledger.truncate_to(int(ckpt.meta["ledger_len"]))
-        return True
 
     # ---- tracking -------------------------------------------------------------------------------------------------
     def _track_round(self, r: int, bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, hv: float,
@@ -256,16 +334,23 @@ class Driver:
                for t in self.cfg.evaluation.targets]
         g = np.random.default_rng(np.random.SeedSequence([self.cfg.run.seed, PURPOSE_UNSEEN]))
         bits = space.setting_bits
-        seen = {x.tobytes() for x in self.pool}
+        seen = {x.tobytes() for x in self.pool} | {x.tobytes() for _, x in out}
+        wanted = len(self.cfg.evaluation.targets) + self.cfg.evaluation.unseen
+        check_unseen_feasible(space, len(numels), len(seen), self.cfg.evaluation.unseen)
         lo, hi = max(2.5, space.bits_range[0]), min(6.0, space.bits_range[1])
-        while len(out) < len(self.cfg.evaluation.targets) + self.cfg.evaluation.unseen:
+        misses = 0
+        while len(out) < wanted:
             beta = g.uniform(lo, hi)
             near = np.flatnonzero(np.abs(bits - beta) <= 0.75)
-            flat = g.choice(near if len(near) else np.arange(len(bits)), size=len(numels))
+            if misses >= MAX_NEAR_MISSES or not len(near):  # the bit band is exhausted: draw from the whole space
+                near = np.arange(len(bits))
+            flat = g.choice(near, size=len(numels))
             x = flat_to_encoded(space, flat)
-            if x.tobytes() not in seen:
-                seen.add(x.tobytes())
-                out.append((f"unseen {len(out) - len(self.cfg.evaluation.targets) + 1}", x))
+            if x.tobytes() in seen:
+                misses += 1
+                continue
+            seen.add(x.tobytes())
+            out.append((f"unseen {len(out) - len(self.cfg.evaluation.targets) + 1}", x))
         return out
 
     def _train_shared(self, configs: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -306,6 +391,7 @@ class Driver:
         rows = []
         for (method, name, x), metrics in zip(labels, results):
             bits = float(self.ctx.space.encoded_average_bits(x, self.ctx.numels))
+            metrics = finite_or_none(dict(metrics))  # a collapsed configuration's perplexity may overflow
             rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
             self.ledger.append("final", method=method, configuration=name, config=key(x), avg_bits=bits,
                                metrics=metrics)
@@ -315,11 +401,14 @@ class Driver:
     # ---- the whole run --------------------------------------------------------------------------------------------
     def run(self, initial_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         self.master = MasterState(initial_state, self.ctx.no_decay, self.train_config)
-        done = [e for e in self.ledger.entries() if e["kind"] == "done"]
-        if done:
-            return json.loads((self.ctx.run_dir / "final" / "evaluation.json").read_text())
-        resumed = self.restore()
-        if not resumed:  # nothing durable yet: whatever a crashed first attempt logged is discarded
+        ckpt = self.store.load_latest()
+        if ckpt is not None:
+            self._check_ledger(ckpt)
+            done = [e for e in self.ledger.entries(strict=False) if e["kind"] == "done"]
+            if done:
+                return json.loads((self.ctx.run_dir / "final" / "evaluation.json").read_text())
+            self.restore(ckpt)
+        else:  # nothing durable yet: whatever a crashed first attempt logged is discarded
             self.ledger.truncate_to(0)
             self.ledger.append("start", seed=self.cfg.run.seed)
             self._setup()
@@ -347,10 +436,10 @@ class Driver:
             by_method.setdefault(row["method"], {})[f"{tag}.{metric}"] = row[metric]
         for method, metrics in by_method.items():
             child = self.tracker.child(method)
-            means = [v for k, v in metrics.items() if k.startswith("target")]
-            metrics[f"mean_target_{metric}"] = float(np.mean(means))
+            means = [v for k, v in metrics.items() if k.startswith("target") and v is not None]
+            metrics[f"mean_target_{metric}"] = float(np.mean(means)) if means else float("nan")
             self.tracker.log_metrics(metrics, step=self.cfg.search.rounds, run=child)
-            self.tracker.client.set_terminated(child)
+            self.tracker.set_terminated(child)
 
 
 def ledger_digest(run_dir: Path) -> str:

@@ -1,14 +1,22 @@
 """Run directories and the user-facing operations on them: run, resume, status, export.
 
-``start_run`` checks everything it can before writing anything (configuration, space, model, data, run directory,
-tracking server); only then does it create the run directory. A run directory is recognised by its
-``coalora-run.json``, which holds the resolved configuration, so ``resume`` needs nothing but the directory.
+``start_run`` checks everything it can before writing anything: the configuration, space, model, data, run
+directory, tracking store and the machine or cluster's resources; then it starts the workers (which load the model
+and data) and opens the MLflow run; only then does it create the run directory. So a run that cannot start leaves
+nothing behind that would block the next attempt. A run directory is recognised by its ``coalora-run.json``, which
+holds the resolved configuration and the run's id, so ``resume`` needs nothing but the directory.
+
+``run`` and ``resume`` hold the directory's lock (:class:`~orchestrator.state.RunLock`) for as long as they run: a
+second process on the same directory is refused with the holder's pid. ``status`` and ``export`` only read.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
+import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,8 @@ from workers.models import package_dir, resolve_model
 from workers.worker import WorkerSpec
 
 from .config import ConfigError, RunConfig, build_config
-from .state import RUN_MARKER, CheckpointStore, Ledger, read_marker, write_json_atomic
+from .driver import check_unseen_feasible
+from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, write_json_atomic
 from .tracking import Tracker, check_reachable, default_tracking_uri
 
 RUN_FORMAT = 1
@@ -70,7 +79,52 @@ def tracking_uri(cfg: RunConfig) -> str:
     return cfg.tracking.uri or default_tracking_uri(Path(cfg.run.root).resolve())
 
 
-def preflight(cfg: RunConfig) -> Path:
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_resources(cfg: RunConfig, address: str | None) -> None:
+    """A local Ray gets only what this machine has (Ray would otherwise believe any CPU count it is told); a
+    cluster address must answer within ``cluster.connect_timeout_s``."""
+    c = cfg.cluster
+    if c.gpus_per_worker > 0 and c.executor == "local":
+        raise ConfigError("cluster.gpus_per_worker > 0 needs cluster.executor = 'ray'")
+    if c.executor == "local":
+        return
+    address = address or c.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from .executor import ClusterError, probe_ray_address
+
+        try:
+            probe_ray_address(address, c.connect_timeout_s)
+        except (ClusterError, ValueError) as err:
+            raise ConfigError(f"cluster.address = {address!r}: {err}") from None
+        return
+    cpus, need = _available_cpus(), c.workers * c.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"cluster.workers × cluster.cpus_per_worker = {c.workers} × {c.cpus_per_worker:g} = "
+                          f"{need:g} CPUs, but this machine offers {cpus}; lower cluster.workers or "
+                          "cluster.cpus_per_worker, or join a cluster with --address")
+    if c.gpus_per_worker > 0:
+        import torch
+
+        gpus, need_gpus = torch.cuda.device_count(), c.workers * c.gpus_per_worker
+        if need_gpus > gpus:
+            raise ConfigError(f"cluster.workers × cluster.gpus_per_worker = {need_gpus:g} GPUs, but this machine "
+                              f"has {gpus}")
+
+
+def _check_tracking(cfg: RunConfig) -> None:
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri, cfg.tracking.timeout_s)
+    except ValueError as err:
+        raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
+    if uri.startswith("sqlite:///"):
+        _check_writable(Path(uri[len("sqlite:///") :]).parent, "tracking.uri")
+
+
+def preflight(cfg: RunConfig, address: str | None = None) -> Path:
     """Every check that needs no compute; returns the run directory to create. Writes nothing."""
     cfg.load_space()
     if cfg.evaluation.unseen and cfg.load_space().bits_range[0] > 6.0:
@@ -79,21 +133,24 @@ def preflight(cfg: RunConfig) -> Path:
     _check_data(cfg)
     root = Path(cfg.run.root).resolve()
     run_dir = root / cfg.run.name
+    if run_dir.parent != root:  # the name is validated as one path component; this is the belt to those braces
+        raise ConfigError(f"run.name = {cfg.run.name!r}: must name a directory directly inside run.root")
     _check_writable(root, "run.root")
     if (run_dir / RUN_MARKER).exists():
         raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run; use `coalora resume {run_dir}`")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} exists and is not empty")
-    uri = tracking_uri(cfg)
-    try:
-        check_reachable(uri)
-    except ValueError as err:
-        raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
-    if uri.startswith("sqlite:///"):
-        _check_writable(Path(uri[len("sqlite:///") :]).parent, "tracking.uri")
-    if cfg.cluster.gpus_per_worker > 0 and cfg.cluster.executor == "local":
-        raise ConfigError("cluster.gpus_per_worker > 0 needs cluster.executor = 'ray'")
+    _check_tracking(cfg)
+    _check_resources(cfg, address)
     return run_dir
+
+
+def check_with_model(cfg: RunConfig, numels: list[int]) -> None:
+    """Checks that need the model's target matrices (known once the workers have loaded it)."""
+    space = cfg.load_space()
+    s = cfg.search
+    most_seen = s.initial_budgets + s.rounds * s.proposals_per_round + len(cfg.evaluation.targets)
+    check_unseen_feasible(space, len(numels), most_seen, cfg.evaluation.unseen)
 
 
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
@@ -109,12 +166,20 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
 
 
 # ---- run / resume ---------------------------------------------------------------------------------------------------
-def load_run_config(run_dir: Path) -> RunConfig:
+def _read_run(run_dir: Path) -> dict[str, Any]:
     try:
-        data = read_marker(run_dir, RUN_MARKER, RUN_FORMAT, "run")
+        return read_marker(run_dir, RUN_MARKER, RUN_FORMAT, "run")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return build_config(data["config"])
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    return build_config(_read_run(run_dir)["config"])
+
+
+def run_key(run_dir: Path) -> str:
+    """The run's id for MLflow: stored in the run directory, so it survives a move (older runs: their path)."""
+    return _read_run(run_dir).get("run_uid") or str(Path(run_dir).resolve())
 
 
 def _executor(cfg: RunConfig, spec: WorkerSpec, address: str | None):
@@ -123,22 +188,35 @@ def _executor(cfg: RunConfig, spec: WorkerSpec, address: str | None):
     if cfg.cluster.executor == "local":
         return LocalExecutor(spec)
     return RayExecutor(spec, cfg.cluster.workers, cpus=cfg.cluster.cpus_per_worker, gpus=cfg.cluster.gpus_per_worker,
-                       max_restarts=cfg.cluster.max_restarts, address=address or cfg.cluster.address)
+                       max_restarts=cfg.cluster.max_restarts, address=address or cfg.cluster.address,
+                       connect_timeout_s=cfg.cluster.connect_timeout_s)
 
 
-def execute(cfg: RunConfig, run_dir: Path, *, address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Build the workers and tracker for an existing run directory and run (or continue) its loop."""
+def _open_tracker(cfg: RunConfig, key: str) -> Tracker:
+    return Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_key=key, run_name=cfg.run.name or key,
+                   timeout_s=cfg.tracking.timeout_s)
+
+
+def _finish_quietly(tracker: Tracker, status: str) -> None:
+    """End the MLflow run as ``status`` without hiding the error that ended the run (the store may be the cause)."""
+    try:
+        tracker.finish(status)
+    except Exception as err:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).warning("could not mark the MLflow run %s: %s", status, err)
+
+
+def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, progress: bool,
+           repair_ledger: bool = False, started: float) -> list[dict[str, Any]]:
+    """Run (or continue) the loop of an existing, locked run directory; ends the MLflow run as it ends."""
     from .driver import Driver, RunContext
 
-    spec = worker_spec(cfg)
-    tracker = Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_id=str(run_dir), run_name=cfg.run.name)
-    tracker.log_params_once(cfg.to_flat_dict())
-    started = time.perf_counter()
-    executor = _executor(cfg, spec, address)
     try:
+        tracker.log_params_once(cfg.to_flat_dict())
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
                          executor.call("n_train"))
-        driver = Driver(ctx, executor, tracker, progress=progress)
+        driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)
         ready = time.perf_counter()
         rows = driver.run(executor.call("initial_state", "coa"))
         finished = time.perf_counter()
@@ -147,11 +225,12 @@ def execute(cfg: RunConfig, run_dir: Path, *, address: str | None = None, progre
                                                     "executor": cfg.cluster.executor, "workers": executor.n_workers})
         tracker.finish()
         return rows
-    except BaseException:
-        tracker.finish("FAILED")
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM/SIGHUP turned into SystemExit by the CLI
+        _finish_quietly(tracker, "KILLED")
         raise
-    finally:
-        executor.shutdown()
+    except BaseException:
+        _finish_quietly(tracker, "FAILED")
+        raise
 
 
 def with_run_name(cfg: RunConfig) -> RunConfig:
@@ -162,18 +241,53 @@ def with_run_name(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
 
 
-def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = True,
+              run_uid: str | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Check, start the workers, open the MLflow run, then create and lock the run directory and run it.
+    ``run_uid`` names the run in MLflow (default: a fresh random id)."""
     cfg = with_run_name(cfg)
-    run_dir = preflight(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / RUN_MARKER, {"format": RUN_FORMAT, "config": cfg.model_dump(mode="json")})
-    return run_dir, execute(cfg, run_dir, address=address, progress=progress)
+    run_dir = preflight(cfg, address)
+    started = time.perf_counter()
+    uid = run_uid or uuid.uuid4().hex
+    with ExitStack() as stack:
+        executor = _executor(cfg, worker_spec(cfg), address)
+        stack.callback(executor.shutdown)
+        check_with_model(cfg, executor.call("numels"))
+        tracker = _open_tracker(cfg, uid)
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(run_dir))
+            if (run_dir / RUN_MARKER).exists():  # another `coalora run` of this name got here first
+                raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run")
+            write_json_atomic(run_dir / RUN_MARKER, {"format": RUN_FORMAT, "run_uid": uid,
+                                                     "config": cfg.model_dump(mode="json")})
+        except BaseException:
+            _finish_quietly(tracker, "FAILED")
+            if created and not (run_dir / RUN_MARKER).exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return run_dir, _drive(cfg, run_dir, executor, tracker, progress=progress, started=started)
 
 
-def resume_run(run_dir: Path, *, address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def resume_run(run_dir: Path, *, address: str | None = None, progress: bool = True,
+               repair_ledger: bool = False) -> list[dict[str, Any]]:
+    """Continue a run from its newest valid checkpoint (or return its results if it finished)."""
     run_dir = Path(run_dir).resolve()
-    cfg = load_run_config(run_dir)
-    return execute(cfg, run_dir, address=address, progress=progress)
+    load_run_config(run_dir)  # a clear error for a directory that is not a run, before a lock file is made there
+    with ExitStack() as stack:
+        stack.enter_context(RunLock(run_dir))
+        cfg = load_run_config(run_dir)
+        _check_model(cfg)
+        _check_data(cfg)
+        _check_tracking(cfg)
+        _check_resources(cfg, address)
+        started = time.perf_counter()
+        executor = _executor(cfg, worker_spec(cfg), address)
+        stack.callback(executor.shutdown)
+        tracker = _open_tracker(cfg, run_key(run_dir))
+        return _drive(cfg, run_dir, executor, tracker, progress=progress, repair_ledger=repair_ledger,
+                      started=started)
 
 
 # ---- status -------------------------------------------------------------------------------------------------------------

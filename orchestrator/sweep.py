@@ -12,8 +12,9 @@ A sweep directory holds everything needed to resume it::
         storage/tune/   Tune's experiment state (``Tuner.restore(..., resume_unfinished=True)``)
         summary.json    one row per trial: its final metrics or its error
 
-MLflow: one sweep parent run (tags ``coalora.sweep_id`` + ``coalora.role = sweep``), created once with an explicit
-``MlflowClient``; every trial's coalora parent run is nested under it (``mlflow.parentRunId``). The trial creates
+MLflow: one sweep parent run (tags ``coalora.sweep_id`` = the sweep's stored id + ``coalora.role = sweep``), created
+once with an explicit ``MlflowClient``; every trial's coalora parent run (keyed by an id derived from the sweep's id
+and the trial's name, the ``run_uid`` its run directory then stores) is nested under it (``mlflow.parentRunId``). The trial creates
 its coalora parent run itself, before ``start_run``, with exactly the tags :class:`orchestrator.tracking.Tracker`
 looks runs up by, so the Tracker adopts it instead of creating a second one; a resumed or retried trial finds it
 again, so no run is ever duplicated. The tracking URI is resolved once, in the sweep driver, and passed to every
@@ -32,10 +33,11 @@ import json
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import ConfigError, RunConfig, build_config, load_config, parse_override
+from .config import ConfigError, RunConfig, build_config, check_safe_name, load_config, parse_override
 from .state import RUN_MARKER, read_marker, write_json_atomic
 from .tracking import ROLE_TAG, RUN_ID_TAG, check_reachable, experiment_id, find_or_create_run
 
@@ -126,16 +128,21 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def sweep_parent_run(uri: str, experiment: str, sweep_dir: Path, name: str) -> str:
+def sweep_parent_run(uri: str, experiment: str, sweep_uid: str, name: str) -> str:
     client = _client(uri)
-    return find_or_create_run(client, experiment_id(client, experiment), {SWEEP_TAG: str(sweep_dir), ROLE_TAG: "sweep"},
+    return find_or_create_run(client, experiment_id(client, experiment), {SWEEP_TAG: sweep_uid, ROLE_TAG: "sweep"},
                               name)
 
 
-def nest_trial_run(uri: str, experiment: str, run_dir: Path, run_name: str, sweep_run_id: str) -> str:
+def trial_uid(sweep_run_id: str, trial: str) -> str:
+    """The trial's run id: the same for every attempt of the trial, different for every sweep."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"coalora-sweep:{sweep_run_id}/{trial}").hex
+
+
+def nest_trial_run(uri: str, experiment: str, run_uid: str, run_name: str, sweep_run_id: str) -> str:
     """The trial's coalora parent run, tagged exactly as :class:`Tracker` finds it, nested under the sweep."""
     client = _client(uri)
-    return find_or_create_run(client, experiment_id(client, experiment), {RUN_ID_TAG: str(run_dir), ROLE_TAG: "parent"},
+    return find_or_create_run(client, experiment_id(client, experiment), {RUN_ID_TAG: run_uid, ROLE_TAG: "parent"},
                               run_name, {"mlflow.parentRunId": sweep_run_id, SWEEP_TAG: sweep_run_id})
 
 
@@ -168,13 +175,14 @@ def run_trial(config: Mapping[str, Any]) -> None:
     overrides = [*trial["overrides"], f"run.name={trial['name']}", f"run.root={runs_root}",
                  f"tracking.uri={config['tracking_uri']}"]
     cfg = build_config(config["base"], overrides)
-    nest_trial_run(config["tracking_uri"], cfg.tracking.experiment, run_dir, trial["name"], config["sweep_run_id"])
+    uid = trial_uid(config["sweep_run_id"], trial["name"])
+    nest_trial_run(config["tracking_uri"], cfg.tracking.experiment, uid, trial["name"], config["sweep_run_id"])
     if (run_dir / RUN_MARKER).exists():
         rows = resume_run(run_dir, progress=False)
     else:
         if run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()
-        _, rows = start_run(cfg, progress=False)
+        _, rows = start_run(cfg, progress=False, run_uid=uid)
     tune.report({**final_metrics(rows), "run_dir": str(run_dir)})
 
 
@@ -234,8 +242,7 @@ def create_sweep(cfg: RunConfig, params: Mapping[str, Sequence[Any]], *, name: s
     """Validate everything and write ``sweep.json``; returns the sweep directory. Creates the sweep's MLflow run."""
     from .runs import tracking_uri
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.', '-'")
+    check_safe_name(name, "--name")
     trials = grid(params)
     base = _absolute_paths(cfg.model_dump(mode="json"))
     root = Path(cfg.run.root).resolve()
@@ -254,7 +261,8 @@ def create_sweep(cfg: RunConfig, params: Mapping[str, Sequence[Any]], *, name: s
     except ValueError as err:
         raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    run_id = sweep_parent_run(uri, cfg.tracking.experiment, sweep_dir, name)
+    sweep_uid = uuid.uuid4().hex
+    run_id = sweep_parent_run(uri, cfg.tracking.experiment, sweep_uid, name)
     client = _client(uri)
     existing = client.get_run(run_id).data.params
     for k, v in {"sweep.params": json.dumps({k: list(v) for k, v in params.items()}), "sweep.trials": len(trials),
@@ -263,7 +271,7 @@ def create_sweep(cfg: RunConfig, params: Mapping[str, Sequence[Any]], *, name: s
             client.log_param(run_id, k, str(v))
     state = {"format": SWEEP_FORMAT, "name": name, "base": base, "params": {k: list(v) for k, v in params.items()},
              "trials": trials, "runs_root": str(sweep_dir / "runs"), "tracking_uri": uri,
-             "experiment": cfg.tracking.experiment, "sweep_run_id": run_id, "max_failures": max_failures,
+             "experiment": cfg.tracking.experiment, "sweep_uid": sweep_uid, "sweep_run_id": run_id, "max_failures": max_failures,
              "max_concurrent": max_concurrent, "driver_cpus": driver_cpus}
     write_json_atomic(sweep_dir / SWEEP_FILE, state)
     return sweep_dir

@@ -4,20 +4,56 @@ and metrics are keyed by step so re-logging after a resume overwrites nothing an
 One parent run per coalora run (tags ``coalora.run_id`` and ``coalora.role = parent``); baselines and per-method evaluations are child runs nested
 under it (tag ``mlflow.parentRunId`` plus ``coalora.child``). All calls go through an explicit ``MlflowClient`` bound
 to one tracking URI, never through MLflow's global active-run state, so nothing is logged to the wrong place.
+
+The run's key (``coalora.run_id``) is the id stored in its run directory, not its path, so a moved directory keeps
+its MLflow run. Keys go into MLflow filter strings only after :func:`filter_literal` has checked them (a path with
+an apostrophe once broke the query, and a crafted one could have matched another run). Every request to a tracking
+server is bounded (``tracking.timeout_s``, few retries): a server that dies mid-run is an error naming it within
+about a minute, not a silent stall; the run's state on disk is untouched and ``coalora resume`` continues it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 RUN_ID_TAG = "coalora.run_id"
 ROLE_TAG = "coalora.role"  # "parent" or "child": the parent's query must not match its children
 CHILD_TAG = "coalora.child"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server failed or did not answer in time; the message names it and the way out."""
+
+
+_LITERAL = re.compile(r"[A-Za-z0-9_.:/@+-]{1,500}")
+
+
+def filter_literal(value: str) -> str:
+    """``value`` quoted for an MLflow filter string, if it is made of characters that need no escaping there."""
+    if not _LITERAL.fullmatch(value):
+        raise ValueError(f"cannot look up an MLflow run by {value!r}: only letters, digits and _ . : / @ + - are used "
+                         "in lookups")
+    return f"'{value}'"
+
+
+def bound_http_waits(timeout_s: float) -> None:
+    """Bound every MLflow HTTP request of this process: ``timeout_s`` per attempt, two retries with short backoff.
+    (MLflow's defaults, 120 s and seven retries with doubling backoff, stall a run for minutes on a dead server.)
+    Values the user set in the environment are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "3")  # direct S3 artifact uploads (botocore)
 
 
 def default_tracking_uri(runs_root: Path) -> str:
@@ -33,8 +69,29 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def _probe_tcp(host: str, port: int, what: str, timeout_s: float) -> None:
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ValueError(f"{what} at {host}:{port} is unreachable within {timeout_s:g} s ({err})") from None
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any compute, if an HTTP tracking server does not answer."""
+    """Fail fast, before any compute, if the tracking server (HTTP), the database behind a database URI, or the S3
+    endpoint named by ``MLFLOW_S3_ENDPOINT_URL`` does not answer within ``timeout_s``."""
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.hostname:
+            _probe_tcp(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                       "S3 endpoint (MLFLOW_S3_ENDPOINT_URL)", timeout_s)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme in ("postgresql", "mysql", "mssql"):
+        parts = urllib.parse.urlsplit(uri)
+        if parts.hostname:  # no host: a Unix socket, checked by the driver on connect
+            _probe_tcp(parts.hostname, parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme],
+                       "tracking database", timeout_s)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -58,7 +115,7 @@ def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], na
     """The one run whose tags include ``tags`` (created if none): what makes logging idempotent across resumes.
     ``extra_tags`` (e.g. ``mlflow.parentRunId``) are set on creation and brought up to date on a found run."""
     extra = dict(extra_tags or {})
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    query = " and ".join(f"tags.`{k}` = {filter_literal(v)}" for k, v in tags.items())
     found = client.search_runs([experiment], filter_string=query, max_results=2)
     if len(found) > 1:
         raise RuntimeError(f"more than one MLflow run matches {dict(tags)}; the tracking store is inconsistent")
@@ -72,53 +129,76 @@ def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], na
 
 
 class Tracker:
-    """The parent run of one coalora run and its children."""
+    """The parent run of one coalora run and its children. ``run_key`` is the run's stored id (see the module)."""
 
-    def __init__(self, uri: str, experiment: str, run_id: str, run_name: str):
+    def __init__(self, uri: str, experiment: str, run_key: str, run_name: str, timeout_s: float = 30.0):
         from mlflow.tracking import MlflowClient
 
-        check_reachable(uri)
+        bound_http_waits(timeout_s)
+        check_reachable(uri, timeout_s)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = experiment_id(self.client, experiment)
-        self.parent_id = find_or_create_run(self.client, self.experiment_id, {RUN_ID_TAG: run_id, ROLE_TAG: "parent"},
-                                            run_name)
-        self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
-        self.run_id = run_id
+        self.run_id = run_key
+        with self._service("open the run"):
+            self.experiment_id = experiment_id(self.client, experiment)
+            self.parent_id = find_or_create_run(self.client, self.experiment_id,
+                                                {RUN_ID_TAG: run_key, ROLE_TAG: "parent"}, run_name)
+            self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
+
+    @contextmanager
+    def _service(self, what: str) -> Iterator[None]:
+        """Turn a failure of the tracking store into one :class:`TrackingError` that names it."""
+        try:
+            yield
+        except TrackingError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow, requests, SQLAlchemy and botocore all raise their own
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise TrackingError(f"MLflow tracking store {self.uri} failed to {what}: {first}. The run's state on "
+                                "disk is intact: fix the store and `coalora resume` the run") from err
 
     def child(self, name: str) -> str:
         """The nested run called ``name`` (created once)."""
-        return find_or_create_run(self.client, self.experiment_id,
-                                  {RUN_ID_TAG: self.run_id, ROLE_TAG: "child", CHILD_TAG: name}, name,
-                                  {"mlflow.parentRunId": self.parent_id})
+        with self._service(f"find the child run {name!r}"):
+            return find_or_create_run(self.client, self.experiment_id,
+                                      {RUN_ID_TAG: self.run_id, ROLE_TAG: "child", CHILD_TAG: name}, name,
+                                      {"mlflow.parentRunId": self.parent_id})
 
     def log_params_once(self, params: Mapping[str, Any], run: str | None = None) -> None:
         """Write params that are not there yet; a resumed run with the same config logs nothing new. A changed
         value is an error (MLflow forbids overwriting params, and silently keeping the old one would lie)."""
         run_id = run or self.parent_id
-        existing = self.client.get_run(run_id).data.params
+        with self._service("read params"):
+            existing = self.client.get_run(run_id).data.params
         for key, value in params.items():
             text = str(value)[:6000]
             if key in existing:
                 if existing[key] != text:
                     raise ValueError(f"param {key!r} was logged as {existing[key]!r}; this run now has {text!r}")
                 continue
-            self.client.log_param(run_id, key, text)
+            with self._service("log params"):
+                self.client.log_param(run_id, key, text)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, run: str | None = None) -> None:
         """Log finite metrics at ``step``, skipping (key, step) pairs already present, so a resume that repeats a
         round does not double-log it."""
         run_id = run or self.parent_id
-        for key, value in metrics.items():
-            if value is None or not math.isfinite(float(value)):
-                continue
-            history = self.client.get_metric_history(run_id, key)
-            if any(m.step == step for m in history):
-                continue
-            self.client.log_metric(run_id, key, float(value), step=step)
+        with self._service("log metrics"):
+            for key, value in metrics.items():
+                if value is None or not math.isfinite(float(value)):
+                    continue
+                history = self.client.get_metric_history(run_id, key)
+                if any(m.step == step for m in history):
+                    continue
+                self.client.log_metric(run_id, key, float(value), step=step)
 
     def log_artifact(self, path: Path, artifact_dir: str | None = None, run: str | None = None) -> None:
-        self.client.log_artifact(run or self.parent_id, str(path), artifact_dir)
+        with self._service(f"store the artifact {Path(path).name}"):
+            self.client.log_artifact(run or self.parent_id, str(path), artifact_dir)
+
+    def set_terminated(self, run: str, status: str = "FINISHED") -> None:
+        with self._service("end a run"):
+            self.client.set_terminated(run, status=status)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent_id, status=status)
+        self.set_terminated(self.parent_id, status)

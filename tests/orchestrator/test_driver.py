@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import build_config
 from orchestrator.export import export_run, read_summary
-from orchestrator.runs import format_status, resume_run, run_status, start_run
+from orchestrator.runs import format_status, resume_run, run_key, run_status, start_run
 from orchestrator.state import Ledger
 from orchestrator.tracking import CHILD_TAG, RUN_ID_TAG
 
@@ -64,7 +64,7 @@ def test_mlflow_parent_params_metrics_artifacts_and_children(finished_run):
     config, run_dir, _ = finished_run
     client = MlflowClient(tracking_uri=config["tracking"]["uri"])
     exp = client.get_experiment_by_name("tests")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_dir}'")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_key(run_dir)}'")
     parent = [r for r in runs if CHILD_TAG not in r.data.tags]
     children = [r for r in runs if CHILD_TAG in r.data.tags]
     assert len(parent) == 1 and len(children) == 2
