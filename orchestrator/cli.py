@@ -71,7 +71,7 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    text = (str(err).strip() or type(err).__name__)[:1000]
     return text if isinstance(err, (ValueError, RuntimeError, OSError)) else f"{type(err).__name__}: {text}"
 
 

@@ -8,14 +8,13 @@ dotted names and the same validation.
 from __future__ import annotations
 
 import re
-import reprlib
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search.space import DEFAULT_SPACE_FILE, SearchSpace
+from search.space import DEFAULT_SPACE_FILE, SearchSpace, show_value
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -33,16 +32,6 @@ def check_safe_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
         raise ConfigError(f"{what} = {show_value(name)}: {_SAFE_NAME_RULE}")
     return name
-
-
-
-def show_value(value: Any) -> str:
-    """``repr`` of a user-supplied value, bounded in size whatever the value: a YAML alias bomb is a DAG of
-    billions of leaves, and printing one whole once hung validation for minutes."""
-    shower = reprlib.Repr()  # attributes, not keywords: Python 3.10 has no keyword constructor
-    shower.maxlevel, shower.maxstring, shower.maxother, shower.maxlong = 2, 80, 80, 40
-    shower.maxlist = shower.maxtuple = shower.maxdict = shower.maxset = 4
-    return shower.repr(value)
 
 
 class ConfigError(ValueError):

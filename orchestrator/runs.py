@@ -211,7 +211,9 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
            repair_ledger: bool = False, started: float) -> list[dict[str, Any]]:
     """Run (or continue) the loop of an existing, locked run directory; ends the MLflow run as it ends."""
     from .driver import Driver, RunContext
+    from .watchdog import Watchdog
 
+    watchdog = Watchdog(tracker.uri, tracker.parent_id, run_dir)
     try:
         tracker.log_params_once(cfg.to_flat_dict())
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
@@ -231,6 +233,8 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     except BaseException:
         _finish_quietly(tracker, "FAILED")
         raise
+    finally:
+        watchdog.disarm()
 
 
 def with_run_name(cfg: RunConfig) -> RunConfig:

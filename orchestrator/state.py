@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,21 +51,29 @@ class RunLock:
     that the refusal can say who holds it.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, holder: str | None = None, wait_s: float = 2.0):
         self.path = Path(run_dir) / LOCK_FILE
+        self.holder = holder or " ".join(sys.argv)[:200]
+        self.wait_s = wait_s  # rides over the watchdog's brief hold (orchestrator/watchdog.py)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunInUse(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or stop "
-                           "it (`coalora status` and `coalora export` work meanwhile)") from None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunInUse(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or "
+                               "stop it (`coalora status` and `coalora export` work meanwhile)") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({self.holder})\n".encode(), 0)
         self._fd = fd
         return self
 

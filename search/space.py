@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,23 @@ ablation, same blockwise double quantization around it)."""
 _CODE_RE = re.compile(r"^(nf|int)([2-8])$")
 
 DEFAULT_SPACE_FILE = Path(__file__).resolve().parents[1] / "conf" / "space" / "default.yaml"
+MAX_SPACE_FILE_BYTES = 1 << 20
+
+
+def show_value(value: Any) -> str:
+    """``repr`` of a user-supplied value, bounded in size whatever the value: a YAML alias bomb is a DAG of
+    billions of leaves, and printing one whole once hung validation for minutes (used for every file a user
+    writes: run configurations and space files)."""
+    shower = reprlib.Repr()  # attributes, not keywords: Python 3.10 has no keyword constructor
+    shower.maxlevel, shower.maxstring, shower.maxother, shower.maxlong = 2, 80, 80, 40
+    shower.maxlist = shower.maxtuple = shower.maxdict = shower.maxset = 4
+    return shower.repr(value)
+
+MAX_BLOCK = 4096
+"""Largest B0 or B1 accepted."""
+MAX_GROUP = 1 << 16
+"""Largest B0·B1 accepted: every matrix is zero-padded to a multiple of it, so an absurd pair (2^20 × 2^20) would
+have the quantizer allocate terabytes for a small matrix."""
 
 
 def parse_code(code: str | int) -> tuple[str, int]:
@@ -52,7 +70,7 @@ def parse_code(code: str | int) -> tuple[str, int]:
         code = f"nf{int(code)}"
     if not isinstance(code, str) or not _CODE_RE.match(code):
         raise ValueError(
-            f"unknown code {code!r}: expected <family><bits> with family in {CODE_FAMILIES} and bits in 2..8 "
+            f"unknown code {show_value(code)}: expected <family><bits> with family in {CODE_FAMILIES} and bits in 2..8 "
             "(e.g. 'nf4', 'int3') or a bare integer meaning NormalFloat"
         )
     m = _CODE_RE.match(code)
@@ -75,17 +93,21 @@ class QuantSetting:
         family, bits = parse_code(self.code)
         object.__setattr__(self, "code", f"{family}{bits}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, (int, np.integer)):
-            raise ValueError(f"scale_bits (b1) must be an int in 1..16, got {self.scale_bits!r}")
+            raise ValueError(f"scale_bits (b1) must be an int in 1..16, got {show_value(self.scale_bits)}")
         if not 1 <= int(self.scale_bits) <= 16:
-            raise ValueError(f"scale_bits (b1) must be in 1..16, got {self.scale_bits!r}")
+            raise ValueError(f"scale_bits (b1) must be in 1..16, got {show_value(self.scale_bits)}")
         if self.scale2_format not in FLOAT_FORMAT_BITS:
             raise ValueError(
-                f"scale2_format (b2) must be one of {sorted(FLOAT_FORMAT_BITS)}, got {self.scale2_format!r}"
+                f"scale2_format (b2) must be one of {sorted(FLOAT_FORMAT_BITS)}, got {show_value(self.scale2_format)}"
             )
         for field, value in (("block0", self.block0), ("block1", self.block1)):
             ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-            if not ok or int(value) & (int(value) - 1):
-                raise ValueError(f"{field} ({PAPER_SYMBOLS[field]}) must be a positive power of two, got {value!r}")
+            if not ok or int(value) & (int(value) - 1) or int(value) > MAX_BLOCK:
+                raise ValueError(f"{field} ({PAPER_SYMBOLS[field]}) must be a power of two in 1..{MAX_BLOCK}, "
+                                 f"got {show_value(value)}")
+        if int(self.block0) * int(self.block1) > MAX_GROUP:
+            raise ValueError(f"block0 × block1 (B0·B1) = {int(self.block0) * int(self.block1)} exceeds {MAX_GROUP}: every "
+                             "matrix is zero-padded to a multiple of it")
         object.__setattr__(self, "scale_bits", int(self.scale_bits))
         object.__setattr__(self, "block0", int(self.block0))
         object.__setattr__(self, "block1", int(self.block1))
@@ -154,7 +176,8 @@ class SearchSpace:
             if len(values) == 0:
                 raise ValueError(f"space field {field} ({PAPER_SYMBOLS[field]}) has no values")
             if len(set(values)) != len(values):
-                raise ValueError(f"space field {field} ({PAPER_SYMBOLS[field]}) repeats a value: {list(values)}")
+                raise ValueError(f"space field {field} ({PAPER_SYMBOLS[field]}) repeats a value: "
+                                 f"{show_value(list(values))}")
         # Constructing every extreme setting validates every value of every field.
         for field in FIELDS:
             for v in getattr(self, field):
@@ -163,15 +186,19 @@ class SearchSpace:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
-        unknown = set(data) - set(FIELDS)
-        missing = set(FIELDS) - set(data)
+        unknown = [k for k in data if k not in FIELDS]
+        missing = [f for f in FIELDS if f not in data]
         if unknown:
-            raise ValueError(f"unknown space field(s) {sorted(unknown)}; allowed: {list(FIELDS)}")
+            raise ValueError(f"unknown space field(s) {show_value(unknown)}; allowed: {list(FIELDS)}")
         if missing:
-            raise ValueError(f"space is missing field(s) {sorted(missing)}; required: {list(FIELDS)}")
+            raise ValueError(f"space is missing field(s) {missing}; required: {list(FIELDS)}")
         for field in FIELDS:
-            if not isinstance(data[field], (list, tuple)):
-                raise ValueError(f"space field {field} must be a list of values, got {data[field]!r}")
+            values = data[field]
+            if not isinstance(values, (list, tuple)):
+                raise ValueError(f"space field {field} must be a list of values, got {show_value(values)}")
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, str))]
+            if bad:
+                raise ValueError(f"space field {field} holds {show_value(bad[0])}: each value is a number or a name")
         return cls(**{f: tuple(data[f]) for f in FIELDS})
 
     @classmethod
@@ -179,8 +206,12 @@ class SearchSpace:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"space file {str(path)!r} does not exist")
-        with path.open() as fh:
-            data = yaml.safe_load(fh)
+        if path.stat().st_size > MAX_SPACE_FILE_BYTES:
+            raise ValueError(f"space file {str(path)!r} is larger than {MAX_SPACE_FILE_BYTES} bytes")
+        try:
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"space file {str(path)!r} is not valid UTF-8 YAML: {str(err)[:300]}") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"space file {str(path)!r} must hold a mapping of field -> values")
         return cls.from_dict(data)

@@ -1,4 +1,6 @@
-"""Suite-wide set-up: offline, deterministic, and single-threaded where BoTorch runs beside other work."""
+"""Suite-wide set-up: offline, deterministic, and single-threaded where BoTorch runs beside other work; a tiny local
+model, a template MLflow SQLite store (migrations run once) and a small run configuration on that model that
+exercises every phase of a run in seconds (used by the driver, fault and adversarial tests)."""
 
 import os
 
@@ -8,10 +10,54 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_command(*args: str) -> list[str]:
+    """The ``coalora`` command line as a subprocess runs it (the repository's code, this interpreter)."""
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def cli_env(fault: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a ``coalora`` subprocess: no inherited fault injection unless ``fault`` is given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COALORA_FAULT")}
+    if fault:
+        env["COALORA_FAULT_AT"] = fault
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args, fault=None, timeout=300)`` → the finished ``coalora ARGS`` subprocess (text output captured);
+    ``fault`` is a ``COALORA_FAULT_AT`` commit point (orchestrator/faults.py)."""
+
+    def run(*args: str, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(cli_command(*args), cwd=REPO, env=cli_env(fault), text=True, capture_output=True,
+                              timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def cli_start():
+    """``cli_start(*args, log=PATH)`` → a running ``coalora ARGS`` subprocess, stdout and stderr into ``log``."""
+
+    def start(*args: str, log: Path) -> subprocess.Popen:
+        return subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, text=True)
+
+    return start
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +84,69 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, mlflow_template) -> str:
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template, db)
+    return f"sqlite:///{db}"
+
+
+def tiny_run_config(model_dir: Path, root: Path, tracking_uri: str, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "run": {"name": "tiny", "root": str(root), "seed": 0},
+        "model": {"name": str(model_dir), "task": "classification"},
+        "data": {"dataset": "reviews", "max_length": 24, "train_examples": 64, "val_examples": 32,
+                 "score_examples": 16, "batch_size": 16},
+        "adapter": {"rank": 4, "alpha": 8},
+        "training": {"steps_per_round": 2, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1},
+        "search": {"rounds": 2, "initial_budgets": 4, "proposals_per_round": 2, "segments": 10,
+                   "fisher_examples": 4},
+        "evaluation": {"targets": [2.5, 4.0], "unseen": 1, "baselines": ["no_adapter"]},
+        "cluster": {"executor": "local", "workers": 1},
+        "tracking": {"uri": tracking_uri, "experiment": "tests"},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, tmp_path, tracking_uri):
+    """``make_config(**sections)`` → (dict, path of its YAML) for a tiny run under tmp_path/runs."""
+
+    def make(**sections: Any) -> tuple[dict[str, Any], Path]:
+        config = tiny_run_config(tiny_model_dir, tmp_path / "runs", tracking_uri, **sections)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return config, path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def write_run_config(tiny_model_dir, mlflow_template):
+    """``write_run_config(directory, **sections)`` → YAML path of a tiny run rooted in ``directory`` with its own
+    copy of the MLflow template store (for tests that need module-scoped runs or several runs side by side)."""
+
+    def write(directory: Path, **sections: Any) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        db = directory / "mlflow.db"
+        shutil.copy(mlflow_template, db)
+        config = tiny_run_config(tiny_model_dir, directory / "runs", f"sqlite:///{db}", **sections)
+        path = directory / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write

@@ -7,10 +7,7 @@ an uninterrupted run with the same seed, byte for byte.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +17,6 @@ from safetensors.torch import load_file
 
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COALORA_FAULT")}
-    if fault:
-        env["COALORA_FAULT_AT"] = fault
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=timeout)
-
 
 def fingerprint(run_dir: Path) -> dict:
     """Everything that must be identical: ledger bytes, last checkpoint, adapters, next proposal, final table."""
@@ -55,7 +41,7 @@ def run_dir_of(config_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, write_run_config) -> dict:
+def reference(tmp_path_factory, write_run_config, cli) -> dict:
     config = write_run_config(tmp_path_factory.mktemp("reference"))
     done = cli("run", str(config), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -65,7 +51,7 @@ def reference(tmp_path_factory, write_run_config) -> dict:
 @pytest.mark.parametrize(
     "fault", ["pool_scored:1", "checkpoint:1", "trained:1", "proposed:1", "evaluated:2", "checkpoint:3", "final:1"]
 )
-def test_sigkill_at_each_commit_point_then_resume_is_identical(fault, tmp_path, write_run_config, reference):
+def test_sigkill_at_each_commit_point_then_resume_is_identical(fault, tmp_path, write_run_config, reference, cli):
     config = write_run_config(tmp_path)
     killed = cli("run", str(config), "--no-progress", fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -85,7 +71,7 @@ def test_sigkill_at_each_commit_point_then_resume_is_identical(fault, tmp_path, 
     assert steps == [0, 1, 2]
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, write_run_config, reference):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, write_run_config, reference, cli):
     config = write_run_config(tmp_path)
     assert cli("run", str(config), "--no-progress", fault="final:1").returncode == -signal.SIGKILL
     run_dir = run_dir_of(config)
