@@ -190,7 +190,7 @@ class Ledger:
 
     def truncate_to(self, n_entries: int) -> None:
         """Keep the first ``n_entries`` entries (used when resuming from a checkpoint older than the ledger)."""
-        write_atomic(self.path, ledger_text(self.entries()[:n_entries] if n_entries else []).encode())
+        write_atomic(self.path, ledger_text(self.entries(strict=False)[:n_entries] if n_entries else []).encode())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.entries())

@@ -51,10 +51,12 @@ def cli():
 
 @pytest.fixture(scope="session")
 def cli_start():
-    """``cli_start(*args, log=PATH)`` → a running ``coalora ARGS`` subprocess, stdout and stderr into ``log``."""
+    """``cli_start(*args, log=PATH, pause=None)`` → a running ``coalora ARGS`` subprocess, stdout and stderr into
+    ``log``; ``pause`` (``point:seconds``) holds it at a commit point (``COALORA_FAULT_SLEEP``)."""
 
-    def start(*args: str, log: Path) -> subprocess.Popen:
-        return subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=log.open("w"),
+    def start(*args: str, log: Path, pause: str | None = None) -> subprocess.Popen:
+        env = cli_env(**({"COALORA_FAULT_SLEEP": pause} if pause else {}))
+        return subprocess.Popen(cli_command(*args), cwd=REPO, env=env, stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, text=True)
 
     return start
