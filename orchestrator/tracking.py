@@ -76,16 +76,23 @@ def _probe_tcp(host: str, port: int, what: str, timeout_s: float) -> None:
         raise ValueError(f"{what} at {host}:{port} is unreachable within {timeout_s:g} s ({err})") from None
 
 
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any compute, if the tracking server (HTTP), the database behind a database URI, or the S3
-    endpoint named by ``MLFLOW_S3_ENDPOINT_URL`` does not answer within ``timeout_s``."""
+    """Fail fast, before any compute, if the URI's scheme is not a tracking store, or if the tracking server
+    (HTTP), the database behind a database URI, or the S3 endpoint named by ``MLFLOW_S3_ENDPOINT_URL`` does not
+    answer within ``timeout_s``."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else "file"
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"unsupported scheme {scheme!r}; use sqlite:///PATH, postgresql://USER@HOST/DB or "
+                         "http(s)://SERVER")
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     if endpoint:
         parts = urllib.parse.urlsplit(endpoint)
         if parts.hostname:
             _probe_tcp(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
                        "S3 endpoint (MLFLOW_S3_ENDPOINT_URL)", timeout_s)
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
     if scheme in ("postgresql", "mysql", "mssql"):
         parts = urllib.parse.urlsplit(uri)
         if parts.hostname:  # no host: a Unix socket, checked by the driver on connect
@@ -137,9 +144,9 @@ class Tracker:
         bound_http_waits(timeout_s)
         check_reachable(uri, timeout_s)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_key
         with self._service("open the run"):
+            self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = experiment_id(self.client, experiment)
             self.parent_id = find_or_create_run(self.client, self.experiment_id,
                                                 {RUN_ID_TAG: run_key, ROLE_TAG: "parent"}, run_name)
