@@ -32,9 +32,18 @@ def compose_binary() -> str:
     return str(binary)
 
 
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "RAY_AUTH_TOKEN")
+
+
+def filled_env() -> str:
+    """.env.example with its empty secrets filled in, as a user's .env would be."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return "\n".join(f"{l}secret-{l[:-1].lower()}" if l.endswith("=") and l[:-1] in SECRETS else l for l in lines)
+
+
 def compose_config(tmp_path: Path, compose_file: Path = COMPOSE, env_text: str | None = None):
     env_file = tmp_path / ".env"
-    env_file.write_text(env_text if env_text is not None else (ROOT / ".env.example").read_text())
+    env_file.write_text(env_text if env_text is not None else filled_env())
     cmd = [compose_binary(), "-f", str(compose_file), "--project-directory", str(ROOT), "--env-file", str(env_file)]
     return cmd, subprocess.run([*cmd, "config", "-q"], capture_output=True, text=True, timeout=60)
 
@@ -58,9 +67,17 @@ def test_compose_rejects_a_broken_file_and_a_missing_secret(tmp_path):
     bad.write_text(COMPOSE.read_text().replace("condition: service_healthy", "condition: sometimes", 1))
     _, out = compose_config(tmp_path, bad)
     assert out.returncode != 0 and "condition" in out.stderr
-    env = "\n".join(l for l in (ROOT / ".env.example").read_text().splitlines() if not l.startswith("POSTGRES_PASSWORD"))
+    env = "\n".join(l for l in filled_env().splitlines() if not l.startswith("POSTGRES_PASSWORD"))
     _, out = compose_config(tmp_path, env_text=env)
     assert out.returncode != 0 and "POSTGRES_PASSWORD" in out.stderr
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_compose_refuses_the_example_env_until_each_secret_is_set(tmp_path, secret):
+    """.env.example as shipped does not start: no placeholder password can go live by accident."""
+    env = "\n".join(l if not l.startswith(f"{secret}=") else f"{secret}=" for l in filled_env().splitlines())
+    _, out = compose_config(tmp_path, env_text=env)
+    assert out.returncode != 0 and secret in out.stderr
 
 
 def test_gpu_reservation_and_scalable_worker(resolved):
@@ -108,7 +125,8 @@ def test_named_volumes_shared_at_one_path(resolved):
 def test_mlflow_server_stores_and_driver_environment(resolved):
     mlflow = resolved["services"]["mlflow"]
     command = " ".join(mlflow["command"])
-    assert "--backend-store-uri \"postgresql://" in command
+    assert "secret-postgres_password" not in command and "backend-store-uri" not in command  # no password in argv
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:secret-postgres_password@")
     assert "--artifacts-destination \"s3://" in command and "--serve-artifacts" in command
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
@@ -116,12 +134,19 @@ def test_mlflow_server_stores_and_driver_environment(resolved):
         env = resolved["services"][name]["environment"]
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert "AWS_SECRET_ACCESS_KEY" not in env  # artifacts go through the server, not straight to S3
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "secret-ray_auth_token"
 
 
-def test_env_example_has_placeholders_only_and_env_is_ignored():
+def test_images_are_pinned_releases(resolved):
+    for name, service in resolved["services"].items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+
+
+def test_env_example_leaves_every_secret_empty_and_env_is_ignored():
     text = (ROOT / ".env.example").read_text()
-    secrets = dict(l.split("=", 1) for l in text.splitlines() if l and not l.startswith("#") and "PASSWORD" in l)
-    assert secrets and all(v.startswith("change-me") for v in secrets.values())
+    values = dict(l.split("=", 1) for l in text.splitlines() if l and not l.startswith("#"))
+    assert all(values[s] == "" for s in SECRETS)
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
 
