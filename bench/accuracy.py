@@ -565,7 +565,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
 
 def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], files: Sequence[Path]) -> str:
     stamp = meta["stamp"]
-    tracker = Tracker(uri, BENCH_EXPERIMENT, run_id=f"bench-accuracy-{meta['mode']}-{stamp}",
+    tracker = Tracker(uri, BENCH_EXPERIMENT, run_key=f"bench-accuracy-{meta['mode']}-{stamp}",
                       run_name=f"bench accuracy ({meta['mode']})")
     client = tracker.client
     try:

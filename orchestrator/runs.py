@@ -262,6 +262,10 @@ def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = Tr
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(run_dir))
+        except BaseException:  # another `coalora run` of this name holds it: its directory, not ours to remove
+            _finish_quietly(tracker, "FAILED")
+            raise
+        try:
             if (run_dir / RUN_MARKER).exists():  # another `coalora run` of this name got here first
                 raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run")
             write_json_atomic(run_dir / RUN_MARKER, {"format": RUN_FORMAT, "run_uid": uid,
@@ -269,7 +273,7 @@ def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = Tr
         except BaseException:
             _finish_quietly(tracker, "FAILED")
             if created and not (run_dir / RUN_MARKER).exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(run_dir, ignore_errors=True)  # we hold its lock: nobody else is writing there
             raise
         return run_dir, _drive(cfg, run_dir, executor, tracker, progress=progress, started=started)
 

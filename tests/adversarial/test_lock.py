@@ -29,7 +29,7 @@ def test_two_concurrent_resumes_one_proceeds_and_the_ledger_is_an_uninterrupted_
     path = write_run_config(tmp_path / "contested")
     run_dir = run_dir_of(yaml.safe_load(path.read_text()))
     assert cli("run", str(path), "--no-progress", fault="trained:1").returncode == -signal.SIGKILL
-    first = cli_start("resume", str(run_dir), "--no-progress", log=tmp_path / "first.log", pause="trained:20")
+    first = cli_start("resume", str(run_dir), "--no-progress", log=tmp_path / "first.log", pause="trained:10")
     lock = run_dir / LOCK_FILE
     deadline = time.monotonic() + 120
     while f"pid {first.pid} " not in (lock.read_text() if lock.exists() else ""):
