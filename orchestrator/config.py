@@ -61,16 +61,43 @@ class RunSection(_Section):
 
 class ModelSection(_Section):
     name: str = Field("minilm", min_length=1)
-    task: Literal["classification", "causal-lm"] = "classification"
+    task: Literal["classification", "causal-lm", "instruction"] | None = Field(
+        None, description="None: from the data (a label column: classification; alpaca/chat/ShareGPT records: "
+                          "instruction); stated in the resolved run")
 
 
 class DataSection(_Section):
-    dataset: Literal["reviews", "shakespeare"] = "reviews"
+    dataset: Literal["reviews", "shakespeare"] | None = Field("reviews", description="a packaged corpus")
+    source: str | None = Field(None, min_length=1, max_length=4096,
+                               description="your data: a file, glob, folder, saved dataset or cached hub id; "
+                                           "replaces data.dataset")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt"] = "auto"
+    config_name: str | None = None
+    train_split: str = Field("train", min_length=1)
+    validation_split: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    labels: tuple[str, ...] | None = Field(None, description="class names in id order; other labels are dropped")
+    instruction_format: Literal["alpaca", "chat", "sharegpt"] | None = Field(
+        None, description="instruction records' layout; None: from the columns (stated in the resolved run)")
     max_length: int = Field(64, gt=0, le=4096)
     train_examples: int = Field(1024, gt=0)
     val_examples: int = Field(256, gt=0)
     score_examples: int = Field(128, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, le=65536)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_replaces_dataset(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and values.get("source"):
+            return {**values, "dataset": None}
+        return values
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, v: Any) -> Any:
+        return None if v is None else tuple(str(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 class AdapterSection(_Section):
@@ -137,6 +164,9 @@ class TrackingSection(_Section):
     timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for each MLflow server request")
 
 
+PACKAGED_TASKS = {"reviews": "classification", "shakespeare": "causal-lm"}
+
+
 class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -148,10 +178,27 @@ class RunConfig(_Section):
     cluster: ClusterSection = ClusterSection()
     tracking: TrackingSection = TrackingSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_of_packaged_corpus(cls, values: Any) -> Any:
+        """A packaged corpus implies its task (reviews: classification, shakespeare: causal-lm)."""
+        if not isinstance(values, Mapping):
+            return values
+        data, model = values.get("data") or {}, values.get("model") or {}
+        if not isinstance(data, Mapping) or not isinstance(model, Mapping) or data.get("source"):
+            return values
+        dataset = data.get("dataset", "reviews")
+        if model.get("task") is None and dataset in PACKAGED_TASKS:
+            return {**values, "model": {**model, "task": PACKAGED_TASKS[dataset]}}
+        return values
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        pairs = {("reviews", "classification"), ("shakespeare", "causal-lm")}
-        if (self.data.dataset, self.model.task) not in pairs:
+        if self.data.source is not None:
+            return self
+        if self.data.dataset is None:
+            raise ValueError("give data.source (your data) or data.dataset (a packaged corpus)")
+        if PACKAGED_TASKS[self.data.dataset] != self.model.task:
             raise ValueError(
                 f"data.dataset {self.data.dataset!r} does not fit model.task {self.model.task!r}; "
                 "allowed pairs: reviews+classification, shakespeare+causal-lm"

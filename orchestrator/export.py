@@ -75,6 +75,9 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         "run": str(run_dir), "round": ckpt.round, "average_bits": float(avg[i]), "scoring_loss": float(losses[i]),
         "packed_target_bytes": int(sum(packed_nbytes(n, s) for n, s in zip(numels, settings))),
     }
+    if cfg.data.labels:  # the base's config with this run's label map: AutoModelForSequenceClassification reads it
+        coa.model.config.save_pretrained(directory)
+        summary["id2label"] = dict(enumerate(cfg.data.labels))
     if all(s.code == "nf4" and s.block0 == 64 for s in settings):
         double_quant = all(s.scale_bits == 8 for s in settings)
         save_bitsandbytes_model(cfg.model.name, cfg.model.task, directory / "bnb-4bit", double_quant)

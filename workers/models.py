@@ -80,7 +80,8 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, task: str = "base", num_labels: int = 2, quantization_config=None) -> nn.Module:
-    """Load in fp32 for the given task: ``base`` (bare encoder/decoder), ``classification`` or ``causal-lm``;
+    """Load in fp32 for the given task: ``base`` (bare encoder/decoder), ``classification``, ``causal-lm`` or
+    ``instruction`` (a causal LM);
     ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) is passed through to ``from_pretrained``."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -89,6 +90,7 @@ def load_model(source: ModelSource, task: str = "base", num_labels: int = 2, qua
         "base": AutoModel,
         "classification": AutoModelForSequenceClassification,
         "causal-lm": AutoModelForCausalLM,
+        "instruction": AutoModelForCausalLM,
     }
     if task not in classes:
         raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
@@ -97,6 +99,7 @@ def load_model(source: ModelSource, task: str = "base", num_labels: int = 2, qua
         kwargs["gguf_file"] = source.gguf_file
     if task == "classification":
         kwargs["num_labels"] = num_labels
+        kwargs["ignore_mismatched_sizes"] = True  # a checkpoint's head for other labels is replaced, as HF does
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:

@@ -22,9 +22,10 @@ from search.space import SearchSpace
 
 from .baselines import plain_lora
 from .coa_model import CoAModel
+from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
 from .models import quiet_transformers
-from .tasks import Task, build_review_task, build_shakespeare_task, evaluate
+from .tasks import Task, build_review_task, build_shakespeare_task, build_source_task, evaluate
 from .training import compute_gradients
 
 METHOD_MODELS = ("coa", "shared")
@@ -51,12 +52,25 @@ class WorkerSpec:
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
     methods: tuple[str, ...] = ("coa",)
     threads: int = 1
+    data: dict[str, Any] | None = None  # a user's source: {"spec": DataSpec fields, "plan": DataPlan fields}
+
+    def source(self) -> tuple[DataSpec, DataPlan] | None:
+        """The user's data source and how to read it; None for the packaged corpora."""
+        if self.data is None:
+            return None
+        return DataSpec.from_dict(self.data["spec"]), DataPlan.from_dict(self.data["plan"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def build_task(spec: WorkerSpec) -> Task:
+    source = spec.source()
+    if source is not None:
+        return build_source_task(
+            spec.model, *source, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
+            batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+        )
     if spec.task == "classification":
         return build_review_task(
             spec.model, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,

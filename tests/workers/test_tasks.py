@@ -64,7 +64,7 @@ def test_classification_task_from_local_tiny_bert(tmp_path, minilm_tokenizer, sp
     coa = CoAModel(task.model, space, rank=4, alpha=8.0)
     config3 = [pool[1]] * len(coa.registry)
     metrics = evaluate(coa, config3, task.validation_loader)
-    assert set(metrics) == {"loss", "perplexity", "accuracy"} and 0 <= metrics["accuracy"] <= 1
+    assert set(metrics) == {"loss", "perplexity", "accuracy", "macro_f1"} and 0 <= metrics["accuracy"] <= 1
     bare = evaluate(coa, config3, task.validation_loader, adapter=False)
     assert bare == metrics  # B = 0 at init: the adapter adds nothing yet
 
@@ -157,3 +157,17 @@ def test_minilm_reviews_coa_lora_beats_no_adapter_at_3_bits(space):
     print(f"no adapter {bare:.3f} → CoA-LoRA {tuned:.3f}; loss {losses[0]:.3f} → {losses[-1]:.3f}; "
           f"{time.perf_counter() - start:.0f}s")
     assert tuned >= bare + 0.1 and tuned >= 0.65
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    from workers.tasks import macro_f1
+
+    g = torch.Generator().manual_seed(0)
+    for n_classes in (2, 3, 5):
+        predicted = torch.randint(n_classes, (200,), generator=g)
+        labels = torch.randint(n_classes, (200,), generator=g)
+        expected = f1_score(labels.numpy(), predicted.numpy(), average="macro", labels=list(range(n_classes)),
+                            zero_division=0)
+        assert abs(macro_f1(predicted, labels, n_classes) - expected) < 1e-12
