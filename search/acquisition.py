@@ -9,6 +9,12 @@ Cholesky root, which measured 5–10× slower; the objective route computes the 
 
 Acquisition: qLogNoisyExpectedHypervolumeImprovement in the maximisation convention y = [−loss, −bits] with a
 nadir-based reference ref = min(Y) − 0.1·range(Y) over the observed pool (never the degenerate [0, 0] of §4.3).
+
+BoTorch's pure-PyTorch qLogEHVI path, never its JIT-compiled fused kernel: BoTorch 0.18 compiles that kernel on first
+use into ``~/.cache/torch_extensions`` behind a lock file, and a process killed during the compile (Ctrl-C or SIGKILL
+in the first round) leaves the lock behind, so every later run waited on it forever (seen here); the compile also
+needs a C++ toolchain on every worker and builds ``-march=native`` binaries that a home directory shared by unlike
+cluster nodes would hand to the wrong CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from botorch.acquisition.multi_objective import logei
 from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
 from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
 from botorch.exceptions.errors import ModelFittingError
@@ -64,6 +71,8 @@ def build_acquisition(
     mc_samples: int = 64,
 ) -> qLogNoisyExpectedHypervolumeImprovement:
     """qLogNEHVI over y = [−loss (GP), −bits (exact)], baseline = the observed pool, QMC base samples seeded."""
+    if getattr(logei, "_C", None) is None:  # see the module docstring: no JIT-compiled kernel
+        logei._load_attempted = True
 
     def objective(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
         assert X is not None, "the storage objective needs the candidate features"

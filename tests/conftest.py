@@ -89,6 +89,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with the packaged SmolLM2's tokenizer and chat template: instruction-tuning runs
+    with the real template in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.models import load_tokenizer, resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = load_tokenizer(resolve_model("smollm2"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                         max_position_embeddings=256))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,20 @@ def test_fit_failure_is_logged_not_swallowed(problem, monkeypatch, caplog):
         props = s.propose(2)
     assert len(props) == 2
     assert "GP fit failed" in caplog.text and "synthetic failure" in caplog.text
+
+
+def test_no_jit_compiled_kernel_is_built(problem, monkeypatch):
+    """Proposals never compile BoTorch's fused C++ kernel (its stale build lock once hung every later run)."""
+    import torch.utils.cpp_extension as cpp
+    from botorch.acquisition.multi_objective import logei
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a C++ extension was JIT-compiled")
+
+    monkeypatch.setattr(cpp, "load", refuse)
+    monkeypatch.setattr(logei, "_load_attempted", False)
+    monkeypatch.setattr(logei, "_C", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # BoTorch warns when a compile fails: none may be tried
+        assert len(make(problem).propose(1)) == 1
+    assert logei._load_attempted and logei._C is None
