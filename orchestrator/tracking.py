@@ -14,6 +14,7 @@ about a minute, not a silent stall; the run's state on disk is untouched and ``c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -202,6 +203,18 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_dir: str | None = None, run: str | None = None) -> None:
         with self._service(f"store the artifact {Path(path).name}"):
             self.client.log_artifact(run or self.parent_id, str(path), artifact_dir)
+
+    def log_dataset(self, name: str, digest: str, source: str, source_type: str, rows: int) -> None:
+        """Record what the run trained on as an MLflow dataset input (the run page's Dataset column), once."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        with self._service("log the dataset input"):
+            logged = self.client.get_run(self.parent_id).inputs.dataset_inputs
+            if any(d.dataset.name == name and d.dataset.digest == digest for d in logged):
+                return
+            dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}),
+                              profile=json.dumps({"num_rows": rows}))
+            self.client.log_inputs(self.parent_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
 
     def set_terminated(self, run: str, status: str = "FINISHED") -> None:
         with self._service("end a run"):

@@ -71,6 +71,8 @@ def test_mlflow_parent_params_metrics_artifacts_and_children(finished_run):
     p = parent[0]
     assert p.info.status == "FINISHED"
     assert p.data.params["adapter.rank"] == "4"
+    (data,) = p.inputs.dataset_inputs  # the packaged corpus as the run's dataset input
+    assert data.dataset.name == "reviews" and json.loads(data.dataset.profile)["num_rows"] == 64
     assert [m.step for m in client.get_metric_history(p.info.run_id, "hypervolume")] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(p.info.run_id, "train_loss")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(p.info.run_id, "rounds/round-0002")}

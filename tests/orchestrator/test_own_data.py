@@ -185,3 +185,22 @@ def test_validation_labels_never_seen_in_training(tmp_path, make_config):
     with pytest.raises(ConfigError, match=r"validation labels \['z'\] never occur in training"):
         start_run(build_config(config), progress=False)
     assert not Path(config["run"]["root"]).exists()
+
+
+def test_the_data_is_an_mlflow_dataset_input_logged_once(tmp_path, make_config):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.runs import resume_run
+
+    source = tmp_path / "tickets.csv"
+    write_tickets(source, n=120)
+    config, _ = make_config(data={"source": str(source)})
+    run_dir, _ = start_run(build_config(config), progress=False)
+    resume_run(run_dir, progress=False)  # a finished run: logs nothing twice
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    exp = client.get_experiment_by_name("tests")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`coalora.role` = 'parent'")
+    (logged,) = parent.inputs.dataset_inputs
+    assert logged.dataset.name == "tickets.csv" and len(logged.dataset.digest) == 16
+    assert json.loads(logged.dataset.profile)["num_rows"] == config["data"]["train_examples"]
+    assert json.loads(logged.dataset.source)["uri"] == str(source)
