@@ -9,6 +9,7 @@ harness runs a tiny random model in tests and a real model in experiments.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from . import data
 from .models import load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,7 @@ def build_source_task(
         if getattr(net.config, "pad_token_id", None) is None:
             net.config.pad_token_id = tokenizer.pad_token_id
         train_items = data.classification_items(rows.train, plan, f"{spec.source} (train)")
+        _report_truncation(train_items, tokenizer, max_length, f"{spec.source} (train)")
         if rows.validation is None:
             split = _held_out(train_items, n_train, n_validation, seed, f"{spec.source}")
         else:
@@ -146,6 +150,17 @@ def build_source_task(
     train = data.lm_loader(torch.stack(split.train), batch_size=batch_size, shuffle=True, seed=seed)
     val = data.lm_loader(torch.stack(split.validation), batch_size=batch_size)
     return Task("causal-lm", net, tokenizer, train, val)
+
+
+def _report_truncation(items: list[tuple], tokenizer: Any, max_length: int, where: str) -> None:
+    """Say how many examples are longer than ``max_length`` tokens (the collator truncates them)."""
+    texts = [item[0] for item in items]
+    pairs = [item[1] for item in items] if len(items[0]) == 3 else None
+    lengths = [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
+    longer = sum(n > max_length for n in lengths)
+    if longer:
+        log.warning("%s: %d of %d examples are longer than data.max_length = %d tokens and are truncated", where,
+                    longer, len(items), max_length)
 
 
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:

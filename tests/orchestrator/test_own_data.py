@@ -204,3 +204,19 @@ def test_the_data_is_an_mlflow_dataset_input_logged_once(tmp_path, make_config):
     assert logged.dataset.name == "tickets.csv" and len(logged.dataset.digest) == 16
     assert json.loads(logged.dataset.profile)["num_rows"] == config["data"]["train_examples"]
     assert json.loads(logged.dataset.source)["uri"] == str(source)
+
+
+def test_long_examples_are_truncated_and_counted(tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    from workers.data import DataPlan, DataSpec
+    from workers.tasks import build_source_task
+
+    source = tmp_path / "long.csv"
+    source.write_text("text,label\n" + "".join(f"{'word ' * (5 if i % 2 else 50)},{i % 2}\n" for i in range(40)))
+    plan = DataPlan("classification", "text", None, "label", ("0", "1"))
+    with caplog.at_level(logging.WARNING):
+        task = build_source_task(str(tiny_model_dir), DataSpec(str(source)), plan, n_train=None, n_validation=10,
+                                 batch_size=8, max_length=16)
+    assert "20 of 40 examples are longer than data.max_length = 16 tokens and are truncated" in caplog.text
+    assert max(b["input_ids"].shape[1] for b in task.train_loader) <= 16
