@@ -40,7 +40,7 @@ from .config import ConfigError, RunConfig
 from .executor import Executor
 from .faults import commit_point
 from .optim import MasterState, train_config, weighted_mean
-from .state import (LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, finite_or_none, ledger_text,
+from .state import (LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, finite_or_none,
                     write_atomic, write_json_atomic)
 from .tracking import Tracker
 

