@@ -50,25 +50,24 @@ def to_messages(row: dict[str, Any], layout: str) -> list[dict[str, str]]:
     return turns
 
 
-def render(messages: list[dict[str, str]], tokenizer: Any, layout: str) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text and the character spans of its assistant responses."""
-    if getattr(tokenizer, "chat_template", None):
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            spans.append((len(before), len(upto)))
-        return tokenizer.apply_chat_template(messages, tokenize=False), spans
-    if layout != "alpaca":
-        raise DataError(f"{layout} records need the model's chat template, and this model's tokenizer has none; use an "
-                        "instruct model or alpaca records")
-    user, reply = messages[0]["content"], messages[1]["content"]
-    instruction, _, context = user.partition("\n\n")
+def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text under the tokenizer's chat template and the character spans of its replies."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        spans.append((len(before), len(upto)))
+    return tokenizer.apply_chat_template(messages, tokenize=False), spans
+
+
+def render_alpaca(row: dict[str, Any], eos_token: str | None) -> tuple[str, list[tuple[int, int]]]:
+    """An alpaca record in the Stanford Alpaca prompt (for a model without a chat template) and its reply's span."""
+    context = str(row["input"]) if row.get("input") else ""
     prompt = ALPACA_PROMPT.format(context=", paired with an input that provides further context" if context else "",
-                                  instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
-    text = prompt + reply + (tokenizer.eos_token or "")
+                                  instruction=row["instruction"], input=f"### Input:\n{context}\n\n" if context else "")
+    text = prompt + str(row["output"] or "") + (eos_token or "")
     return text, [(len(prompt), len(text))]
 
 
@@ -82,7 +81,13 @@ def encode(rows: list[dict[str, Any]], layout: str, tokenizer: Any, max_length: 
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             empty += 1
             continue
-        text, spans = render(messages, tokenizer, layout)
+        if getattr(tokenizer, "chat_template", None):
+            text, spans = render(messages, tokenizer)
+        elif layout == "alpaca":
+            text, spans = render_alpaca(row, tokenizer.eos_token)
+        else:
+            raise DataError(f"{layout} records need the model's chat template, and this model's tokenizer has none; "
+                            "use an instruct model or alpaca records")
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX

@@ -76,3 +76,13 @@ def test_collator_pads_with_ignored_labels():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].dtype == torch.long
+
+
+def test_alpaca_prompt_keeps_an_instruction_with_blank_lines_whole():
+    from workers.data.instructions import render_alpaca
+
+    text, ((start, end),) = render_alpaca({"instruction": "Fix this:\n\nint x = 1", "input": "", "output": "ok"}, "</s>")
+    assert "### Instruction:\nFix this:\n\nint x = 1\n\n### Response:\n" in text and "### Input" not in text
+    assert text[start:end] == "ok</s>"
+    text, _ = render_alpaca({"instruction": "Translate.", "input": "Hallo", "output": "Hello"}, None)
+    assert "### Instruction:\nTranslate.\n\n### Input:\nHallo\n\n### Response:\nHello" in text
