@@ -374,18 +374,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.sweep ...`` (same as ``coalora sweep ...``)."""
-    from .cli import _offline_defaults
+    """``python -m orchestrator.sweep ...``: exactly ``coalora sweep ...`` (the CLI's error handling and signals)."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="coalora")
-    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    _offline_defaults()
-    try:
-        return run_sweep_command(args)
-    except ValueError as err:
-        print(f"coalora sweep: error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
