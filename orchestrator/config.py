@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.space import DEFAULT_SPACE_FILE, SearchSpace, show_value
+from workers.data.packaged import PACKAGED_TASKS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -162,9 +163,6 @@ class TrackingSection(_Section):
     uri: str | None = None
     experiment: str = Field("coalora", min_length=1, max_length=256)
     timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for each MLflow server request")
-
-
-PACKAGED_TASKS = {"reviews": "classification", "shakespeare": "causal-lm"}
 
 
 class RunConfig(_Section):

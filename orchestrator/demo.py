@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from search.space import QuantSetting, SearchSpace
 from workers.apply import applied_configuration
-from workers.data import load_reviews
+from workers.data import classification_items, packaged_source, read_source, seeded_split
 from workers.models import load_model, load_tokenizer, quiet_transformers, resolve_model
 from workers.registry import ModuleRegistry
 
@@ -58,7 +58,9 @@ class DemoRow:
 
 def review_sentences(n: int) -> list[str]:
     """``n`` review snippets of the packaged rotten-tomatoes corpus (a fixed, seeded held-out slice)."""
-    return [text for text, _ in load_reviews(n_train=0, n_validation=n, seed=0).validation]
+    spec, plan = packaged_source("reviews")
+    items = classification_items(read_source(spec).train, plan, "reviews")
+    return [text for text, _ in seeded_split(items, 0, n, seed=0).validation]
 
 
 def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,8 @@ checkpoint) whose cost fits the budget: average bits of the target matrices ≤ 
 other parameter of the model at 16 bits. For a uniform NF4 configuration with 64-weight blocks (bitsandbytes'
 block size) a bitsandbytes 4-bit model is saved alongside (``bnb-4bit/``), so the adapter can be served on
 bitsandbytes' kernels: its codes equal coalora's on ≥ 99.99% of the weights (tests/quant); its second-level scale
-format is bitsandbytes' own.
+format is bitsandbytes' own. The tokenizer the run trained with is saved beside the adapter (with its chat
+template, which an instruction-tuned adapter expects its prompts rendered with).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from workers.coa_model import CLASSIFIER_HEADS
 from workers.export import export_adapter
+from workers.models import load_tokenizer, resolve_model
 from workers.quant.blockwise import packed_nbytes
 from workers.worker import Worker
 
@@ -78,6 +80,8 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     if cfg.data.labels:  # the base's config with this run's label map: AutoModelForSequenceClassification reads it
         coa.model.config.save_pretrained(directory)
         summary["id2label"] = dict(enumerate(cfg.data.labels))
+    # the tokenizer the run trained with (pad token, and the chat template an instruction-tuned adapter expects)
+    load_tokenizer(resolve_model(cfg.model.name)).save_pretrained(directory)
     if all(s.code == "nf4" and s.block0 == 64 for s in settings):
         double_quant = all(s.scale_bits == 8 for s in settings)
         save_bitsandbytes_model(cfg.model.name, cfg.model.task, directory / "bnb-4bit", double_quant)
@@ -91,7 +95,7 @@ def save_bitsandbytes_model(model: str, task: str, directory: Path, double_quant
     import torch
     from transformers import BitsAndBytesConfig
 
-    from workers.models import load_model, resolve_model
+    from workers.models import load_model
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32,

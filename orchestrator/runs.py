@@ -26,7 +26,7 @@ from search.pareto import segment_index
 from workers.worker import WorkerSpec
 
 from .config import ConfigError, RunConfig, build_config
-from .preflight import (check_model, check_resources, check_tracking, check_with_model, data_spec, packaged_files,
+from .preflight import (check_model, check_resources, check_tracking, check_with_model, data_source,
                         preflight, resolve_data, tracking_uri)
 from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, write_json_atomic
 from .tracking import Tracker
@@ -39,25 +39,17 @@ LABELS_FILE = "labels.json"
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
     methods = ("coa", "shared") if "shared_lora" in cfg.evaluation.baselines else ("coa",)
     return WorkerSpec(
-        model=cfg.model.name, task=cfg.model.task, space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
+        model=cfg.model.name, data=_data_dict(cfg), space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
         alpha=cfg.adapter.alpha, init=cfg.adapter.init, seed=cfg.run.seed, max_length=cfg.data.max_length,
         train_examples=cfg.data.train_examples, val_examples=cfg.data.val_examples,
         score_examples=cfg.data.score_examples, batch_size=cfg.data.batch_size,
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
-        threads=max(1, int(cfg.cluster.cpus_per_worker)), data=_data_dict(cfg),
+        threads=max(1, int(cfg.cluster.cpus_per_worker)),
     )
 
 
-def _data_dict(cfg: RunConfig) -> dict[str, Any] | None:
-    from workers.data import DataPlan
-
-    spec = data_spec(cfg)
-    if spec is None:
-        return None
-    d = cfg.data
-    plan = DataPlan(task=cfg.model.task or "classification", text_column=d.text_column,
-                    text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels,
-                    layout=d.instruction_format)
+def _data_dict(cfg: RunConfig) -> dict[str, Any]:
+    spec, plan = data_source(cfg)
     return {"spec": asdict(spec), "plan": asdict(plan)}
 
 
@@ -95,19 +87,12 @@ def _open_tracker(cfg: RunConfig, key: str) -> Tracker:
 
 def _log_data_input(tracker: Tracker, cfg: RunConfig, n_train: int) -> None:
     """The run's data as an MLflow dataset input: its name, where it is, a content digest and the training rows."""
-    spec = data_spec(cfg)
-    if spec is None:
-        import hashlib
-
-        files = packaged_files(cfg)
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-        tracker.log_dataset(str(cfg.data.dataset), digest, str(files[0].parent), "local", n_train)
-        return
     from workers.data import read_source
 
+    spec, _ = data_source(cfg)
     rows = read_source(spec)
     kind = "hf" if rows.kind == "hub" else "local"
-    tracker.log_dataset(Path(spec.source).name or spec.source, rows.digest, spec.source, kind, n_train)
+    tracker.log_dataset(spec.display_name, rows.digest, spec.source, kind, n_train)
 
 
 def _finish_quietly(tracker: Tracker, status: str) -> None:

@@ -1,10 +1,11 @@
 """Tasks and evaluation.
 
-The two offline tasks: (a) sequence classification of review snippets with the packaged MiniLM; (b) causal LM on
-Shakespeare with the packaged SmolLM2-135M. A user's own data (``data.source``: a file, a folder, a saved or cached
-Hugging Face dataset) becomes an N-class classification or causal-LM task through :func:`build_source_task`. Any
-task takes any model spec ``workers.models.resolve_model`` understands (hub id or local directory), so the same
-harness runs a tiny random model in tests and a real model in experiments.
+Every task comes from a source through :func:`build_source_task`: a user's own data (``data.source``: a file, a
+folder, a saved or cached Hugging Face dataset) or a packaged corpus (``workers.data.packaged``: reviews for
+classification, Shakespeare for language modelling), read as its :class:`~workers.data.DataPlan` says, as N-class
+classification, causal language modelling or instruction tuning. Any task takes any model spec
+``workers.models.resolve_model`` understands (hub id or local directory), so the same harness runs a tiny random
+model in tests and a real model in experiments.
 """
 
 from __future__ import annotations
@@ -35,60 +36,6 @@ class Task:
     validation_loader: DataLoader
 
 
-def build_review_task(
-    model: str = "minilm",
-    *,
-    n_train: int | None = 2048,
-    n_validation: int = 500,
-    batch_size: int = 32,
-    max_length: int = 64,
-    seed: int = 0,
-) -> Task:
-    source = resolve_model(model)
-    tokenizer = load_tokenizer(source)
-    net = load_model(source, task="classification", num_labels=2)
-    if getattr(net.config, "pad_token_id", None) is None:
-        net.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-pad token
-    split = data.load_reviews(n_train, n_validation, seed)
-    train = data.classification_loader(
-        split.train, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=True, seed=seed
-    )
-    val = data.classification_loader(split.validation, tokenizer, batch_size=batch_size, max_length=max_length)
-    return Task("classification", net, tokenizer, train, val)
-
-
-def build_shakespeare_task(
-    model: str = "smollm2",
-    *,
-    block_size: int = 64,
-    n_train_blocks: int | None = 512,
-    n_validation_blocks: int = 32,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> Task:
-    source = resolve_model(model)
-    tokenizer = load_tokenizer(source)
-    net = load_model(source, task="causal-lm")
-    split = data.load_shakespeare(seed=seed)
-    train_blocks = data.token_blocks(split.train, tokenizer, block_size, n_train_blocks)
-    val_blocks = data.token_blocks(split.validation, tokenizer, block_size, n_validation_blocks)
-    train = data.lm_loader(train_blocks, batch_size=batch_size, shuffle=True, seed=seed)
-    val = data.lm_loader(val_blocks, batch_size=batch_size)
-    return Task("causal-lm", net, tokenizer, train, val)
-
-
-def _held_out(items: list, n_train: int | None, n_validation: int, seed: int, what: str) -> data.Split:
-    if n_validation >= len(items):
-        raise data.DataError(f"{what}: only {len(items)} usable, but data.val_examples + data.score_examples = "
-                             f"{n_validation} are held out; lower them or add data")
-    return data.seeded_split(items, n_train, n_validation, seed)
-
-
-def _shuffled(items: list, n: int | None, seed: int) -> list:
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in order][: len(items) if n is None else n]
-
-
 def build_source_task(
     model: str,
     spec: data.DataSpec,
@@ -100,53 +47,98 @@ def build_source_task(
     max_length: int,
     seed: int = 0,
 ) -> Task:
-    """A task on the user's source, read as ``plan`` says. The held-out examples are the source's validation split
-    (seeded shuffle) when it has one, else the first ``n_validation`` of a seeded shuffle of all usable examples
-    (for language modelling: of the token blocks)."""
+    """A task on ``spec``'s rows (a user's source or a packaged corpus), read as ``plan`` says. The held-out
+    examples are the source's validation split (seeded shuffle) when it has one, else ``n_validation`` examples of a
+    seeded shuffle (for language modelling: whole documents, see :func:`_held_out_documents`)."""
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
     rows = data.read_source(spec)
+    where = spec.display_name
 
-    def split(examples: Callable[[list, str], list], what: str = str(spec.source)) -> data.Split:
-        train = examples(rows.train, f"{spec.source} (train)")
+    def split(examples: Callable[[list, str], list]) -> data.Split:
+        train = examples(rows.train, f"{where} (train)")
         if rows.validation is None:
-            return _held_out(train, n_train, n_validation, seed, what)
-        held = examples(rows.validation, f"{spec.source} (validation)")
-        return data.Split(_shuffled(train, n_train, seed), _shuffled(held, n_validation, seed))
+            return _held_out(train, n_train, n_validation, seed, where)
+        held = examples(rows.validation, f"{where} (validation)")
+        return data.Split(data.shuffled(train, seed, n_train), data.shuffled(held, seed, n_validation))
 
     if plan.task == "classification":
-        assert plan.labels is not None
-        net = load_model(source, task="classification", num_labels=len(plan.labels))
-        net.config.id2label = dict(enumerate(plan.labels))
-        net.config.label2id = {name: i for i, name in enumerate(plan.labels)}
-        if getattr(net.config, "pad_token_id", None) is None:
-            net.config.pad_token_id = tokenizer.pad_token_id
-
-        def items(rows_: list, where: str) -> list:
-            out = data.classification_items(rows_, plan, where)
-            _report_truncation(out, tokenizer, max_length, where)
-            return out
-
-        parts = split(items)
-        train = data.classification_loader(parts.train, tokenizer, batch_size=batch_size, max_length=max_length,
-                                           shuffle=True, seed=seed)
-        val = data.classification_loader(parts.validation, tokenizer, batch_size=batch_size, max_length=max_length)
-        return Task("classification", net, tokenizer, train, val)
+        return _classification_task(source, tokenizer, plan, split, batch_size, max_length, seed)
     net = load_model(source, task="causal-lm")
     if plan.task == "instruction":
         assert plan.layout is not None
         layout = plan.layout
-        parts = split(lambda rows_, where: data.encode_instructions(rows_, layout, tokenizer, max_length, where))
+        parts = split(lambda rows_, at: data.encode_instructions(rows_, layout, tokenizer, max_length, at))
         collate = data.InstructionCollator(tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(seed)
         train = DataLoader(parts.train, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
         val = DataLoader(parts.validation, batch_size=batch_size, collate_fn=collate)
         return Task("instruction", net, tokenizer, train, val)
-    parts = split(lambda rows_, where: list(data.token_blocks(data.documents(rows_, plan, where), tokenizer, max_length)),
-                  f"{spec.source} ({max_length}-token blocks)")
-    train = data.lm_loader(torch.stack(parts.train), batch_size=batch_size, shuffle=True, seed=seed)
-    val = data.lm_loader(torch.stack(parts.validation), batch_size=batch_size)
+    if rows.validation is None:
+        docs = data.documents(rows.train, plan, f"{where} (train)")
+        train_blocks, val_blocks = _held_out_documents(docs, tokenizer, max_length, n_train, n_validation, seed, where)
+    else:
+        train_blocks = data.token_blocks(data.shuffled(data.documents(rows.train, plan, f"{where} (train)"), seed),
+                                         tokenizer, max_length, n_train)
+        val_blocks = data.token_blocks(data.documents(rows.validation, plan, f"{where} (validation)"), tokenizer,
+                                       max_length, n_validation)
+    train = data.lm_loader(train_blocks, batch_size=batch_size, shuffle=True, seed=seed)
+    val = data.lm_loader(val_blocks, batch_size=batch_size)
     return Task("causal-lm", net, tokenizer, train, val)
+
+
+def _classification_task(source: Any, tokenizer: Any, plan: data.DataPlan, split: Callable[..., data.Split],
+                         batch_size: int, max_length: int, seed: int) -> Task:
+    assert plan.labels is not None
+    net = load_model(source, task="classification", num_labels=len(plan.labels))
+    net.config.id2label = dict(enumerate(plan.labels))
+    net.config.label2id = {name: i for i, name in enumerate(plan.labels)}
+    if getattr(net.config, "pad_token_id", None) is None:
+        net.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-pad token
+
+    def items(rows_: list, where: str) -> list:
+        out = data.classification_items(rows_, plan, where)
+        _report_truncation(out, tokenizer, max_length, where)
+        return out
+
+    parts = split(items)
+    train = data.classification_loader(parts.train, tokenizer, batch_size=batch_size, max_length=max_length,
+                                       shuffle=True, seed=seed)
+    val = data.classification_loader(parts.validation, tokenizer, batch_size=batch_size, max_length=max_length)
+    return Task("classification", net, tokenizer, train, val)
+
+
+def _held_out(items: list, n_train: int | None, n_validation: int, seed: int, what: str) -> data.Split:
+    if n_validation >= len(items):
+        raise data.DataError(f"{what}: only {len(items)} usable, but data.val_examples + data.score_examples = "
+                             f"{n_validation} are held out; lower them or add data")
+    return data.seeded_split(items, n_train, n_validation, seed)
+
+
+def _held_out_documents(docs: list[str], tokenizer: Any, block: int, n_train: int | None, n_validation: int,
+                        seed: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Language-modelling blocks, held out by whole documents: a seeded shuffle of the documents is held out from the
+    front until it gives ``n_validation`` blocks, and the rest train. Cutting blocks from one stream and splitting
+    those would score the model on the neighbours of passages it trained on. A single document can only be split
+    by blocks (its first blocks in the seeded order of blocks are held out)."""
+    if len(docs) == 1:
+        blocks = data.token_blocks(docs, tokenizer, block)
+        parts = _held_out(list(blocks), n_train, n_validation, seed, f"{where} ({block}-token blocks)")
+        return torch.stack(parts.train), torch.stack(parts.validation)
+    order = data.shuffled(docs, seed)
+    eos = int(tokenizer.eos_token_id is not None)  # token_blocks ends each document with EOS when there is one
+    held, tokens = 0, 0
+    while held < len(order) - 1 and tokens < n_validation * block:
+        tokens += len(tokenizer(order[held], add_special_tokens=False)["input_ids"]) + eos
+        held += 1
+    if tokens < n_validation * block:
+        raise data.DataError(f"{where}: holding out data.val_examples + data.score_examples = {n_validation} blocks of "
+                             f"{block} tokens would take every document but one; lower them or add data")
+    validation = data.token_blocks(order[:held], tokenizer, block, n_validation)
+    if len(validation) < n_validation:
+        raise data.DataError(f"{where}: the held-out documents give {len(validation)} blocks of {block} tokens, "
+                             f"fewer than the {n_validation} asked for; lower them or add data")
+    return data.token_blocks(order[held:], tokenizer, block, n_train), validation
 
 
 def _report_truncation(items: list[tuple], tokenizer: Any, max_length: int, where: str) -> None:

@@ -25,7 +25,7 @@ from .coa_model import CoAModel
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
 from .models import quiet_transformers
-from .tasks import Task, build_review_task, build_shakespeare_task, build_source_task, evaluate
+from .tasks import Task, build_source_task, evaluate
 from .training import compute_gradients
 
 METHOD_MODELS = ("coa", "shared")
@@ -37,7 +37,7 @@ class WorkerSpec:
     """Everything a worker needs to build itself; plain data so it ships to a Ray actor unchanged."""
 
     model: str
-    task: str  # "classification" | "causal-lm"
+    data: dict[str, Any]  # the source and its reading: {"spec": DataSpec fields, "plan": DataPlan fields}
     space: dict[str, list[Any]]
     rank: int
     alpha: float
@@ -52,12 +52,9 @@ class WorkerSpec:
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
     methods: tuple[str, ...] = ("coa",)
     threads: int = 1
-    data: dict[str, Any] | None = None  # a user's source: {"spec": DataSpec fields, "plan": DataPlan fields}
 
-    def source(self) -> tuple[DataSpec, DataPlan] | None:
-        """The user's data source and how to read it; None for the packaged corpora."""
-        if self.data is None:
-            return None
+    def source(self) -> tuple[DataSpec, DataPlan]:
+        """The data source (a user's or a packaged corpus) and how to read it."""
         return DataSpec.from_dict(self.data["spec"]), DataPlan.from_dict(self.data["plan"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,20 +62,9 @@ class WorkerSpec:
 
 
 def build_task(spec: WorkerSpec) -> Task:
-    source = spec.source()
-    if source is not None:
-        return build_source_task(
-            spec.model, *source, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
-            batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
-        )
-    if spec.task == "classification":
-        return build_review_task(
-            spec.model, n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
-            batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
-        )
-    return build_shakespeare_task(
-        spec.model, block_size=spec.max_length, n_train_blocks=spec.train_examples,
-        n_validation_blocks=spec.val_examples + spec.score_examples, batch_size=spec.batch_size, seed=spec.seed,
+    return build_source_task(
+        spec.model, *spec.source(), n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
+        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
     )
 
 

@@ -90,7 +90,7 @@ def test_missing_data_file(base, tmp_path, monkeypatch):
     import workers.data.packaged as packaged
 
     monkeypatch.setattr(packaged, "package_dir", lambda name: tmp_path / "no-package")
-    expect_error(base, r"data\.dataset = 'reviews': data file .* is missing", tmp_path)
+    expect_error(base, r"data\.dataset = 'reviews': its data .* is missing; reinstall its package", tmp_path)
 
 
 def test_unwritable_run_root(base, tmp_path):

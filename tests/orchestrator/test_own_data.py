@@ -114,6 +114,43 @@ def test_instruction_jsonl_with_the_chat_template(tmp_path, tiny_chat_model_dir,
     assert cfg.model.task == "instruction" and cfg.data.instruction_format == layout
     rows = json.loads((tmp_path / "runs" / layout / "final" / "evaluation.json").read_text())
     assert all(r["perplexity"] > 1 for r in rows)
+    run_dir, export = tmp_path / "runs" / layout, tmp_path / "export"
+    assert main(["export", str(run_dir), "--bits", "4.5", "--out", str(export)]) == 0
+    check_instruction_export(run_dir, export, tiny_chat_model_dir)
+
+
+def check_instruction_export(run_dir: Path, export: Path, base: Path) -> None:
+    """The export runs where users run it: transformers + PEFT load it on the configuration's quantized base, the
+    saved tokenizer renders a prompt with the chat template, the logits are coalora's own for that configuration,
+    and ``generate`` answers."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.runs import worker_spec
+    from orchestrator.state import CheckpointStore
+    from workers.export import CONFIGURATION_FILE, configuration_from_json, quantized_base_weights
+    from workers.worker import Worker
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.chat_template, "the chat template travels with the adapter"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 plus 7?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"]
+    coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
+    settings = configuration_from_json(json.loads((export / CONFIGURATION_FILE).read_text()))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized_base_weights(coa, settings), strict=False)
+    assert not unexpected
+    model = PeftModel.from_pretrained(model, export).eval()
+    coa.eval()
+    coa.set_configuration(settings)
+    with torch.no_grad():
+        ours = coa.model(**prompt).logits
+        theirs = model(**prompt).logits
+        reply = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert reply.shape[1] > prompt["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "saved"])

@@ -1,5 +1,7 @@
 """Offline data, task building through workers.models (local paths), evaluation, Fisher and the cost table."""
 
+import bz2
+import csv
 import math
 import time
 
@@ -15,7 +17,7 @@ from workers.fisher import cost_table, diagonal_fisher, layer_fisher
 from workers.models import load_tokenizer, resolve_model
 from workers.quant.blockwise import fake_quantize
 from workers.registry import ModuleRegistry
-from workers.tasks import build_review_task, build_shakespeare_task, evaluate
+from workers.tasks import _held_out, _held_out_documents, build_source_task, evaluate
 from workers.training import TrainConfig, train
 
 SMALL_SPACE = SearchSpace.from_dict(
@@ -34,23 +36,55 @@ def _save(model, tokenizer, path):
     return str(path)
 
 
-def test_reviews_split_is_seeded_and_disjoint():
-    a, b = data.load_reviews(n_train=300, n_validation=100, seed=1), data.load_reviews(300, 100, seed=1)
+def packaged_task(model: str, name: str, **kwargs):
+    """A packaged corpus goes through the same builder as a user's source."""
+    return build_source_task(model, *data.packaged_source(name), **kwargs)
+
+
+def test_packaged_reviews_are_an_ordinary_csv_source():
+    """The packaged reviews, read through ``datasets``, equal an independent read of the same file with Python's csv
+    module (``plot`` rows fall outside the two labels); the held-out split is seeded and disjoint."""
+    spec, plan = data.packaged_source("reviews")
+    items = data.classification_items(data.read_source(spec).train, plan, "reviews")
+    with bz2.open(data.reviews_file(), "rt", encoding="utf-8", newline="") as fh:
+        names = {"rotten": 0, "fresh": 1}
+        expected = [(r["text"], names[r["category"]]) for r in csv.DictReader(fh) if r["category"] in names]
+    assert items == expected and len(items) == 7403 + 5405
+    a, b = _held_out(items, 300, 100, 1, "reviews"), _held_out(items, 300, 100, 1, "reviews")
     assert a == b and len(a.train) == 300 and len(a.validation) == 100
     assert {label for _, label in a.train + a.validation} == {0, 1}
     assert not {t for t, _ in a.train} & {t for t, _ in a.validation}
-    assert data.load_reviews(300, 100, seed=2).validation != a.validation
-    full = data.load_reviews(n_validation=100)
-    assert len(full.train) + 100 == 7403 + 5405  # plot rows dropped
+    assert _held_out(items, 300, 100, 2, "reviews").validation != a.validation
 
 
-def test_shakespeare_blocks(minilm_tokenizer):
-    split = data.load_shakespeare(n_validation_plays=2, seed=0)
-    assert len(split.train) + 2 == len(data.shakespeare_files()) == 78
-    blocks = data.token_blocks(split.validation, minilm_tokenizer, block_size=32, max_blocks=10)
+def test_packaged_shakespeare_is_a_folder_of_documents(minilm_tokenizer):
+    spec, plan = data.packaged_source("shakespeare")
+    docs = data.documents(data.read_source(spec).train, plan, "shakespeare")
+    files = sorted(data.shakespeare_dir().glob("*_gut.txt"))  # one edition of each work: no First Folio twins
+    assert len(docs) == len(files) == 42 and docs[5] == files[5].read_text(encoding="utf-8")
+    assert not any(f.name.endswith("_f.txt") or f.name == "metadata.txt" for f in files)
+    blocks = data.token_blocks(docs[:2], minilm_tokenizer, block_size=32, max_blocks=10)
     assert blocks.shape == (10, 32)
     batch = next(iter(data.lm_loader(blocks, batch_size=4)))
     assert torch.equal(batch["input_ids"], batch["labels"]) and batch["input_ids"].shape == (4, 32)
+
+
+def test_language_modelling_holds_out_whole_documents(minilm_tokenizer):
+    """No held-out block shares a document with a training block; the split is seeded; one document falls back to
+    a split by blocks; too little text for the held-out blocks is a clear error."""
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "chair"]
+    docs = [" ".join([w] * 150) for w in words]
+    token_of = {minilm_tokenizer.convert_tokens_to_ids(w): w for w in words}
+    train, val = _held_out_documents(docs, minilm_tokenizer, 16, None, 12, 0, "docs")
+    held, trained = {token_of[t] for t in val.unique().tolist()}, {token_of[t] for t in train.unique().tolist()}
+    assert val.shape == (12, 16) and held and trained and not held & trained and len(held | trained) == len(words)
+    again = _held_out_documents(docs, minilm_tokenizer, 16, None, 12, 0, "docs")
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    assert not torch.equal(_held_out_documents(docs, minilm_tokenizer, 16, None, 12, 1, "docs")[1], val)
+    one_train, one_val = _held_out_documents(docs[:1], minilm_tokenizer, 16, None, 3, 0, "docs")
+    assert one_val.shape == (3, 16) and len(one_train) == 150 // 16 - 3
+    with pytest.raises(data.DataError, match="every document but one"):
+        _held_out_documents(docs[:2], minilm_tokenizer, 16, None, 12, 0, "docs")
 
 
 def test_classification_task_from_local_tiny_bert(tmp_path, minilm_tokenizer, space, pool):
@@ -58,7 +92,7 @@ def test_classification_task_from_local_tiny_bert(tmp_path, minilm_tokenizer, sp
     config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=64, num_labels=2)
     path = _save(BertForSequenceClassification(config), minilm_tokenizer, tmp_path / "bert")
-    task = build_review_task(path, n_train=64, n_validation=32, batch_size=16, max_length=32)
+    task = packaged_task(path, "reviews", n_train=64, n_validation=32, batch_size=16, max_length=32)
     batch = next(iter(task.train_loader))
     assert batch["input_ids"].shape[1] <= 32 and batch["labels"].shape == (16,)
     coa = CoAModel(task.model, space, rank=4, alpha=8.0)
@@ -74,7 +108,7 @@ def test_causal_lm_task_from_local_tiny_llama(tmp_path, minilm_tokenizer, space,
     config = LlamaConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
     path = _save(LlamaForCausalLM(config), minilm_tokenizer, tmp_path / "llama")
-    task = build_shakespeare_task(path, block_size=16, n_train_blocks=16, n_validation_blocks=8, batch_size=4)
+    task = packaged_task(path, "shakespeare", max_length=16, n_train=16, n_validation=8, batch_size=4)
     coa = CoAModel(task.model, space, rank=4, alpha=8.0)
     configs = [[s] * len(coa.registry) for s in pool]
     before = evaluate(coa, configs[2], task.validation_loader)
@@ -140,7 +174,7 @@ def test_cost_table(make_model, make_batch):
 def test_minilm_reviews_coa_lora_beats_no_adapter_at_3_bits(space):
     """A short CoA-LoRA run on the packaged MiniLM and review snippets; validation at ≈3 bits."""
     start = time.perf_counter()
-    task = build_review_task("minilm", n_train=1024, n_validation=256, batch_size=32, max_length=64, seed=0)
+    task = packaged_task("minilm", "reviews", n_train=1024, n_validation=256, batch_size=32, max_length=64, seed=0)
     coa = CoAModel(task.model, space, rank=8, alpha=16.0, seed=0)
     n = len(coa.registry)
     three_bit = [QuantSetting("nf3", 4, "bf16", 64, 256)] * n

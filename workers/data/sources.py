@@ -47,6 +47,11 @@ class DataSpec:
     text_pair_column: str | None = None
     label_column: str | None = None
     labels: tuple[str, ...] | None = None
+    name: str | None = None  # what messages and the MLflow dataset input call it (default: the source itself)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.source).name or self.source
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "DataSpec":
