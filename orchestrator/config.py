@@ -106,13 +106,20 @@ class AdapterSection(_Section):
     alpha: float = Field(16.0, gt=0)
     init: Literal["zero_B", "svd_of_W"] = "zero_B"
     encoder_hidden: int = Field(128, gt=0)
+    reference: Literal["none", "most_precise"] = Field(
+        "none", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
+                            "setting on every matrix; only differences between configurations move M) or none")
 
 
 class TrainingSection(_Section):
     steps_per_round: int = Field(20, gt=0)
     configs_per_step: int = Field(2, gt=0, description="K: configurations drawn per step (mean of their losses)")
+    config_sampling: Literal["uniform", "stratified"] = Field(
+        "uniform", description="how a step's K configurations are drawn from the training set: uniform, or one from "
+                               "each of K strata along the bit axis")
     lr: float = Field(3e-3, gt=0)
     lora_lr: float | None = Field(None, gt=0, description="peak lr of the LoRA factors alone (None: lr)")
+    encoder_lr: float | None = Field(None, gt=0, description="peak lr of θ, the configuration encoder (None: lr)")
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -139,7 +146,8 @@ class SearchSection(_Section):
 class EvaluationSection(_Section):
     targets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
     unseen: int = Field(4, ge=0)
-    baselines: tuple[Literal["no_adapter", "shared_lora", "qlora", "lq_lora"], ...] = ("no_adapter", "shared_lora")
+    baselines: tuple[Literal["no_adapter", "shared_lora", "no_theta", "qlora", "lq_lora"], ...] = (
+        "no_adapter", "shared_lora")
 
     @field_validator("targets")
     @classmethod

@@ -82,6 +82,11 @@ def key(x: np.ndarray) -> str:
     return "".join(str(int(v)) for v in x) if np.all(np.asarray(x) < 10) else ",".join(str(int(v)) for v in x)
 
 
+def unkey(k: str) -> np.ndarray:
+    """Inverse of :func:`key`."""
+    return np.array([int(v) for v in (k.split(",") if "," in k else k)], dtype=np.int64)
+
+
 @dataclass
 class RunContext:
     config: RunConfig
@@ -173,15 +178,26 @@ class Driver:
         self._end_round(0, losses, train_loss=float("nan"))
 
     # ---- round r --------------------------------------------------------------------------------------------------
+    def _step_configurations(self, training_set: list[np.ndarray], step: int) -> list[np.ndarray]:
+        """The K configurations of global ``step``, a seeded draw from the round's training set: ``uniform`` (K
+        distinct at random) or ``stratified`` (the set sorted by average bits and cut into K strata, one drawn from
+        each, so every step contrasts low- and high-bit configurations, which is what trains θ's dependence on the
+        configuration)."""
+        k = min(self.cfg.training.configs_per_step, len(training_set))
+        g = seeded(self.cfg.run.seed, PURPOSE_CONFIGS, step)
+        if self.cfg.training.config_sampling == "uniform":
+            return [training_set[int(i)] for i in torch.randperm(len(training_set), generator=g)[:k]]
+        bits = self.ctx.space.encoded_average_bits(np.stack(training_set), self.ctx.numels)
+        strata = np.array_split(np.argsort(np.atleast_1d(bits), kind="stable"), k)
+        return [training_set[int(s[int(torch.randint(len(s), (1,), generator=g))])] for s in strata]
+
     def _train(self, r: int) -> float:
         cfg = self.cfg
-        k = cfg.training.configs_per_step
         losses = []
         with self._bar(cfg.training.steps_per_round, f"round {r}: train") as bar:
             for j in range(cfg.training.steps_per_round):
                 step = (r - 1) * cfg.training.steps_per_round + j
-                order = torch.randperm(len(self.training_set), generator=seeded(cfg.run.seed, PURPOSE_CONFIGS, step))
-                configs = [self.training_set[int(i)] for i in order[:k]]
+                configs = self._step_configurations(self.training_set, step)
                 shards = self._shards(step)
                 ref = self._put(self.master.state())
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
@@ -319,7 +335,8 @@ class Driver:
         if self.tracker is None:
             return
         metrics = {"hypervolume": hv, "pool_size": len(self.pool), "training_set_size": len(self.training_set),
-                   "best_loss": float(loss.min())}
+                   "best_loss": float(loss.min()),
+                   **self.ex.call("theta_spread", self._put(self.master.state()), self.training_set)}
         if not np.isnan(train_loss):
             metrics["train_loss"] = train_loss
         self.tracker.log_metrics(metrics, step=r)
@@ -370,15 +387,39 @@ class Driver:
                 bar.update(1)
         return master.state()
 
+    def _train_no_theta(self) -> dict[str, torch.Tensor]:
+        """The coa-no-theta ablation: CoA-LoRA's run replayed step for step (the training set of each round as the
+        ledger recorded it, the same K configurations per step, the same data and init) with θ off, M = I. The
+        difference to CoA-LoRA is what θ adds."""
+        cfg = self.cfg
+        sets = {e["round"]: [unkey(k) for k in e["training_set"]]
+                for e in self.ledger.entries(strict=False) if e["kind"] == "round_end"}
+        init = self.ex.call("initial_state", "shared")
+        master = MasterState(init, {n for n in init if n.endswith("bias")}, self.train_config)
+        with self._bar(self.train_config.total_steps, "ablation: coa-no-theta") as bar:
+            for r in range(1, cfg.search.rounds + 1):
+                for j in range(cfg.training.steps_per_round):
+                    step = (r - 1) * cfg.training.steps_per_round + j
+                    configs = self._step_configurations(sets[r - 1], step)
+                    ref = self._put(master.state())
+                    shards = self._shards(step)
+                    _, grads = weighted_mean(self.ex.map("gradients", [("shared", ref, s, configs) for s in shards]))
+                    master.step(grads)
+                    bar.update(1)
+        return master.state()
+
     def final_evaluation(self) -> list[dict[str, Any]]:
         configs = self.evaluation_configurations()
         targets = [x for name, x in configs if name.startswith("target")]
         state = self.master.state()
+        baselines = self.cfg.evaluation.baselines
         methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
-        if "no_adapter" in self.cfg.evaluation.baselines:
-            methods["no-adapter"] = ("coa", None, False)
-        if "shared_lora" in self.cfg.evaluation.baselines:
+        if "no_adapter" in baselines:  # quant(W) alone: an init that quantizes W − L has its own zero-B replica
+            methods["no-adapter"] = ("coa" if self.cfg.adapter.init == "zero_B" else "bare", None, False)
+        if "shared_lora" in baselines:
             methods["shared-lora"] = ("shared", self._train_shared(targets), True)
+        if "no_theta" in baselines:
+            methods["coa-no-theta"] = ("shared", self._train_no_theta(), True)
         calls, labels = [], []
         for method, (replica, st, adapter) in methods.items():
             ref = self._put(st) if st is not None else None

@@ -22,7 +22,7 @@ def train_config(cfg: RunConfig, **changes: Any) -> TrainConfig:
     override fields (a per-configuration baseline trains one configuration per step, for example)."""
     t = cfg.training
     config = TrainConfig(
-        lr=t.lr, lora_lr=t.lora_lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        lr=t.lr, lora_lr=t.lora_lr, encoder_lr=t.encoder_lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         total_steps=max(1, cfg.search.rounds * t.steps_per_round), max_grad_norm=t.grad_clip,
         configs_per_step=t.configs_per_step, seed=cfg.run.seed,
     )

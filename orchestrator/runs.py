@@ -37,14 +37,18 @@ LABELS_FILE = "labels.json"
 
 # ---- workers and tracking ------------------------------------------------------------------------------------------
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
-    methods = ("coa", "shared") if "shared_lora" in cfg.evaluation.baselines else ("coa",)
+    baselines = cfg.evaluation.baselines
+    methods = ("coa",) + (("shared",) if {"shared_lora", "no_theta"} & set(baselines) else ())
+    if "no_adapter" in baselines and cfg.adapter.init != "zero_B":  # quant(W) itself, not the base of W − L
+        methods += ("bare",)
     return WorkerSpec(
         model=cfg.model.name, data=_data_dict(cfg), space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
         alpha=cfg.adapter.alpha, init=cfg.adapter.init, seed=cfg.run.seed, max_length=cfg.data.max_length,
         train_examples=cfg.data.train_examples, val_examples=cfg.data.val_examples,
         score_examples=cfg.data.score_examples, batch_size=cfg.data.batch_size,
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
-        threads=max(1, int(cfg.cluster.cpus_per_worker)),
+        threads=max(1, int(cfg.cluster.cpus_per_worker)), reference=cfg.adapter.reference,
+        encoder_hidden=cfg.adapter.encoder_hidden,
     )
 
 

@@ -245,6 +245,11 @@ class SearchSpace:
         return np.array([s.bits_per_param for s in self.settings], dtype=np.float64)
 
     @cached_property
+    def most_precise(self) -> QuantSetting:
+        """The setting with the most bits per weight (the first on a tie): the one that perturbs W least."""
+        return self.settings[int(np.argmax(self.setting_bits))]
+
+    @cached_property
     def _value_index(self) -> tuple[dict[Any, int], ...]:
         return tuple({v: i for i, v in enumerate(getattr(self, f))} for f in FIELDS)
 

@@ -18,6 +18,7 @@ from torch import nn
 from search.space import QuantSetting, SearchSpace
 
 from .coa_model import CoAModel
+from .lora import Init
 from .lq import lq_decompose
 from .tasks import evaluate
 from .training import TrainConfig, train
@@ -27,9 +28,11 @@ Batch = Mapping[str, torch.Tensor]
 METHODS: tuple[str, ...] = ("coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter")
 
 
-def plain_lora(model: nn.Module, space: SearchSpace, *, rank: int, alpha: float, seed: int = 0) -> CoAModel:
-    """The wrapped model with θ disabled (M = I) and B = 0: the starting point of QLoRA and Shared-LoRA."""
-    return CoAModel(model, space, rank=rank, alpha=alpha, init="zero_B", use_encoder=False, seed=seed)
+def plain_lora(model: nn.Module, space: SearchSpace, *, rank: int, alpha: float, seed: int = 0,
+               init: Init = "zero_B") -> CoAModel:
+    """The wrapped model with θ disabled (M = I); B = 0 by default (QLoRA). Shared-LoRA and coa-no-theta take
+    CoA-LoRA's own ``init``, so the comparison isolates θ."""
+    return CoAModel(model, space, rank=rank, alpha=alpha, init=init, use_encoder=False, seed=seed)
 
 
 def lq_lora(

@@ -16,7 +16,7 @@ from torch import nn
 from search.space import QuantSetting, SearchSpace
 
 from .apply import resolve_configuration
-from .encoder import ConfigurationEncoder, encode_settings, no_decay_parameter_names
+from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay_parameter_names
 from .lora import CoALoRALinear, Init, Quantizer
 from .registry import ModuleRegistry
 
@@ -56,7 +56,11 @@ class CoAModel(nn.Module):
     shared LoRA, M = I) and trainable extra modules such as the classification head.
 
     Call ``model(configuration, **batch)``: it activates ``configuration`` (list of settings in registry order,
-    or None for the unquantized base), computes all M in one θ call and runs the wrapped model."""
+    or None for the unquantized base), computes all M in one θ call and runs the wrapped model.
+
+    ``reference`` (a configuration, one setting for every matrix, or None) anchors θ: M(C) = I + γ·(U(C) − U(reference)), so the reference maps to
+    M = I exactly and only differences between configurations move M. Without it, θ's output bias and every other
+    configuration-independent part of U rescale all adapters alike, a change Shared-LoRA can make as well."""
 
     def __init__(
         self,
@@ -71,6 +75,8 @@ class CoAModel(nn.Module):
         cache_size: int = 4,
         seed: int = 0,
         registry: ModuleRegistry | None = None,
+        reference: Sequence[QuantSetting] | QuantSetting | None = None,
+        encoder_hidden: int = HIDDEN_DIM,
     ):
         super().__init__()
         self.registry = registry or ModuleRegistry.from_model(model)
@@ -83,7 +89,8 @@ class CoAModel(nn.Module):
         self.model = model
         self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache_size=cache_size, seed=seed)
         self.encoder = (
-            ConfigurationEncoder.for_model(space, self.registry, rank, generator=torch.Generator().manual_seed(seed + 1))
+            ConfigurationEncoder.for_model(space, self.registry, rank, hidden=encoder_hidden,
+                                           generator=torch.Generator().manual_seed(seed + 1))
             if use_encoder
             else None
         )
@@ -97,6 +104,12 @@ class CoAModel(nn.Module):
             "type_ids", torch.tensor(self.registry.module_type_ids(), dtype=torch.long), persistent=False
         )
         self.configuration: list[QuantSetting] | None = None
+        self.reference: list[QuantSetting] | None = None
+        self.register_buffer("reference_idx", torch.zeros(0, dtype=torch.long), persistent=False)
+        if reference is not None and self.encoder is not None:
+            uniform = isinstance(reference, QuantSetting)
+            self.reference = self.resolve([reference] * len(self.registry) if uniform else reference)
+            self.reference_idx = encode_settings(space, self.reference, self.registry.names)
 
     # ---- configuration ------------------------------------------------------------------------------------
     def resolve(self, configuration: Any) -> list[QuantSetting]:
@@ -107,7 +120,13 @@ class CoAModel(nn.Module):
         if self.encoder is None:
             return None
         idx = encode_settings(self.space, configuration, self.registry.names).to(self.block_ids.device)
-        return self.encoder(idx, self.block_ids, self.type_ids)
+        if self.reference is None:
+            return self.encoder(idx, self.block_ids, self.type_ids)
+        n, ref = len(idx), self.reference_idx
+        both = self.encoder(torch.cat([idx, ref]), self.block_ids.repeat(2), self.type_ids.repeat(2))
+        same = (idx == ref).all(-1).view(n, 1, 1)  # exactly I on the reference's own settings, not merely ≈ I
+        eye = torch.eye(self.rank, dtype=both.dtype, device=both.device)
+        return torch.where(same, eye, both[:n] - both[n:] + eye)
 
     def set_configuration(self, configuration: Any | None, mixing: torch.Tensor | None = None) -> None:
         """Activate ``configuration`` on every wrapped layer (None: unquantized) with the given M matrices (None:
@@ -154,6 +173,20 @@ class CoAModel(nn.Module):
         """Trainable parameters that take no weight decay: θ's γ, LayerNorm and embeddings, and every bias."""
         names = no_decay_parameter_names(self.encoder, "encoder.") if self.encoder is not None else set()
         return names | {n for n, p in self.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+
+@torch.no_grad()
+def theta_spread(model: CoAModel, configurations: Sequence[Any]) -> dict[str, float]:
+    """How configuration-specific θ's output is over ``configurations`` (RMS over matrices, Frobenius norms):
+    ``theta_common`` = ‖M̄ − I‖ (what every configuration gets alike, a rescaling Shared-LoRA could learn too) and
+    ``theta_spread`` = ‖M_k − M̄‖ (the configuration-dependent part CoA-LoRA exists for). Zeros without θ."""
+    if model.encoder is None or not configurations:
+        return {"theta_common": 0.0, "theta_spread": 0.0}
+    ms = torch.stack([model.mixing_matrices(model.resolve(c)) for c in configurations])  # (K, N, r, r)
+    mean = ms.mean(0)
+    eye = torch.eye(model.rank, dtype=ms.dtype, device=ms.device)
+    return {"theta_common": float((mean - eye).square().sum((-2, -1)).mean().sqrt()),
+            "theta_spread": float((ms - mean).square().sum((-2, -1)).mean().sqrt())}
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:

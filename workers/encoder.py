@@ -26,8 +26,8 @@ every scale we run; AdamW's normalised steps make the initial magnitude irreleva
 
 
 class ConfigurationEncoder(nn.Module):
-    """Seven 8-dim embeddings (five setting fields, block index, module type) → LayerNorm(56) → Linear(56,128)
-    → SiLU → Linear(128, r²) → U; returns M = I + γ·U with a learnable scalar γ (init 1)."""
+    """Seven 8-dim embeddings (five setting fields, block index, module type) → LayerNorm(56) → Linear(56, hidden)
+    → SiLU → Linear(hidden, r²) → U (hidden = 128 by default); returns M = I + γ·U with a learnable scalar γ (init 1)."""
 
     def __init__(
         self,
@@ -36,6 +36,7 @@ class ConfigurationEncoder(nn.Module):
         n_module_types: int,
         rank: int,
         *,
+        hidden: int = HIDDEN_DIM,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -46,17 +47,19 @@ class ConfigurationEncoder(nn.Module):
         self.embeddings = nn.ModuleList(nn.Embedding(n, EMBEDDING_DIM) for n in sizes)
         width = EMBEDDING_DIM * len(sizes)
         self.norm = nn.LayerNorm(width)
-        self.hidden = nn.Linear(width, HIDDEN_DIM)
+        self.hidden = nn.Linear(width, hidden)
         self.act = nn.SiLU()
-        self.out = nn.Linear(HIDDEN_DIM, rank * rank)
+        self.out = nn.Linear(hidden, rank * rank)
         self.gamma = nn.Parameter(torch.ones(()))
         self.reset_parameters(generator)
 
     @classmethod
     def for_model(
-        cls, space: SearchSpace, registry: ModuleRegistry, rank: int, *, generator: torch.Generator | None = None
+        cls, space: SearchSpace, registry: ModuleRegistry, rank: int, *, hidden: int = HIDDEN_DIM,
+        generator: torch.Generator | None = None,
     ) -> "ConfigurationEncoder":
-        return cls(space.cardinalities, registry.n_blocks, len(registry.module_types), rank, generator=generator)
+        return cls(space.cardinalities, registry.n_blocks, len(registry.module_types), rank, hidden=hidden,
+                   generator=generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Embeddings N(0,1); Linears PyTorch's default uniform(±1/√fan_in) for weight and bias; last Linear

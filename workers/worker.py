@@ -21,15 +21,17 @@ import torch
 from search.space import SearchSpace
 
 from .baselines import plain_lora
-from .coa_model import CoAModel
+from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
 from .models import quiet_transformers
 from .tasks import Task, build_source_task, evaluate
 from .training import compute_gradients
 
-METHOD_MODELS = ("coa", "shared")
-"""Replicas a worker holds: CoA-LoRA (with θ) and plain shared LoRA (θ disabled), over one frozen base each."""
+METHOD_MODELS = ("coa", "shared", "bare")
+"""Replicas a worker holds, over one frozen base each: CoA-LoRA (with θ); plain LoRA with θ disabled and CoA-LoRA's
+init (Shared-LoRA and the coa-no-theta ablation); and, when the init changes what is quantized (``svd_of_W``
+quantizes W − L), a zero-B replica whose base is quant(W) itself, for the no-adapter baseline."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class WorkerSpec:
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
     methods: tuple[str, ...] = ("coa",)
     threads: int = 1
+    reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
+    encoder_hidden: int = 128
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -89,11 +93,13 @@ class Worker:
         if unknown or "coa" not in spec.methods:
             raise ValueError(f"worker methods must include 'coa' and be among {list(METHOD_MODELS)}, got {spec.methods}")
         self.models: dict[str, CoAModel] = {}
-        if "shared" in spec.methods:  # its own copy of the frozen base, so the two replicas never interfere
-            self.models["shared"] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
-                                               alpha=spec.alpha, seed=spec.seed)
+        for name, init in (("shared", spec.init), ("bare", "zero_B")):
+            if name in spec.methods:  # its own copy of the frozen base, so the replicas never interfere
+                self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
+                                               alpha=spec.alpha, seed=spec.seed, init=init)
+        reference = self.space.most_precise if spec.reference == "most_precise" else None
         self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=spec.init,
-                                      seed=spec.seed)
+                                      seed=spec.seed, reference=reference, encoder_hidden=spec.encoder_hidden)
         for model in self.models.values():
             model.eval()
         self._fisher: dict[str, torch.Tensor] | None = None
@@ -161,6 +167,11 @@ class Worker:
         model = self._with_state(method, state)
         config = None if configuration is None else self.space.decode(np.asarray(configuration))
         return evaluate(model, config, self.val_batches, adapter=adapter)
+
+    def theta_spread(self, state: Mapping[str, torch.Tensor], configurations: Sequence[np.ndarray]) -> dict[str, float]:
+        """θ's common and configuration-specific output over ``configurations`` (``coa_model.theta_spread``)."""
+        model = self._with_state("coa", state)
+        return theta_spread(model, [self.space.decode(np.asarray(c)) for c in configurations])
 
     def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the

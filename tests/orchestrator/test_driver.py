@@ -131,3 +131,78 @@ def test_bitsandbytes_model_for_uniform_nf4(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 20, 2]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Records every ``gradients`` call of the run's executor as (method, example ids, configuration keys), and
+    keeps the worker object (the run shuts its executor down)."""
+    import orchestrator.runs as runs
+    from orchestrator.driver import key
+
+    record = {"calls": [], "workers": []}
+    make_executor = runs._executor
+
+    def recording(cfg, spec, address):
+        ex = make_executor(cfg, spec, address)
+        plain_map = ex.map
+
+        def map_(method, args):
+            if method == "gradients":
+                record["calls"].extend((a[0], list(a[2]), [key(c) for c in a[3]]) for a in args)
+            return plain_map(method, args)
+
+        ex.map = map_
+        record["workers"].append(ex.worker)
+        return ex
+
+    monkeypatch.setattr(runs, "_executor", recording)
+    return record
+
+
+def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(make_config, recorded):
+    """Under ``svd_of_W``: coa-no-theta gets exactly CoA-LoRA's gradient calls (the same data shards and the same K
+    configurations at every step, from the ledger's training sets) on a θ-free replica with CoA-LoRA's init;
+    Shared-LoRA takes the same init; no-adapter is quant(W) itself (its own zero-B replica), not the base of W − L
+    without L; θ's common and configuration-specific output are logged per round."""
+    config, _ = make_config(adapter={"rank": 4, "alpha": 8, "init": "svd_of_W", "reference": "most_precise"},
+                            training={"steps_per_round": 2, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1,
+                                      "encoder_lr": 0.0005},
+                            evaluation={"targets": [2.5, 4.0], "unseen": 1,
+                                        "baselines": ["no_adapter", "shared_lora", "no_theta"]})
+    run_dir, rows = start_run(build_config(config), progress=False)
+    (worker,) = recorded["workers"]
+    calls = recorded["calls"]
+    coa = [(ids, cs) for m, ids, cs in calls if m == "coa"]
+    shared = [(ids, cs) for m, ids, cs in calls if m == "shared"]
+    assert len(coa) == 4 and len(shared) == 8 and shared[4:] == coa  # Shared-LoRA's 4 steps, then the replay
+    assert all(len(cs) == 1 for _, cs in shared[:4])
+    models = worker.models
+    assert models["shared"].init == models["coa"].init == "svd_of_W" and models["bare"].init == "zero_B"
+    assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora", "coa-no-theta"}
+    target = worker.space.encode([worker.space.most_precise] * len(models["coa"].registry))
+    bare = worker.evaluate("bare", None, target, False)
+    without_l = worker.evaluate("coa", None, target, False)
+    assert bare["loss"] != without_l["loss"]
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                   "tags.`coalora.role` = 'parent'")
+    assert parent.data.metrics["theta_spread"] > 0 and "theta_common" in parent.data.metrics
+
+
+def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):
+    from orchestrator.driver import unkey
+
+    config, _ = make_config(training={"steps_per_round": 3, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1,
+                                      "config_sampling": "stratified"})
+    run_dir, _ = start_run(build_config(config), progress=False)
+    (worker,) = recorded["workers"]
+    numels = worker.numels()
+    bits = {}
+    sets = {e["round"]: e["training_set"] for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "round_end"}
+    steps = [cs for m, _, cs in recorded["calls"] if m == "coa"]
+    assert len(steps) == 6
+    for step, configs in enumerate(steps):
+        ranked = sorted(sets[step // 3], key=lambda k: bits.setdefault(k, float(worker.space.encoded_average_bits(unkey(k), numels))))
+        half = (len(ranked) + 1) // 2  # np.array_split puts the odd one in the first stratum
+        assert configs[0] in ranked[:half] and configs[1] in ranked[half:], (configs, ranked)

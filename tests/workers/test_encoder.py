@@ -74,3 +74,38 @@ def test_step0_logits_equal_plain_lora(space, pool, make_model, make_batch):
         with torch.no_grad():
             coa.encoder.out.weight.zero_()  # U = 0 exactly ⇒ M = I ⇒ identical
             assert torch.equal(coa(config, **batch).logits, b)
+
+
+def test_the_reference_configuration_maps_to_identity_exactly(space, pool, make_model, make_batch):
+    """M(C) = I + γ·(U(C) − U(reference)): I exactly on the reference's settings, θ's constant part cancels (a
+    shifted output bias changes nothing), and θ still gets gradients from every other configuration."""
+    from workers.coa_model import theta_spread
+
+    coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, reference=space.most_precise)
+    n, eye = len(coa.registry), torch.eye(4)
+    assert space.most_precise.bits_per_param == max(space.setting_bits)
+    with torch.no_grad():
+        coa.encoder.out.weight.normal_(0, 0.1)  # a trained-looking θ
+    ref = coa.mixing_matrices([space.most_precise] * n)
+    assert torch.equal(ref, eye.expand(n, 4, 4))
+    mixed = coa.mixing_matrices([space.most_precise] * (n // 2) + [pool[0]] * (n - n // 2))
+    assert torch.equal(mixed[: n // 2], eye.expand(n // 2, 4, 4)) and not torch.allclose(mixed[n // 2 :], eye)
+    before = coa.mixing_matrices([pool[0]] * n)
+    with torch.no_grad():
+        coa.encoder.out.bias.add_(0.5)
+    torch.testing.assert_close(coa.mixing_matrices([pool[0]] * n), before)
+    batch = make_batch("bert")
+    with torch.no_grad():
+        for layer in coa.layers:
+            layer.lora_B.normal_(0, 0.1)  # θ's gradient flows through B·M·A
+    coa([pool[0]] * n, **batch).loss.backward()
+    assert coa.encoder.out.weight.grad.abs().sum() > 0
+    spread = theta_spread(coa, [[pool[0]] * n, [pool[2]] * n])
+    assert spread["theta_spread"] > 0 and theta_spread(coa, [[pool[0]] * n] * 2)["theta_spread"] == 0.0
+    plain = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, use_encoder=False)
+    assert theta_spread(plain, [[pool[0]] * n]) == {"theta_common": 0.0, "theta_spread": 0.0}
+
+
+def test_encoder_width_is_configurable(space, make_model):
+    coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, encoder_hidden=16)
+    assert coa.encoder.hidden.out_features == 16 and coa.encoder.out.in_features == 16

@@ -116,3 +116,13 @@ def test_lora_lr_moves_only_the_lora_factors(space, make_model):
 def test_negative_learning_rates_are_rejected():
     with pytest.raises(ValueError, match="learning rates"):
         TrainConfig(lora_lr=-1.0)
+
+
+def test_encoder_lr_moves_theta_at_its_own_rate(space, make_model):
+    coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0)
+    optimizer, _ = build_optimizer(coa, TrainConfig(lr=3e-3, encoder_lr=1e-4))
+    lrs = {n: g["lr"] for g in optimizer.param_groups for n, p in coa.named_parameters() if any(p is q for q in g["params"])}
+    assert {lr for n, lr in lrs.items() if n.startswith("encoder.")} == {1e-4}
+    assert {lr for n, lr in lrs.items() if not n.startswith("encoder.")} == {3e-3}
+    with pytest.raises(ValueError, match="learning rates"):
+        TrainConfig(encoder_lr=-1.0)

@@ -1,0 +1,121 @@
+"""Does θ help? CoA-LoRA against its own ablation (coa-no-theta: the same run replayed with M = I) and Shared-LoRA,
+under variants of θ's optimisation, over several training seeds (issue 12).
+
+Every run is the product's own (``orchestrator.runs.start_run``) with ``evaluation.baselines = [no_adapter,
+shared_lora, no_theta]``, so the four methods are evaluated on the same validation examples and the same target
+and unseen configurations, and coa-no-theta sees CoA-LoRA's exact training sets, K configurations per step, data
+order, init and steps: the difference CoA-LoRA − coa-no-theta is what θ adds and nothing else.
+
+Variants (``--variants``, each a list of ``section.key=value`` overrides on the base job):
+  baseline   θ at training.lr, raw output (what coalora did before issue 12)
+  theta-lr   θ at training.lr / 20
+  reference  θ at training.lr / 20, and the space's most precise configuration maps to M = I exactly
+  selected   reference, plus one of the K configurations per step from each bit stratum and the initial ILP budgets
+             over [2.25, 4.5] bits (where the targets are) instead of [2.25, 7.25]
+Each finished run's rows are written to ``<out>/runs.jsonl`` at once; a rerun skips what is there, so a run cut
+short is continued. Reported per variant and configuration kind (targets, unseen): the mean paired difference in
+accuracy (percentage points) of CoA-LoRA vs each other method over seeds × configurations, with a 95% interval
+across seeds (Student t on the per-seed means; with 3 seeds the interval is wide, and it says so). The last line
+is one JSON object.
+
+    .venv/bin/python bench/theta.py --seeds 0 1 2 --out /tmp/theta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BASE: dict[str, Any] = {
+    "model": {"name": "minilm", "task": "classification"},
+    "data": {"dataset": "reviews", "max_length": 48, "train_examples": 2048, "val_examples": 1000,
+             "score_examples": 128, "batch_size": 32},
+    "adapter": {"rank": 8, "alpha": 16},
+    "training": {"steps_per_round": 30, "configs_per_step": 2, "lr": 0.003, "warmup_steps": 5},
+    "search": {"rounds": 2, "initial_budgets": 12, "proposals_per_round": 4, "fisher_examples": 16,
+               "cost_sample": 16384},
+    "evaluation": {"targets": [2.5, 3.0, 3.5, 4.0], "unseen": 8,
+                   "baselines": ["no_adapter", "shared_lora", "no_theta"]},
+    "cluster": {"executor": "ray", "workers": 2, "cpus_per_worker": 1},
+}
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],
+    "theta-lr": ["training.encoder_lr=0.00015"],
+    "reference": ["training.encoder_lr=0.00015", "adapter.reference=most_precise"],
+    "selected": ["training.encoder_lr=0.00015", "adapter.reference=most_precise", "training.config_sampling=stratified",
+                 "search.budget_max=4.5"],
+}
+OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_one(variant: str, seed: int, out: Path) -> dict[str, Any]:
+    from orchestrator.config import build_config
+    from orchestrator.runs import start_run
+
+    name = f"{variant}-seed{seed}"
+    config = {**BASE, "run": {"name": name, "root": str(out / "runs"), "seed": seed},
+              "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "coalora-bench-theta"}}
+    started = time.perf_counter()
+    _, rows = start_run(build_config(config, VARIANTS[variant]), progress=False)
+    return {"variant": variant, "seed": seed, "minutes": (time.perf_counter() - started) / 60, "rows": rows}
+
+
+def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, Any]:
+    """CoA-LoRA − ``other`` in accuracy points on the configurations of ``kind``: mean, per-seed means, 95% CI."""
+    per_seed = []
+    for rec in records:
+        by = {(r["method"], r["configuration"]): r["accuracy"] for r in rec["rows"]}
+        diffs = [100 * (acc - by[(other, c)]) for (m, c), acc in by.items()
+                 if m == "coa-lora" and c.startswith(kind) and (other, c) in by]
+        per_seed.append(statistics.fmean(diffs))
+    mean = statistics.fmean(per_seed)
+    half = T95[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else math.inf
+    return {"mean": round(mean, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)],
+            "per_seed": [round(x, 2) for x in per_seed]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("bench-out/theta"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for variant in args.variants:
+        for seed in args.seeds:
+            if any(d["variant"] == variant and d["seed"] == seed for d in done):
+                continue
+            record = run_one(variant, seed, args.out)
+            with log.open("a") as fh:  # one line per finished run: a rerun continues from here
+                fh.write(json.dumps(record) + "\n")
+            done.append(record)
+            print(f"{variant} seed {seed}: {record['minutes']:.1f} min", flush=True)
+    summary: dict[str, Any] = {}
+    for variant in args.variants:
+        records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]
+        summary[variant] = {kind: {other: paired(records, kind, other) for other in OTHERS}
+                            for kind in ("target", "unseen")}
+        for kind in ("target", "unseen"):
+            for other in OTHERS:
+                p = summary[variant][kind][other]
+                print(f"{variant:10s} {kind:6s} coa-lora − {other:12s} {p['mean']:+6.2f} points, "
+                      f"95% CI [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}], per seed {p['per_seed']}")
+    print(json.dumps({"seeds": args.seeds, "paired_accuracy_points": summary}))
+
+
+if __name__ == "__main__":
+    main()
