@@ -95,8 +95,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    for variant in args.variants:
-        for seed in args.seeds:
+    for seed in args.seeds:  # every variant at one seed first: a run cut short still compares them
+        for variant in args.variants:
             if any(d["variant"] == variant and d["seed"] == seed for d in done):
                 continue
             record = run_one(variant, seed, args.out)
