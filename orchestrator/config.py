@@ -132,7 +132,9 @@ class SearchSection(_Section):
     budget_min: float = 2.25
     budget_max: float = 7.25
     proposals_per_round: int = Field(4, gt=0)
-    segments: int = Field(40, gt=0)
+    segments: int = Field(6, gt=0, description="equal-width bit segments of the Pareto selection; about a third of "
+                                               "the largest pool, so that selection selects (the paper's 40 suits "
+                                               "pools of hundreds)")
     fisher_examples: int = Field(32, gt=0)
     cost_sample: int = Field(65536, ge=0, description="entries per matrix for the ILP cost estimate; 0 = exact")
 
@@ -171,6 +173,8 @@ class TrackingSection(_Section):
     uri: str | None = None
     experiment: str = Field("coalora", min_length=1, max_length=256)
     timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for each MLflow server request")
+    system_metrics: bool = Field(True, description="log CPU, memory, disk, network and GPU use to the run "
+                                                   "(MLflow's system-metrics monitor, every 10 s)")
 
 
 class RunConfig(_Section):

@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from search.allocation import budget_grid, flat_to_encoded, initial_pool, solve_allocation
 from search.hypervolume import normalized_hypervolume
-from search.pareto import segment_index
+from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
+from workers.training import lr_factor
 
 from . import report
 from .config import ConfigError, RunConfig
@@ -42,7 +43,7 @@ from .faults import commit_point
 from .optim import MasterState, train_config, weighted_mean
 from .state import (LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, finite_or_none,
                     write_atomic, write_json_atomic)
-from .tracking import Tracker
+from .tracking import StepLog, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Driver:
     def __init__(self, ctx: RunContext, executor: Executor, tracker: Tracker | None, progress: bool = True,
                  repair_ledger: bool = False):
         self.ctx, self.cfg, self.ex, self.tracker = ctx, ctx.config, executor, tracker
+        self.steps = StepLog(tracker) if tracker is not None else None
         self.repair_ledger = repair_ledger
         self.ledger = Ledger(ctx.run_dir / "ledger.jsonl")
         self.store = CheckpointStore(ctx.run_dir / "checkpoints")
@@ -196,6 +198,7 @@ class Driver:
         losses = []
         with self._bar(cfg.training.steps_per_round, f"round {r}: train") as bar:
             for j in range(cfg.training.steps_per_round):
+                started = time.perf_counter()
                 step = (r - 1) * cfg.training.steps_per_round + j
                 configs = self._step_configurations(self.training_set, step)
                 shards = self._shards(step)
@@ -203,14 +206,31 @@ class Driver:
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
                 loss, grads = weighted_mean(results)
                 self._check_finite(loss, grads, r, j, step, configs)
-                self.master.step(grads)
+                norm = self.master.step(grads)
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                self._log_step(step, loss, norm, sum(len(s) for s in shards), time.perf_counter() - started)
+        if self.steps is not None:
+            self.steps.flush()
         mean = float(np.mean(losses))
         self.ledger.append("trained", round=r, steps=len(losses), mean_loss=mean, last_loss=losses[-1])
         commit_point("trained")
         return mean
+
+    def _log_step(self, step: int, loss: float, grad_norm: float, examples: int, seconds: float) -> None:
+        """The step's training loss (mean over its K configurations), pre-clip gradient norm, the learning rate of
+        each parameter group as the schedule set it for this step, and throughput, keyed by the global step."""
+        if self.steps is None:
+            return
+        t = self.cfg.training
+        factor = lr_factor(step, self.train_config)
+        values = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": t.lr * factor,
+                  "train/step_time_s": seconds, "train/examples_per_s": examples / max(seconds, 1e-9)}
+        for name, peak in (("lora_lr", t.lora_lr), ("encoder_lr", t.encoder_lr)):
+            if peak is not None:
+                values[f"train/{name}"] = peak * factor
+        self.steps.add(step, values)
 
     def _check_finite(self, loss: float, grads: dict[str, torch.Tensor], r: int, j: int, step: int,
                       configs: list[np.ndarray]) -> None:
@@ -242,9 +262,11 @@ class Driver:
         searcher.tell(zip(proposals, new_losses))
         self.pool = self.pool + list(proposals)
         self.training_set = searcher.training_set()
-        self._end_round(r, losses + new_losses, train_loss)
+        self._end_round(r, losses + new_losses, train_loss, n_new=len(new_losses))
 
-    def _end_round(self, r: int, losses: list[float], train_loss: float) -> None:
+    def _end_round(self, r: int, losses: list[float], train_loss: float, n_new: int = 0) -> None:
+        """Record the round (ledger, MLflow, artifacts) and checkpoint it; the last ``n_new`` pool members are this
+        round's proposals."""
         space, numels = self.ctx.space, self.ctx.numels
         bits = np.atleast_1d(space.encoded_average_bits(np.stack(self.pool), numels))
         loss = np.asarray(losses, dtype=np.float64)
@@ -259,7 +281,8 @@ class Driver:
         )
         self.round = r
         # Track before the checkpoint: a crash in between replays the round, and re-logging is idempotent.
-        self._track_round(r, bits, loss, selected, hv, train_loss)
+        new = np.arange(len(self.pool)) >= len(self.pool) - n_new
+        self._track_round(r, bits, loss, selected, new, hv, train_loss)
         self._checkpoint(r, bits, loss, selected, hv)
 
     # ---- persistence ----------------------------------------------------------------------------------------------
@@ -322,10 +345,15 @@ class Driver:
         self.ledger.truncate_to(int(ckpt.meta["ledger_len"]))
 
     # ---- tracking -------------------------------------------------------------------------------------------------
-    def _track_round(self, r: int, bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, hv: float,
-                     train_loss: float) -> None:
+    def _track_round(self, r: int, bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, new: np.ndarray,
+                     hv: float, train_loss: float) -> None:
         out = self.ctx.run_dir / "artifacts" / f"round-{r:04d}"
-        report.pareto_plot(bits, loss, selected, out / "pareto.png", f"round {r}: pool and training set")
+        all_edges = segment_edges(self.cfg.search.segments, self.ctx.space.bits_range)
+        width = float(all_edges[1] - all_edges[0])
+        edges = [float(e) for e in all_edges if bits.min() - width <= e <= bits.max() + width]  # where the pool is
+        report.pareto_plot(bits, loss, selected, out / "pareto.png",
+                           f"round {r}: pool and training set (hypervolume {hv:.3f})", new=new, edges=edges,
+                           segments=self.cfg.search.segments)
         seg = segment_index(bits, self.cfg.search.segments, self.ctx.space.bits_range)
         rows = [
             {"config": key(x), "avg_bits": float(b), "loss": float(l), "segment": int(s), "training_set": bool(t)}

@@ -13,7 +13,9 @@ template, which an instruction-tuned adapter expects its prompts rendered with).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,8 @@ from workers.worker import Worker
 from .config import ConfigError
 from .runs import load_run_config, worker_spec
 from .state import CheckpointStore, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _memory_bytes(settings, numels, other_params: int) -> int:
@@ -87,7 +91,26 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         save_bitsandbytes_model(cfg.model.name, cfg.model.task, directory / "bnb-4bit", double_quant)
         summary["bitsandbytes_model"] = "bnb-4bit"
     write_json_atomic(directory / "coalora_export.json", summary)
+    _log_export(cfg, run_dir, directory, label)
     return directory
+
+
+def _log_export(cfg: Any, run_dir: Path, directory: Path, label: str) -> None:
+    """The export also goes to the run's MLflow record (Artifacts tab, ``exports/<budget>``). The files on disk are
+    the export: a tracking store that is down or lacks the run costs a warning, not the export."""
+    from .preflight import tracking_uri
+    from .runs import run_key
+    from .tracking import attach_artifacts
+
+    uri = tracking_uri(cfg)
+    try:
+        found = attach_artifacts(uri, cfg.tracking.experiment, run_key(run_dir), directory, f"exports/{label}",
+                                 cfg.tracking.timeout_s)
+    except Exception as err:  # noqa: BLE001 - MLflow, requests and botocore raise their own
+        log.warning("the export is on disk, but MLflow (%s) did not take it: %s", uri, str(err).splitlines()[0][:200])
+        return
+    if found is None:
+        log.warning("the export is on disk; MLflow (%s) holds no parent run for %s to attach it to", uri, run_dir)
 
 
 def save_bitsandbytes_model(model: str, task: str, directory: Path, double_quant: bool) -> Path:

@@ -6,6 +6,7 @@ tracking store answers, and the machine or cluster has what the run asks for. No
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from .config import ConfigError, RunConfig
 from .driver import check_unseen_feasible
 from .state import RUN_MARKER
 from .tracking import check_reachable, default_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -164,7 +167,19 @@ def preflight(cfg: RunConfig, address: str | None = None) -> Path:
         raise ConfigError(f"run.name = {cfg.run.name!r}: {run_dir} exists and is not empty")
     check_tracking(cfg)
     check_resources(cfg, address)
+    _warn_unselective(cfg)
     return run_dir
+
+
+def _warn_unselective(cfg: RunConfig) -> None:
+    """Segmented Pareto selection keeps at least one configuration per occupied segment: with as many segments as
+    the pool will ever hold, every member tends to sit alone in its segment and the training set is the pool."""
+    s = cfg.search
+    largest_pool = s.initial_budgets + s.rounds * s.proposals_per_round
+    if s.segments >= largest_pool:
+        log.warning("search.segments = %d >= the largest pool (%d = initial_budgets + rounds × proposals_per_round): "
+                    "segmented Pareto selection will keep nearly every configuration, so the training set is the "
+                    "pool; about %d segments would let it select", s.segments, largest_pool, max(2, largest_pool // 3))
 
 
 def check_with_model(cfg: RunConfig, numels: list[int]) -> None:

@@ -8,22 +8,35 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def pareto_plot(bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, path: Path, title: str) -> Path:
-    """Scatter of every pool configuration (average bits vs scoring loss), the training set highlighted."""
+def pareto_plot(bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, path: Path, title: str, *,
+                new: np.ndarray | None = None, edges: Sequence[float] = (), segments: int = 0) -> Path:
+    """Every pool configuration (average bits vs scoring loss) as a hollow circle; the training set filled on top,
+    joined along the bit axis; this round's new proposals as triangles; the Pareto segments as light vertical lines.
+    The legend counts each kind, so a training set equal to the pool reads as such; ``segments`` is how many
+    segments the whole space has (``edges`` are those near the pool)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    new = np.zeros(len(bits), dtype=bool) if new is None else new
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    ax.scatter(bits[~selected], loss[~selected], s=18, c="0.65", label="pool")
+    for edge in edges:
+        ax.axvline(edge, c="0.9", lw=0.8, zorder=0)
+    ax.scatter(bits, loss, s=46, facecolors="none", edgecolors="0.55", label=f"pool ({len(bits)})", zorder=2)
     order = np.argsort(bits[selected])
-    ax.plot(bits[selected][order], loss[selected][order], "o-", ms=5, c="C3", lw=1, label="training set (segment Pareto)")
+    ax.plot(bits[selected][order], loss[selected][order], "o-", ms=4, c="C3", lw=1, zorder=3,
+            label=f"training set: segment Pareto ({int(selected.sum())} of {len(bits)})")
+    if new.any():
+        ax.scatter(bits[new], loss[new], s=60, marker="^", c="C0", zorder=4,
+                   label=f"proposed this round ({int(new.sum())})")
+    if len(edges):
+        ax.plot([], [], c="0.85", lw=0.8, label=f"segment edges ({segments} segments over the space)")
     ax.set_xlabel("average bits per weight (target matrices)")
     ax.set_ylabel("scoring loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

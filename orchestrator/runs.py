@@ -116,6 +116,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     from .watchdog import Watchdog
 
     watchdog = Watchdog(tracker.uri, tracker.parent_id, run_dir)
+    monitor = tracker.start_system_metrics() if cfg.tracking.system_metrics else None
     try:
         tracker.log_params_once(cfg.to_flat_dict())
         _log_data_input(tracker, cfg, executor.call("n_train"))
@@ -127,6 +128,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
         finished = time.perf_counter()
         # Wall times live outside the ledger, which must stay identical between runs with the same seed.
         write_json_atomic(run_dir / "timing.json", {"startup_s": ready - started, "loop_s": finished - ready,
+                                                    "step_logging_s": driver.steps.seconds if driver.steps else 0.0,
                                                     "executor": cfg.cluster.executor, "workers": executor.n_workers})
         tracker.finish()
         return rows
@@ -137,6 +139,8 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
         _finish_quietly(tracker, "FAILED")
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         watchdog.disarm()
 
 

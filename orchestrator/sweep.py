@@ -371,14 +371,3 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         return 130 if not any(r["error"] for r in rows) else 1
     print(f"\nsweep directory: {Path(sweep_dir).resolve()}\nruns: {load_sweep(sweep_dir)['runs_root']}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.sweep ...``: exactly ``coalora sweep ...`` (the CLI's error handling and signals)."""
-    from .cli import main as cli_main
-
-    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,16 +19,26 @@ import math
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 RUN_ID_TAG = "coalora.run_id"
 ROLE_TAG = "coalora.role"  # "parent" or "child": the parent's query must not match its children
 CHILD_TAG = "coalora.child"
+STEP_KEY = "train/loss"  # the per-step metric whose history says how far a run's steps were logged
+
+
+class StepMetrics(NamedTuple):
+    """One training step's metrics: its global step, wall-clock time (seconds since the epoch) and values."""
+
+    step: int
+    time: float
+    values: Mapping[str, float]
 
 
 class TrackingError(RuntimeError):
@@ -110,12 +120,22 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise ValueError(f"MLflow tracking server {uri} is unreachable: {err}") from None
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The tag MLflow 3's UI reads to open an experiment on its Runs view; without it the UI shows the GenAI traces
+overview ("No data")."""
+
+
 def experiment_id(client: Any, name: str) -> str:
-    """The experiment called ``name``, created on first use with :func:`artifact_location`."""
+    """The experiment called ``name``, created on first use with :func:`artifact_location`, and marked as a
+    model-training experiment (:data:`EXPERIMENT_KIND`) on creation and on reuse."""
     exp = client.get_experiment_by_name(name)
-    if exp:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri),
+                                        tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], name: str,
@@ -136,6 +156,26 @@ def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], na
     return run.info.run_id
 
 
+def attach_artifacts(uri: str, experiment: str, run_key: str, directory: Path, artifact_path: str,
+                     timeout_s: float = 30.0) -> str | None:
+    """Store ``directory`` under the finished parent run of ``run_key`` (e.g. an export), without reopening the run
+    (its status stays what it was). Returns the MLflow run id, or None when the store holds no such run."""
+    from mlflow.tracking import MlflowClient
+
+    bound_http_waits(timeout_s)
+    check_reachable(uri, timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = f"tags.`{RUN_ID_TAG}` = {filter_literal(run_key)} and tags.`{ROLE_TAG}` = 'parent'"
+    found = client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
+    if not found:
+        return None
+    client.log_artifacts(found[0].info.run_id, str(directory), artifact_path)
+    return found[0].info.run_id
+
+
 class Tracker:
     """The parent run of one coalora run and its children. ``run_key`` is the run's stored id (see the module)."""
 
@@ -152,6 +192,7 @@ class Tracker:
             self.parent_id = find_or_create_run(self.client, self.experiment_id,
                                                 {RUN_ID_TAG: run_key, ROLE_TAG: "parent"}, run_name)
             self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
+        self._last_step: int | None = None  # the newest per-step metric in the store (read on first use)
 
     @contextmanager
     def _service(self, what: str) -> Iterator[None]:
@@ -200,6 +241,38 @@ class Tracker:
                     continue
                 self.client.log_metric(run_id, key, float(value), step=step)
 
+    def log_steps(self, rows: list["StepMetrics"]) -> None:
+        """Per-step metrics of the parent run in batched requests. Steps at or below the last one already in the
+        store are skipped: a resume replays the steps after its checkpoint exactly, so what was logged before the
+        crash stays and nothing appears twice."""
+        from mlflow.entities import Metric
+
+        if self._last_step is None:
+            with self._service("read the step history"):
+                history = self.client.get_metric_history(self.parent_id, STEP_KEY)
+            self._last_step = max((m.step for m in history), default=-1)
+        fresh = [row for row in rows if row.step > self._last_step]
+        metrics = [Metric(key, float(value), int(row.time * 1000), row.step)
+                   for row in fresh for key, value in row.values.items() if math.isfinite(float(value))]
+        with self._service("log step metrics"):
+            for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
+        if fresh:
+            self._last_step = max(row.step for row in fresh)
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> Any:
+        """CPU, memory, disk, network (and GPU where present) of this process's machine, logged to the parent run
+        by MLflow's own monitor in a background thread; returns it so the caller can stop it."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter on the terminal
+        monitor = SystemMetricsMonitor(self.parent_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
     def log_artifact(self, path: Path, artifact_dir: str | None = None, run: str | None = None) -> None:
         with self._service(f"store the artifact {Path(path).name}"):
             self.client.log_artifact(run or self.parent_id, str(path), artifact_dir)
@@ -222,3 +295,31 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.set_terminated(self.parent_id, status)
+
+
+class StepLog:
+    """Buffers per-step metrics and sends them in one batch every ``flush_s`` seconds (and on :meth:`flush`), so
+    the MLflow UI shows a round's progress while it runs at the cost of one request per ``flush_s``."""
+
+    def __init__(self, tracker: Tracker, flush_s: float = 10.0):
+        self.tracker = tracker
+        self.flush_s = flush_s
+        self._rows: list[StepMetrics] = []
+        self._last_flush = time.monotonic()
+        self.seconds = 0.0  # spent here, for the overhead figure (bench/system.py)
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        started = time.perf_counter()
+        self._rows.append(StepMetrics(step, time.time(), dict(values)))
+        self.seconds += time.perf_counter() - started
+        if time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        started = time.perf_counter()
+        if self._rows:
+            self.tracker.log_steps(self._rows)
+            self._rows = []
+        self._last_flush = time.monotonic()
+        self.seconds += time.perf_counter() - started
+

@@ -16,9 +16,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+
+from search.space import SearchSpace  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,3 +174,16 @@ def write_run_config(tiny_model_dir, mlflow_template):
         return path
 
     return write
+
+
+def _synthetic_loss(space: SearchSpace, sens: np.ndarray, X: np.ndarray) -> np.ndarray:
+    X = np.atleast_2d(X)
+    n = sens.size
+    flat = np.ravel_multi_index(tuple(X.reshape(len(X), n, 5)[..., j] for j in range(5)), space.cardinalities)
+    return 1.0 + (sens[None, :] * 2.0 ** (-2 * space.setting_bits[flat])).sum(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_loss():
+    """loss(space, sens, X) = 1 + Σ_i sens_i · 2^(−2·bits_i): a smooth, known loss for search tests."""
+    return _synthetic_loss

@@ -20,7 +20,7 @@ from orchestrator.sweep import grid, parse_param, trial_bundles
 
 
 def sweep_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.sweep", *args]
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", *args]  # exactly `coalora sweep ARGS`
 
 
 def sweep_env() -> dict[str, str]:

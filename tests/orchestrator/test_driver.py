@@ -105,6 +105,12 @@ def test_export_best_configuration_under_budget(finished_run):
     assert summary["scoring_loss"] in meta["pool_loss"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "quant_configuration.json").is_file()
     assert peft.PeftConfig.from_pretrained(str(out)).r == 4
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                   "tags.`coalora.role` = 'parent'")
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "exports/bits-4")}
+    assert {"exports/bits-4/adapter_model.safetensors", "exports/bits-4/coalora_export.json"} <= logged
+    assert parent.info.status == "FINISHED"  # attaching the export does not reopen the run
     small = export_run(run_dir, memory_mb=500, out=run_dir / "exp2")
     assert read_summary(small)["packed_target_bytes"] > 0
     from orchestrator.config import ConfigError

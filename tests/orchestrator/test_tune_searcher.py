@@ -1,3 +1,4 @@
+"""The Ray Tune adapter of the Pareto searcher (orchestrator/tune_searcher.py) in a real Tune run."""
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ def test_tiny_tune_run(tmp_path, monkeypatch, synthetic_loss):
     ray = pytest.importorskip("ray")
     from ray import tune
 
-    from search.tune import ParetoTuneSearcher
+    from orchestrator.tune_searcher import ParetoTuneSearcher
 
     space = SearchSpace.default()
     sens = np.array([1.0, 3.0, 0.5, 2.0])

@@ -3,7 +3,7 @@
 Each Tune trial evaluates one configuration, given to the trainable as ``config["x"]`` (the encoded vector as a
 list of ints). The adapter first hands out the ``initial`` configurations (e.g. the ILP pool), then asks the
 searcher for ``batch_size`` proposals at a time once at least two results are in; while none can be made it returns
-None, which tells Tune to retry later. This is the only module of ``search/`` that imports Ray.
+None, which tells Tune to retry later. It lives in orchestrator/ because search/ knows no Ray (nor models).
 """
 
 from __future__ import annotations
