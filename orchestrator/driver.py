@@ -204,13 +204,14 @@ class Driver:
                 shards = self._shards(step)
                 ref = self._put(self.master.state())
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
-                loss, grads = weighted_mean(results)
+                loss, grads, per_config = weighted_mean(results)
                 self._check_finite(loss, grads, r, j, step, configs)
                 norm = self.master.step(grads)
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                self._log_step(step, loss, norm, sum(len(s) for s in shards), time.perf_counter() - started)
+                self._log_step(step, loss, configs, per_config, norm, sum(len(s) for s in shards),
+                               time.perf_counter() - started)
         if self.steps is not None:
             self.steps.flush()
         mean = float(np.mean(losses))
@@ -218,9 +219,11 @@ class Driver:
         commit_point("trained")
         return mean
 
-    def _log_step(self, step: int, loss: float, grad_norm: float, examples: int, seconds: float) -> None:
-        """The step's training loss (mean over its K configurations), pre-clip gradient norm, the learning rate of
-        each parameter group as the schedule set it for this step, and throughput, keyed by the global step."""
+    def _log_step(self, step: int, loss: float, configs: list[np.ndarray], per_config: list[float], grad_norm: float,
+                  examples: int, seconds: float) -> None:
+        """The step's training loss (mean over its K configurations, and per whole-bit bucket of their average bits:
+        ``train/loss_2bit`` is [2, 3) bits), pre-clip gradient norm, the learning rate of each parameter group as
+        the schedule set it for this step, and throughput, keyed by the global step."""
         if self.steps is None:
             return
         t = self.cfg.training
@@ -230,6 +233,11 @@ class Driver:
         for name, peak in (("lora_lr", t.lora_lr), ("encoder_lr", t.encoder_lr)):
             if peak is not None:
                 values[f"train/{name}"] = peak * factor
+        bits = np.atleast_1d(self.ctx.space.encoded_average_bits(np.stack(configs), self.ctx.numels))
+        buckets: dict[int, list[float]] = {}
+        for b, value in zip(bits, per_config):
+            buckets.setdefault(int(math.floor(b)), []).append(value)
+        values.update({f"train/loss_{b}bit": float(np.mean(v)) for b, v in buckets.items()})
         self.steps.add(step, values)
 
     def _check_finite(self, loss: float, grads: dict[str, torch.Tensor], r: int, j: int, step: int,
@@ -410,7 +418,8 @@ class Driver:
                 pick = int(torch.randint(len(configs), (1,), generator=seeded(cfg.run.seed, PURPOSE_SHARED, step)))
                 shards = self._shards(step)
                 ref = self._put(master.state())
-                _, grads = weighted_mean(self.ex.map("gradients", [("shared", ref, s, [configs[pick]]) for s in shards]))
+                _, grads, _ = weighted_mean(self.ex.map("gradients", [("shared", ref, s, [configs[pick]])
+                                                                       for s in shards]))
                 master.step(grads)
                 bar.update(1)
         return master.state()
@@ -431,7 +440,8 @@ class Driver:
                     configs = self._step_configurations(sets[r - 1], step)
                     ref = self._put(master.state())
                     shards = self._shards(step)
-                    _, grads = weighted_mean(self.ex.map("gradients", [("shared", ref, s, configs) for s in shards]))
+                    _, grads, _ = weighted_mean(self.ex.map("gradients", [("shared", ref, s, configs)
+                                                                           for s in shards]))
                     master.step(grads)
                     bar.update(1)
         return master.state()

@@ -87,11 +87,15 @@ class MasterState:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
 
 
-def weighted_mean(shards: Sequence[tuple[float, Mapping[str, torch.Tensor], int]]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Combine (loss, grads, n_examples) shards into the full batch's mean loss and gradient; shards are summed
-    in call order, so the result does not depend on which worker finished first."""
+def weighted_mean(
+    shards: Sequence[tuple[Sequence[float], Mapping[str, torch.Tensor], int]],
+) -> tuple[float, dict[str, torch.Tensor], list[float]]:
+    """Combine (per-configuration losses, grads, n_examples) shards into the full batch's mean loss, gradient and
+    per-configuration losses; shards are summed in call order, so the result does not depend on which worker
+    finished first."""
     total = sum(n for _, _, n in shards)
-    loss = sum(l * n for l, _, n in shards) / total
+    k = len(shards[0][0])
+    per_config = [sum(losses[i] * n for losses, _, n in shards) / total for i in range(k)]
     names = shards[0][1].keys()
-    grads = {k: sum(g[k] * (n / total) for _, g, n in shards) for k in names}
-    return loss, grads  # type: ignore[return-value]
+    grads = {name: sum(g[name] * (n / total) for _, g, n in shards) for name in names}
+    return sum(per_config) / k, grads, per_config  # type: ignore[return-value]

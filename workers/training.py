@@ -85,17 +85,17 @@ def compute_gradients(
     batch: Batch,
     configurations: Sequence[Configuration],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean over the configurations of the task loss on the same batch, and its gradient w.r.t. every tensor of
-    ``state``. One backward per configuration (memory of one configuration at a time); gradients are summed
-    with weight 1/K so the result is the gradient of the mean."""
+    """The task loss of each configuration on the same batch (a (K,) tensor; the step's loss is their mean), and
+    the gradient of the mean w.r.t. every tensor of ``state``. One backward per configuration (memory of one
+    configuration at a time); gradients are summed with weight 1/K so the result is the gradient of the mean."""
     if not configurations:
         raise ValueError("need at least one configuration")
     leaves = {n: t.detach().requires_grad_(True) for n, t in state.items()}
     grads = {n: torch.zeros_like(t) for n, t in leaves.items()}
     device = next(iter(leaves.values())).device
-    total = torch.zeros((), device=device)
+    losses = torch.zeros(len(configurations), device=device)
     weight = 1.0 / len(configurations)
-    for configuration in configurations:
+    for k, configuration in enumerate(configurations):
         with autocast_for(device):
             out = functional_call(model, leaves, args=(configuration,), kwargs=dict(batch), strict=False)
         loss = out.loss.float()
@@ -103,8 +103,8 @@ def compute_gradients(
         for (name, _), g in zip(leaves.items(), parts):
             if g is not None:
                 grads[name] += g
-        total += loss.detach() * weight
-    return total, grads
+        losses[k] = loss.detach()
+    return losses, grads
 
 
 LORA_FACTORS: tuple[str, ...] = ("lora_A", "lora_B")
@@ -202,9 +202,9 @@ def train(
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             configurations = sample_configurations(pool, config.configs_per_step, generator)
-            loss, grads = compute_gradients(model, _state_view(model), batch, configurations)
+            step_losses, grads = compute_gradients(model, _state_view(model), batch, configurations)
             apply_gradients(model, optimizer, scheduler, grads, config.max_grad_norm)
-            losses.append(float(loss))
+            losses.append(float(step_losses.mean()))
             if len(losses) >= config.total_steps:
                 break
         if len(losses) == n_before:

@@ -145,13 +145,13 @@ class Worker:
         state: Mapping[str, torch.Tensor],
         example_ids: Sequence[int],
         configurations: Sequence[np.ndarray],
-    ) -> tuple[float, dict[str, torch.Tensor], int]:
-        """One fine-tuning shard: (mean loss over the configurations, gradients, number of examples)."""
+    ) -> tuple[list[float], dict[str, torch.Tensor], int]:
+        """One fine-tuning shard: (the loss of each configuration, gradients of their mean, number of examples)."""
         model = self._model(method)
         batch = self.collate([self.train_items[i] for i in example_ids])
         configs = [self.space.decode(np.asarray(c)) for c in configurations]
-        loss, grads = compute_gradients(model, state, batch, configs)
-        return float(loss), grads, len(example_ids)
+        losses, grads = compute_gradients(model, state, batch, configs)
+        return losses.tolist(), grads, len(example_ids)
 
     def score(self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray) -> float:
         """Mean loss on the fixed scoring subset: the search's objective for this configuration."""

@@ -57,3 +57,14 @@ def test_train_config_follows_the_run_configuration():
     config = train_config(cfg, configs_per_step=1)
     assert (config.lora_lr, config.total_steps, config.configs_per_step) == (1e-4, 21, 1)
     assert config.lr == cfg.training.lr
+
+
+def test_weighted_mean_of_shards_is_the_full_batch_mean_per_configuration():
+    """Two shards of 3 and 1 examples, two configurations each: every figure is the 3:1-weighted mean."""
+    from orchestrator.optim import weighted_mean
+
+    shards = [([1.0, 3.0], {"w": torch.tensor([4.0])}, 3), ([5.0, 7.0], {"w": torch.tensor([8.0])}, 1)]
+    loss, grads, per_config = weighted_mean(shards)
+    assert per_config == [(3 * 1.0 + 5.0) / 4, (3 * 3.0 + 7.0) / 4]
+    assert loss == sum(per_config) / 2
+    torch.testing.assert_close(grads["w"], torch.tensor([(3 * 4.0 + 8.0) / 4]))

@@ -42,6 +42,8 @@ def test_one_point_per_step_across_a_crash_and_resume(make_config, cli):
     for key in ("train/loss", "train/grad_norm", "train/lr", "train/encoder_lr", "train/examples_per_s"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(6)), key
+    buckets = [k for k in client.get_run(run.info.run_id).data.metrics if k.startswith("train/loss_")]
+    assert buckets and all(k.endswith("bit") and k[len("train/loss_"):-3].isdigit() for k in buckets)
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/encoder_lr")}
     assert lrs[0] == 0.001 and lrs[5] < lrs[1]  # warmup of one step, then the cosine decay
 
