@@ -81,9 +81,18 @@ def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, An
                  if m == "coa-lora" and c.startswith(kind) and (other, c) in by]
         per_seed.append(statistics.fmean(diffs))
     mean = statistics.fmean(per_seed)
-    half = T95[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else math.inf
-    return {"mean": round(mean, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)],
-            "per_seed": [round(x, 2) for x in per_seed]}
+    ci = None
+    if len(per_seed) > 1:  # one seed has no interval
+        half = T95[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
+        ci = [round(mean - half, 2), round(mean + half, 2)]
+    return {"mean": round(mean, 2), "ci95": ci, "per_seed": [round(x, 2) for x in per_seed]}
+
+
+def mean_accuracy(records: list[dict[str, Any]], method: str, kind: str) -> float:
+    """Accuracy (percent) of ``method`` averaged over the configurations of ``kind`` and over seeds."""
+    return 100 * statistics.fmean(
+        statistics.fmean(r["accuracy"] for r in rec["rows"] if r["method"] == method and r["configuration"].startswith(kind))
+        for rec in records)
 
 
 def main() -> None:
@@ -91,13 +100,14 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("bench-out/theta"))
+    ap.add_argument("--report", action="store_true", help="summarise the finished runs in --out; run nothing")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for seed in args.seeds:  # every variant at one seed first: a run cut short still compares them
         for variant in args.variants:
-            if any(d["variant"] == variant and d["seed"] == seed for d in done):
+            if args.report or any(d["variant"] == variant and d["seed"] == seed for d in done):
                 continue
             record = run_one(variant, seed, args.out)
             with log.open("a") as fh:  # one line per finished run: a rerun continues from here
@@ -107,14 +117,23 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for variant in args.variants:
         records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]
+        if not records:
+            continue
         summary[variant] = {kind: {other: paired(records, kind, other) for other in OTHERS}
                             for kind in ("target", "unseen")}
         for kind in ("target", "unseen"):
             for other in OTHERS:
                 p = summary[variant][kind][other]
-                print(f"{variant:10s} {kind:6s} coa-lora − {other:12s} {p['mean']:+6.2f} points, "
-                      f"95% CI [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}], per seed {p['per_seed']}")
-    print(json.dumps({"seeds": args.seeds, "paired_accuracy_points": summary}))
+                ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+                print(f"{variant:10s} {kind:6s} coa-lora − {other:12s} {p['mean']:+6.2f} points, 95% CI {ci}, "
+                      f"per seed {p['per_seed']}")
+    means = {}
+    for variant in summary:
+        records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]
+        means[variant] = {m: round(mean_accuracy(records, m, "target"), 2) for m in ("coa-lora", *OTHERS)}
+        print(f"{variant:10s} accuracy over targets and seeds: "
+              + ", ".join(f"{m} {a:.2f}" for m, a in means[variant].items()))
+    print(json.dumps({"seeds": args.seeds, "paired_accuracy_points": summary, "target_accuracy": means}))
 
 
 if __name__ == "__main__":
