@@ -80,7 +80,9 @@ import yaml  # noqa: E402
 
 from orchestrator import report  # noqa: E402
 from orchestrator.config import ConfigError, RunConfig, build_config  # noqa: E402
-from orchestrator.driver import PURPOSE_DATA, Driver, seeded  # noqa: E402
+from orchestrator.driver import Driver  # noqa: E402
+from orchestrator.finish import Finish  # noqa: E402
+from orchestrator.schedule import batch_ids, unkey  # noqa: E402
 from orchestrator.executor import init_ray  # noqa: E402
 from orchestrator.optim import MasterState, train_config, weighted_mean  # noqa: E402
 from orchestrator.runs import start_run, worker_spec  # noqa: E402
@@ -142,10 +144,10 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
 def timed_driver(times: dict[str, float]) -> Iterator[None]:
     """Measure the driver's Shared-LoRA training and final evaluation (the driver does not time itself). The wrapped
     methods are called unchanged; only their durations are recorded."""
-    originals = {"_train_shared": Driver._train_shared, "final_evaluation": Driver.final_evaluation}
+    originals = {"_train_shared": (Finish, Finish.train_shared), "final_evaluation": (Driver, Driver.final_evaluation)}
 
     def wrap(name: str):
-        fn = originals[name]
+        fn = originals[name][1]
 
         def inner(self, *args, **kwargs):
             t0 = time.perf_counter()
@@ -156,17 +158,13 @@ def timed_driver(times: dict[str, float]) -> Iterator[None]:
 
         return inner
 
-    for name in originals:
-        setattr(Driver, name, wrap(name))
+    for name, (owner, fn) in originals.items():
+        setattr(owner, fn.__name__, wrap(name))
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(Driver, name, fn)
-
-
-def _decode_key(k: str) -> np.ndarray:
-    return np.asarray([int(v) for v in (k.split(",") if "," in k else list(k))], dtype=np.int64)
+        for owner, fn in originals.values():
+            setattr(owner, fn.__name__, fn)
 
 
 def evaluated_configurations(run_dir: Path) -> list[tuple[str, np.ndarray]]:
@@ -175,7 +173,7 @@ def evaluated_configurations(run_dir: Path) -> list[tuple[str, np.ndarray]]:
     for e in Ledger(run_dir / "ledger.jsonl").entries():
         if e["kind"] == "final" and e["method"] == "coa-lora" and e["configuration"] not in seen:
             seen.add(e["configuration"])
-            out.append((e["configuration"], _decode_key(e["config"])))
+            out.append((e["configuration"], unkey(e["config"])))
     return out
 
 
@@ -200,13 +198,9 @@ class Baselines:
         """``total_steps`` AdamW steps on configuration ``x`` alone from ``init``; the driver's batch order."""
         w, cfg = self.worker, self.cfg
         master = MasterState(init, w.models[method].no_decay_names(), config or self.train_config)
-        bs, n_train = cfg.data.batch_size, w.n_train()
-        steps_per_epoch = max(1, n_train // bs)
         for step in range(self.total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            perm = torch.randperm(n_train, generator=seeded(cfg.run.seed, PURPOSE_DATA, epoch))
-            ids = perm[pos * bs : (pos + 1) * bs].tolist()
-            _, grads = weighted_mean([w.gradients(method, master.state(), ids, [x])])
+            ids = batch_ids(cfg.run.seed, w.n_train(), cfg.data.batch_size, step)
+            _, grads, _ = weighted_mean([w.gradients(method, master.state(), ids, [x])])
             master.step(grads)
         return master.state()
 

@@ -6,10 +6,10 @@
               propose q candidates (BoTorch) → evaluate them in parallel → segmented Pareto training set
                                                                                      → checkpoint r
     final     CoA-LoRA, baselines and no-adapter on the target budgets' ILP configurations (the same ones for
-              every method) and on unseen configurations
+              every method) and on unseen configurations (orchestrator/finish.py)
 
 Determinism: every random choice is drawn from a generator seeded by (seed, purpose, step), never from global
-state, and checkpoints hold every tensor and the ledger length at the round boundary. A resume truncates the
+state (orchestrator/schedule.py), and checkpoints hold every tensor and the ledger length at the round boundary. A resume truncates the
 ledger to that length and replays from there, so it writes the same ledger, pool, training set and proposals as an
 uninterrupted run. Worker calls are pure functions of their arguments, so retried calls cannot double-count.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from search.allocation import budget_grid, flat_to_encoded, initial_pool, solve_allocation
+from search.allocation import budget_grid, initial_pool
 from search.hypervolume import normalized_hypervolume
 from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
@@ -37,37 +37,16 @@ from search.space import SearchSpace
 from workers.training import lr_factor
 
 from . import report
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .executor import Executor
 from .faults import commit_point
+from .finish import Finish, write_final
 from .optim import MasterState, train_config, weighted_mean
-from .state import (LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, finite_or_none,
-                    write_atomic, write_json_atomic)
+from .schedule import data_shards, key, step_configurations
+from .state import LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, write_atomic
 from .tracking import StepLog, Tracker
 
 log = logging.getLogger(__name__)
-
-
-def seeded(seed: int, *purpose: int) -> torch.Generator:
-    """A torch generator for one purpose and step, independent of every other draw."""
-    state = np.random.SeedSequence([seed, *purpose]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-PURPOSE_DATA, PURPOSE_CONFIGS, PURPOSE_UNSEEN, PURPOSE_SHARED = 1, 2, 3, 4
-
-
-MAX_NEAR_MISSES = 1000
-"""Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
-
-
-def check_unseen_feasible(space: SearchSpace, n_matrices: int, n_seen: int, unseen: int) -> None:
-    """Refuse ``evaluation.unseen`` when the space has fewer distinct configurations than the pool, the targets
-    and the unseen ones need together (a tiny space on a tiny model): drawing would never end."""
-    free = space.n_settings ** n_matrices - n_seen
-    if unseen > free:
-        raise ConfigError(f"evaluation.unseen = {unseen}: the space has only {max(free, 0)} configuration(s) besides "
-                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {n_matrices} matrices)")
 
 
 class DivergenceError(RuntimeError):
@@ -76,16 +55,6 @@ class DivergenceError(RuntimeError):
 
 class LedgerMismatch(ValueError):
     """The ledger no longer holds what the newest checkpoint says it held: entries were lost or changed."""
-
-
-def key(x: np.ndarray) -> str:
-    """The configuration's identity in the ledger (its encoding as a compact string)."""
-    return "".join(str(int(v)) for v in x) if np.all(np.asarray(x) < 10) else ",".join(str(int(v)) for v in x)
-
-
-def unkey(k: str) -> np.ndarray:
-    """Inverse of :func:`key`."""
-    return np.array([int(v) for v in (k.split(",") if "," in k else k)], dtype=np.int64)
 
 
 @dataclass
@@ -148,13 +117,8 @@ class Driver:
                 "training.lr (resuming this one repeats the same steps)")
 
     def _shards(self, step: int) -> list[list[int]]:
-        """The training examples of global ``step`` (a seeded permutation per epoch, read in batch-size slices),
-        split into one contiguous shard per worker. Every method sees the same data order."""
-        bs, n_train = self.cfg.data.batch_size, self.ctx.n_train
-        epoch, pos = divmod(step, max(1, n_train // bs))
-        perm = torch.randperm(n_train, generator=seeded(self.cfg.run.seed, PURPOSE_DATA, epoch))
-        ids = perm[pos * bs : (pos + 1) * bs].numpy()
-        return [s.tolist() for s in np.array_split(ids, self.ex.n_workers) if len(s)]
+        """Global ``step``'s training examples, one shard per worker; every method sees the same data order."""
+        return data_shards(self.cfg.run.seed, self.ctx.n_train, self.cfg.data.batch_size, step, self.ex.n_workers)
 
     # ---- round 0 --------------------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -180,19 +144,6 @@ class Driver:
         self._end_round(0, losses, train_loss=float("nan"))
 
     # ---- round r --------------------------------------------------------------------------------------------------
-    def _step_configurations(self, training_set: list[np.ndarray], step: int) -> list[np.ndarray]:
-        """The K configurations of global ``step``, a seeded draw from the round's training set: ``uniform`` (K
-        distinct at random) or ``stratified`` (the set sorted by average bits and cut into K strata, one drawn from
-        each, so every step contrasts low- and high-bit configurations, which is what trains θ's dependence on the
-        configuration)."""
-        k = min(self.cfg.training.configs_per_step, len(training_set))
-        g = seeded(self.cfg.run.seed, PURPOSE_CONFIGS, step)
-        if self.cfg.training.config_sampling == "uniform":
-            return [training_set[int(i)] for i in torch.randperm(len(training_set), generator=g)[:k]]
-        bits = self.ctx.space.encoded_average_bits(np.stack(training_set), self.ctx.numels)
-        strata = np.array_split(np.argsort(np.atleast_1d(bits), kind="stable"), k)
-        return [training_set[int(s[int(torch.randint(len(s), (1,), generator=g))])] for s in strata]
-
     def _train(self, r: int) -> float:
         cfg = self.cfg
         losses = []
@@ -200,7 +151,10 @@ class Driver:
             for j in range(cfg.training.steps_per_round):
                 started = time.perf_counter()
                 step = (r - 1) * cfg.training.steps_per_round + j
-                configs = self._step_configurations(self.training_set, step)
+                t = cfg.training
+                configs = step_configurations(self.training_set, step, seed=cfg.run.seed, k=t.configs_per_step,
+                                              sampling=t.config_sampling, space=self.ctx.space,
+                                              numels=self.ctx.numels)
                 shards = self._shards(step)
                 ref = self._put(self.master.state())
                 results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
@@ -380,102 +334,10 @@ class Driver:
         self.tracker.log_artifact(out / "pareto.md", f"rounds/round-{r:04d}")
 
     # ---- final evaluation -----------------------------------------------------------------------------------------
-    def evaluation_configurations(self) -> list[tuple[str, np.ndarray]]:
-        """The targets' ILP configurations (identical for every method) and seeded unseen configurations."""
-        space, numels = self.ctx.space, self.ctx.numels
-        out = [(f"target {t:g}", flat_to_encoded(space, solve_allocation(space, self.costs, numels, t)))
-               for t in self.cfg.evaluation.targets]
-        g = np.random.default_rng(np.random.SeedSequence([self.cfg.run.seed, PURPOSE_UNSEEN]))
-        bits = space.setting_bits
-        seen = {x.tobytes() for x in self.pool} | {x.tobytes() for _, x in out}
-        wanted = len(self.cfg.evaluation.targets) + self.cfg.evaluation.unseen
-        check_unseen_feasible(space, len(numels), len(seen), self.cfg.evaluation.unseen)
-        lo, hi = max(2.5, space.bits_range[0]), min(6.0, space.bits_range[1])
-        misses = 0
-        while len(out) < wanted:
-            beta = g.uniform(lo, hi)
-            near = np.flatnonzero(np.abs(bits - beta) <= 0.75)
-            if misses >= MAX_NEAR_MISSES or not len(near):  # the bit band is exhausted: draw from the whole space
-                near = np.arange(len(bits))
-            flat = g.choice(near, size=len(numels))
-            x = flat_to_encoded(space, flat)
-            if x.tobytes() in seen:
-                misses += 1
-                continue
-            seen.add(x.tobytes())
-            out.append((f"unseen {len(out) - len(self.cfg.evaluation.targets) + 1}", x))
-        return out
-
-    def _train_shared(self, configs: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Shared-LoRA baseline: one plain LoRA (θ off), one configuration per step drawn from ``configs``, for as
-        many steps as CoA-LoRA took in total."""
-        cfg = self.cfg
-        init = self.ex.call("initial_state", "shared")
-        no_decay = {n for n in init if n.endswith("bias")}
-        master = MasterState(init, no_decay, self.train_config)
-        with self._bar(self.train_config.total_steps, "baseline: shared-lora") as bar:
-            for step in range(self.train_config.total_steps):
-                pick = int(torch.randint(len(configs), (1,), generator=seeded(cfg.run.seed, PURPOSE_SHARED, step)))
-                shards = self._shards(step)
-                ref = self._put(master.state())
-                _, grads, _ = weighted_mean(self.ex.map("gradients", [("shared", ref, s, [configs[pick]])
-                                                                       for s in shards]))
-                master.step(grads)
-                bar.update(1)
-        return master.state()
-
-    def _train_no_theta(self) -> dict[str, torch.Tensor]:
-        """The coa-no-theta ablation: CoA-LoRA's run replayed step for step (the training set of each round as the
-        ledger recorded it, the same K configurations per step, the same data and init) with θ off, M = I. The
-        difference to CoA-LoRA is what θ adds."""
-        cfg = self.cfg
-        sets = {e["round"]: [unkey(k) for k in e["training_set"]]
-                for e in self.ledger.entries(strict=False) if e["kind"] == "round_end"}
-        init = self.ex.call("initial_state", "shared")
-        master = MasterState(init, {n for n in init if n.endswith("bias")}, self.train_config)
-        with self._bar(self.train_config.total_steps, "ablation: coa-no-theta") as bar:
-            for r in range(1, cfg.search.rounds + 1):
-                for j in range(cfg.training.steps_per_round):
-                    step = (r - 1) * cfg.training.steps_per_round + j
-                    configs = self._step_configurations(sets[r - 1], step)
-                    ref = self._put(master.state())
-                    shards = self._shards(step)
-                    _, grads, _ = weighted_mean(self.ex.map("gradients", [("shared", ref, s, configs)
-                                                                           for s in shards]))
-                    master.step(grads)
-                    bar.update(1)
-        return master.state()
-
     def final_evaluation(self) -> list[dict[str, Any]]:
-        configs = self.evaluation_configurations()
-        targets = [x for name, x in configs if name.startswith("target")]
-        state = self.master.state()
-        baselines = self.cfg.evaluation.baselines
-        methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
-        if "no_adapter" in baselines:  # quant(W) alone: an init that quantizes W − L has its own zero-B replica
-            methods["no-adapter"] = ("coa" if self.cfg.adapter.init == "zero_B" else "bare", None, False)
-        if "shared_lora" in baselines:
-            methods["shared-lora"] = ("shared", self._train_shared(targets), True)
-        if "no_theta" in baselines:
-            methods["coa-no-theta"] = ("shared", self._train_no_theta(), True)
-        calls, labels = [], []
-        for method, (replica, st, adapter) in methods.items():
-            ref = self._put(st) if st is not None else None
-            for name, x in configs:
-                calls.append((replica, ref, x, adapter))
-                labels.append((method, name, x))
-        with self._bar(len(calls), "final evaluation") as bar:
-            results = self.ex.map("evaluate", calls)
-            bar.update(len(calls))
-        rows = []
-        for (method, name, x), metrics in zip(labels, results):
-            bits = float(self.ctx.space.encoded_average_bits(x, self.ctx.numels))
-            metrics = finite_or_none(dict(metrics))  # a collapsed configuration's perplexity may overflow
-            rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
-            self.ledger.append("final", method=method, configuration=name, config=key(x), avg_bits=bits,
-                               metrics=metrics)
-        commit_point("final")
-        return rows
+        finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ctx.n_train, self.ex, self.ledger,
+                        self.train_config, self._bar, self._put)
+        return finish.evaluate(self.master.state(), self.costs, self.pool)
 
     # ---- the whole run --------------------------------------------------------------------------------------------
     def run(self, initial_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -495,30 +357,9 @@ class Driver:
             train_loss = self._train(r)
             self._search_round(r, train_loss)
         rows = self.final_evaluation()
-        self._write_final(rows)
+        write_final(self.cfg, self.ctx.run_dir / "final", rows, self.tracker)
         self.ledger.append("done", rounds=self.cfg.search.rounds)
         return rows
-
-    def _write_final(self, rows: list[dict[str, Any]]) -> None:
-        out = self.ctx.run_dir / "final"
-        metric = "accuracy" if self.ctx.config.model.task == "classification" else "perplexity"
-        write_json_atomic(out / "evaluation.json", rows)
-        columns = ["method", "configuration", "avg_bits", metric, "loss"]
-        (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n")
-        if self.tracker is None:
-            return
-        self.tracker.log_artifact(out / "evaluation.md", "final")
-        self.tracker.log_artifact(out / "evaluation.json", "final")
-        by_method: dict[str, dict[str, float]] = {}
-        for row in rows:
-            tag = row["configuration"].replace(" ", "_")
-            by_method.setdefault(row["method"], {})[f"{tag}.{metric}"] = row[metric]
-        for method, metrics in by_method.items():
-            child = self.tracker.child(method)
-            means = [v for k, v in metrics.items() if k.startswith("target") and v is not None]
-            metrics[f"mean_target_{metric}"] = float(np.mean(means)) if means else float("nan")
-            self.tracker.log_metrics(metrics, step=self.cfg.search.rounds, run=child)
-            self.tracker.set_terminated(child)
 
 
 def ledger_digest(run_dir: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from workers.models import resolve_model
 
 from .config import ConfigError, RunConfig
-from .driver import check_unseen_feasible
+from .finish import check_unseen_feasible
 from .state import RUN_MARKER
 from .tracking import check_reachable, default_tracking_uri
 

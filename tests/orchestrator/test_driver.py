@@ -144,7 +144,7 @@ def recorded(monkeypatch):
     """Records every ``gradients`` call of the run's executor as (method, example ids, configuration keys), and
     keeps the worker object (the run shuts its executor down)."""
     import orchestrator.runs as runs
-    from orchestrator.driver import key
+    from orchestrator.schedule import key
 
     record = {"calls": [], "workers": []}
     make_executor = runs._executor
@@ -197,7 +197,7 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):
-    from orchestrator.driver import unkey
+    from orchestrator.schedule import unkey
 
     config, _ = make_config(training={"steps_per_round": 3, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1,
                                       "config_sampling": "stratified"})

@@ -1,0 +1,180 @@
+"""The run's last phase: the configurations every method is judged on, the baselines trained on the run's own
+schedule, every method evaluated on the same validation examples, and the final table.
+
+    configurations   the targets' ILP configurations (identical for every method) + seeded unseen ones
+    baselines        Shared-LoRA (one target per step) and coa-no-theta (CoA-LoRA's steps replayed with M = I)
+    evaluate         CoA-LoRA, the baselines and no-adapter on every configuration → ledger "final" entries
+    write            final/evaluation.json and .md, and one MLflow child run per method
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from search.allocation import flat_to_encoded, solve_allocation
+from search.space import SearchSpace
+from workers.training import TrainConfig
+
+from . import report
+from .config import ConfigError, RunConfig
+from .executor import Executor
+from .faults import commit_point
+from .optim import MasterState, weighted_mean
+from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, data_shards, key, seeded, step_configurations, unkey
+from .state import Ledger, finite_or_none, write_json_atomic
+from .tracking import Tracker
+
+MAX_NEAR_MISSES = 1000
+"""Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
+
+
+def check_unseen_feasible(space: SearchSpace, n_matrices: int, n_seen: int, unseen: int) -> None:
+    """Refuse ``evaluation.unseen`` when the space has fewer distinct configurations than the pool, the targets
+    and the unseen ones need together (a tiny space on a tiny model): drawing would never end."""
+    free = space.n_settings ** n_matrices - n_seen
+    if unseen > free:
+        raise ConfigError(f"evaluation.unseen = {unseen}: the space has only {max(free, 0)} configuration(s) besides "
+                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {n_matrices} matrices)")
+
+
+def evaluation_configurations(cfg: RunConfig, space: SearchSpace, costs: np.ndarray, numels: list[int],
+                              pool: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """The targets' ILP configurations (identical for every method) and seeded unseen configurations: average bits
+    drawn in [2.5, 6], then a setting near it for every matrix, never a pool member or a target."""
+    out = [(f"target {t:g}", flat_to_encoded(space, solve_allocation(space, costs, numels, t)))
+           for t in cfg.evaluation.targets]
+    g = np.random.default_rng(np.random.SeedSequence([cfg.run.seed, PURPOSE_UNSEEN]))
+    bits = space.setting_bits
+    seen = {x.tobytes() for x in pool} | {x.tobytes() for _, x in out}
+    wanted = len(cfg.evaluation.targets) + cfg.evaluation.unseen
+    check_unseen_feasible(space, len(numels), len(seen), cfg.evaluation.unseen)
+    lo, hi = max(2.5, space.bits_range[0]), min(6.0, space.bits_range[1])
+    misses = 0
+    while len(out) < wanted:
+        beta = g.uniform(lo, hi)
+        near = np.flatnonzero(np.abs(bits - beta) <= 0.75)
+        if misses >= MAX_NEAR_MISSES or not len(near):  # the bit band is exhausted: draw from the whole space
+            near = np.arange(len(bits))
+        flat = g.choice(near, size=len(numels))
+        x = flat_to_encoded(space, flat)
+        if x.tobytes() in seen:
+            misses += 1
+            continue
+        seen.add(x.tobytes())
+        out.append((f"unseen {len(out) - len(cfg.evaluation.targets) + 1}", x))
+    return out
+
+
+@dataclass
+class Finish:
+    """The final phase of one run. ``bar`` makes a progress bar, ``put`` shares a value with the workers once."""
+
+    cfg: RunConfig
+    space: SearchSpace
+    numels: list[int]
+    n_train: int
+    executor: Executor
+    ledger: Ledger
+    train_config: TrainConfig
+    bar: Callable[[int, str], tqdm]
+    put: Callable[[Any], Any]
+
+    def _shards(self, step: int) -> list[list[int]]:
+        return data_shards(self.cfg.run.seed, self.n_train, self.cfg.data.batch_size, step, self.executor.n_workers)
+
+    def _train_plain(self, desc: str, steps: int,
+                     configurations_of: Callable[[int], list[np.ndarray]]) -> dict[str, torch.Tensor]:
+        """The θ-free replica trained for ``steps`` steps on the run's data order and learning-rate schedule, with
+        step ``s``'s configurations from ``configurations_of(s)``."""
+        init = self.executor.call("initial_state", "shared")
+        master = MasterState(init, {n for n in init if n.endswith("bias")}, self.train_config)
+        with self.bar(steps, desc) as bar:
+            for step in range(steps):
+                ref, configs = self.put(master.state()), configurations_of(step)
+                results = self.executor.map("gradients", [("shared", ref, s, configs) for s in self._shards(step)])
+                master.step(weighted_mean(results)[1])
+                bar.update(1)
+        return master.state()
+
+    def train_shared(self, targets: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Shared-LoRA: one plain LoRA (θ off, CoA-LoRA's init), one target configuration drawn per step."""
+        seed = self.cfg.run.seed
+
+        def one_target(step: int) -> list[np.ndarray]:
+            return [targets[int(torch.randint(len(targets), (1,), generator=seeded(seed, PURPOSE_SHARED, step)))]]
+
+        return self._train_plain("baseline: shared-lora", self.train_config.total_steps, one_target)
+
+    def train_no_theta(self) -> dict[str, torch.Tensor]:
+        """coa-no-theta: CoA-LoRA's run replayed step for step (each round's training set as the ledger recorded
+        it, the same K configurations per step, the same data and init) with θ off, M = I. The difference to
+        CoA-LoRA is what θ adds."""
+        t = self.cfg.training
+        sets = {e["round"]: [unkey(k) for k in e["training_set"]]
+                for e in self.ledger.entries(strict=False) if e["kind"] == "round_end"}
+
+        def replayed(step: int) -> list[np.ndarray]:
+            return step_configurations(sets[step // t.steps_per_round], step, seed=self.cfg.run.seed,
+                                       k=t.configs_per_step, sampling=t.config_sampling, space=self.space,
+                                       numels=self.numels)
+
+        return self._train_plain("ablation: coa-no-theta", self.cfg.search.rounds * t.steps_per_round, replayed)
+
+    def evaluate(self, state: dict[str, torch.Tensor], costs: np.ndarray, pool: list[np.ndarray]) -> list[dict]:
+        """Every method on every evaluation configuration, on the same validation examples; one ledger entry each."""
+        configs = evaluation_configurations(self.cfg, self.space, costs, self.numels, pool)
+        targets = [x for name, x in configs if name.startswith("target")]
+        baselines = self.cfg.evaluation.baselines
+        methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
+        if "no_adapter" in baselines:  # quant(W) alone: an init that quantizes W − L has its own zero-B replica
+            methods["no-adapter"] = ("coa" if self.cfg.adapter.init == "zero_B" else "bare", None, False)
+        if "shared_lora" in baselines:
+            methods["shared-lora"] = ("shared", self.train_shared(targets), True)
+        if "no_theta" in baselines:
+            methods["coa-no-theta"] = ("shared", self.train_no_theta(), True)
+        calls, labels = [], []
+        for method, (replica, st, adapter) in methods.items():
+            ref = self.put(st) if st is not None else None
+            for name, x in configs:
+                calls.append((replica, ref, x, adapter))
+                labels.append((method, name, x))
+        with self.bar(len(calls), "final evaluation") as bar:
+            results = self.executor.map("evaluate", calls)
+            bar.update(len(calls))
+        rows = []
+        for (method, name, x), metrics in zip(labels, results):
+            bits = float(self.space.encoded_average_bits(x, self.numels))
+            metrics = finite_or_none(dict(metrics))  # a collapsed configuration's perplexity may overflow
+            rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
+            self.ledger.append("final", method=method, configuration=name, config=key(x), avg_bits=bits,
+                               metrics=metrics)
+        commit_point("final")
+        return rows
+
+
+def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: Tracker | None) -> None:
+    """final/evaluation.json and .md under ``out``; in MLflow, the tables and one child run per method."""
+    metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    write_json_atomic(out / "evaluation.json", rows)
+    columns = ["method", "configuration", "avg_bits", metric, "loss"]
+    (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n")
+    if tracker is None:
+        return
+    tracker.log_artifact(out / "evaluation.md", "final")
+    tracker.log_artifact(out / "evaluation.json", "final")
+    by_method: dict[str, dict[str, float]] = {}
+    for row in rows:
+        tag = row["configuration"].replace(" ", "_")
+        by_method.setdefault(row["method"], {})[f"{tag}.{metric}"] = row[metric]
+    for method, metrics in by_method.items():
+        child = tracker.child(method)
+        means = [v for k, v in metrics.items() if k.startswith("target") and v is not None]
+        metrics[f"mean_target_{metric}"] = float(np.mean(means)) if means else float("nan")
+        tracker.log_metrics(metrics, step=cfg.search.rounds, run=child)
+        tracker.set_terminated(child)
