@@ -7,11 +7,13 @@ and unseen configurations, and coa-no-theta sees CoA-LoRA's exact training sets,
 order, init and steps: the difference CoA-LoRA − coa-no-theta is what θ adds and nothing else.
 
 Variants (``--variants``, each a list of ``section.key=value`` overrides on the base job):
-  baseline   θ at training.lr, raw output (what coalora did before issue 12)
-  theta-lr   θ at training.lr / 20
-  reference  θ at training.lr / 20, and the space's most precise configuration maps to M = I exactly
+  baseline   coalora before issue 12: θ at training.lr with its raw output, K drawn uniformly, ILP budgets over
+             [2.25, 7.25], 40 segments
+  theta-lr   baseline with θ at training.lr / 20
+  reference  theta-lr, and the space's most precise configuration maps to M = I exactly
   selected   reference, plus one of the K configurations per step from each bit stratum and the initial ILP budgets
-             over [2.25, 4.5] bits (where the targets are) instead of [2.25, 7.25]
+             over [2.25, 4.5] bits (where the targets are)
+  defaults   the product's current defaults (selected, with 6 segments so that selection selects)
 Each finished run's rows are written to ``<out>/runs.jsonl`` at once; a rerun skips what is there, so a run cut
 short is continued. Reported per variant and configuration kind (targets, unseen): the mean paired difference in
 accuracy (percentage points) of CoA-LoRA vs each other method over seeds × configurations, with a 95% interval
@@ -49,12 +51,17 @@ BASE: dict[str, Any] = {
                    "baselines": ["no_adapter", "shared_lora", "no_theta"]},
     "cluster": {"executor": "ray", "workers": 2, "cpus_per_worker": 1},
 }
+BEFORE = ["training.encoder_lr=null", "adapter.reference=none", "training.config_sampling=uniform",
+          "search.budget_max=7.25", "search.segments=40"]
+"""coalora's defaults before issue 12; each variant states every one of these fields, so it does not drift with
+the product's defaults."""
 VARIANTS: dict[str, list[str]] = {
-    "baseline": [],
-    "theta-lr": ["training.encoder_lr=0.00015"],
-    "reference": ["training.encoder_lr=0.00015", "adapter.reference=most_precise"],
-    "selected": ["training.encoder_lr=0.00015", "adapter.reference=most_precise", "training.config_sampling=stratified",
-                 "search.budget_max=4.5"],
+    "baseline": BEFORE,
+    "theta-lr": [*BEFORE, "training.encoder_lr=0.00015"],
+    "reference": [*BEFORE, "training.encoder_lr=0.00015", "adapter.reference=most_precise"],
+    "selected": [*BEFORE, "training.encoder_lr=0.00015", "adapter.reference=most_precise",
+                 "training.config_sampling=stratified", "search.budget_max=4.5"],
+    "defaults": [],  # the product's defaults as they are now
 }
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

@@ -107,7 +107,7 @@ class AdapterSection(_Section):
     init: Literal["zero_B", "svd_of_W"] = "zero_B"
     encoder_hidden: int = Field(128, gt=0)
     reference: Literal["none", "most_precise"] = Field(
-        "none", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
+        "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
                             "setting on every matrix; only differences between configurations move M) or none")
 
 
@@ -115,11 +115,12 @@ class TrainingSection(_Section):
     steps_per_round: int = Field(20, gt=0)
     configs_per_step: int = Field(2, gt=0, description="K: configurations drawn per step (mean of their losses)")
     config_sampling: Literal["uniform", "stratified"] = Field(
-        "uniform", description="how a step's K configurations are drawn from the training set: uniform, or one from "
+        "stratified", description="how a step's K configurations are drawn from the training set: uniform, or one from "
                                "each of K strata along the bit axis")
     lr: float = Field(3e-3, gt=0)
     lora_lr: float | None = Field(None, gt=0, description="peak lr of the LoRA factors alone (None: lr)")
-    encoder_lr: float | None = Field(None, gt=0, description="peak lr of θ, the configuration encoder (None: lr)")
+    encoder_lr: float | None = Field(1.5e-4, gt=0, description="peak lr of θ, the configuration encoder (None: lr); "
+                                                              "about lr/20: θ moves every adapter at once")
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -130,7 +131,8 @@ class SearchSection(_Section):
     rounds: int = Field(2, ge=0)
     initial_budgets: int = Field(12, gt=0)
     budget_min: float = 2.25
-    budget_max: float = 7.25
+    budget_max: float = 4.5  # where the quantization error is (and the evaluation targets): 7 of 12 ILP budgets
+                             # over [2.25, 7.25] sat above 4.5 bits, where an adapter has little to correct
     proposals_per_round: int = Field(4, gt=0)
     segments: int = Field(6, gt=0, description="equal-width bit segments of the Pareto selection; about a third of "
                                                "the largest pool, so that selection selects (the paper's 40 suits "
