@@ -148,3 +148,19 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]
+
+
+def test_segments_that_cannot_select_are_warned_about(caplog):
+    """As many Pareto segments as the pool will ever hold leave every member alone in its segment: the training set
+    is the pool. The default configuration is selective and says nothing."""
+    import logging
+
+    from orchestrator.preflight import _warn_unselective
+
+    with caplog.at_level(logging.WARNING, logger="orchestrator.preflight"):
+        _warn_unselective(build_config({}))
+        assert not caplog.records
+        _warn_unselective(build_config({}, ["search.segments=40"]))
+    (record,) = caplog.records
+    assert "search.segments = 40 >= the largest pool (20" in record.getMessage()
+    assert "about 6 segments" in record.getMessage()
