@@ -140,6 +140,11 @@ class SearchSection(_Section):
     fisher_examples: int = Field(32, gt=0)
     cost_sample: int = Field(65536, ge=0, description="entries per matrix for the ILP cost estimate; 0 = exact")
 
+    @property
+    def largest_pool(self) -> int:
+        """The most configurations the pool can hold: the initial budgets plus every round's proposals."""
+        return self.initial_budgets + self.rounds * self.proposals_per_round
+
     @model_validator(mode="after")
     def _budget_order(self) -> "SearchSection":
         if self.budget_min >= self.budget_max:

@@ -9,9 +9,9 @@
               every method) and on unseen configurations (orchestrator/finish.py)
 
 Determinism: every random choice is drawn from a generator seeded by (seed, purpose, step), never from global
-state (orchestrator/schedule.py), and checkpoints hold every tensor and the ledger length at the round boundary. A resume truncates the
-ledger to that length and replays from there, so it writes the same ledger, pool, training set and proposals as an
-uninterrupted run. Worker calls are pure functions of their arguments, so retried calls cannot double-count.
+state (orchestrator/schedule.py), and checkpoints hold every tensor and the ledger length at the round boundary. A
+resume truncates the ledger to that length and replays from there, so it writes the same ledger, pool, training set
+and proposals as an uninterrupted run. Worker calls are pure functions of their arguments, so retried calls cannot double-count.
 """
 
 from __future__ import annotations
@@ -145,13 +145,12 @@ class Driver:
 
     # ---- round r --------------------------------------------------------------------------------------------------
     def _train(self, r: int) -> float:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.training
         losses = []
-        with self._bar(cfg.training.steps_per_round, f"round {r}: train") as bar:
-            for j in range(cfg.training.steps_per_round):
+        with self._bar(t.steps_per_round, f"round {r}: train") as bar:
+            for j in range(t.steps_per_round):
                 started = time.perf_counter()
-                step = (r - 1) * cfg.training.steps_per_round + j
-                t = cfg.training
+                step = (r - 1) * t.steps_per_round + j
                 configs = step_configurations(self.training_set, step, seed=cfg.run.seed, k=t.configs_per_step,
                                               sampling=t.config_sampling, space=self.ctx.space,
                                               numels=self.ctx.numels)
@@ -335,8 +334,8 @@ class Driver:
 
     # ---- final evaluation -----------------------------------------------------------------------------------------
     def final_evaluation(self) -> list[dict[str, Any]]:
-        finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ctx.n_train, self.ex, self.ledger,
-                        self.train_config, self._bar, self._put)
+        finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ex, self.ledger, self.train_config,
+                        self._shards, self._bar, self._put)
         return finish.evaluate(self.master.state(), self.costs, self.pool)
 
     # ---- the whole run --------------------------------------------------------------------------------------------

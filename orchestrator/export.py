@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from workers.models import load_tokenizer, resolve_model
 from workers.quant.blockwise import packed_nbytes
 from workers.worker import Worker
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .runs import load_run_config, worker_spec
 from .state import CheckpointStore, write_json_atomic
 
@@ -95,7 +94,7 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     return directory
 
 
-def _log_export(cfg: Any, run_dir: Path, directory: Path, label: str) -> None:
+def _log_export(cfg: RunConfig, run_dir: Path, directory: Path, label: str) -> None:
     """The export also goes to the run's MLflow record (Artifacts tab, ``exports/<budget>``). The files on disk are
     the export: a tracking store that is down or lacks the run costs a warning, not the export."""
     from .preflight import tracking_uri

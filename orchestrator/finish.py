@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .executor import Executor
 from .faults import commit_point
 from .optim import MasterState, weighted_mean
-from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, data_shards, key, seeded, step_configurations, unkey
+from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, key, seeded, step_configurations, unkey
 from .state import Ledger, finite_or_none, write_json_atomic
 from .tracking import Tracker
 
@@ -78,15 +78,12 @@ class Finish:
     cfg: RunConfig
     space: SearchSpace
     numels: list[int]
-    n_train: int
     executor: Executor
     ledger: Ledger
     train_config: TrainConfig
+    shards: Callable[[int], list[list[int]]]  # a step's training examples, one shard per worker (the run's order)
     bar: Callable[[int, str], tqdm]
     put: Callable[[Any], Any]
-
-    def _shards(self, step: int) -> list[list[int]]:
-        return data_shards(self.cfg.run.seed, self.n_train, self.cfg.data.batch_size, step, self.executor.n_workers)
 
     def _train_plain(self, desc: str, steps: int,
                      configurations_of: Callable[[int], list[np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -97,7 +94,7 @@ class Finish:
         with self.bar(steps, desc) as bar:
             for step in range(steps):
                 ref, configs = self.put(master.state()), configurations_of(step)
-                results = self.executor.map("gradients", [("shared", ref, s, configs) for s in self._shards(step)])
+                results = self.executor.map("gradients", [("shared", ref, s, configs) for s in self.shards(step)])
                 master.step(weighted_mean(results)[1])
                 bar.update(1)
         return master.state()

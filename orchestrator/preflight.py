@@ -175,16 +175,14 @@ def _warn_unselective(cfg: RunConfig) -> None:
     """Segmented Pareto selection keeps at least one configuration per occupied segment: with as many segments as
     the pool will ever hold, every member tends to sit alone in its segment and the training set is the pool."""
     s = cfg.search
-    largest_pool = s.initial_budgets + s.rounds * s.proposals_per_round
-    if s.segments >= largest_pool:
+    if s.segments >= s.largest_pool:
         log.warning("search.segments = %d >= the largest pool (%d = initial_budgets + rounds × proposals_per_round): "
                     "segmented Pareto selection will keep nearly every configuration, so the training set is the "
-                    "pool; about %d segments would let it select", s.segments, largest_pool, max(2, largest_pool // 3))
+                    "pool; about %d segments would let it select", s.segments, s.largest_pool,
+                    max(2, s.largest_pool // 3))
 
 
 def check_with_model(cfg: RunConfig, numels: list[int]) -> None:
     """Checks that need the model's target matrices (known once the workers have loaded it)."""
-    space = cfg.load_space()
-    s = cfg.search
-    most_seen = s.initial_budgets + s.rounds * s.proposals_per_round + len(cfg.evaluation.targets)
-    check_unseen_feasible(space, len(numels), most_seen, cfg.evaluation.unseen)
+    most_seen = cfg.search.largest_pool + len(cfg.evaluation.targets)
+    check_unseen_feasible(cfg.load_space(), len(numels), most_seen, cfg.evaluation.unseen)

@@ -1,8 +1,8 @@
 """Run directories and the user-facing operations on them: run, resume, status.
 
 ``start_run`` checks everything it can before writing anything (:mod:`orchestrator.preflight`: the configuration,
-space, model, data, run directory, tracking store and the machine or cluster's resources); then it starts the workers (which load the model
-and data) and opens the MLflow run; only then does it create the run directory. So a run that cannot start leaves
+space, model, data, run directory, tracking store and the machine or cluster's resources); then it starts the
+workers (which load the model and data) and opens the MLflow run; only then does it create the run directory. So a run that cannot start leaves
 nothing behind that would block the next attempt. A run directory is recognised by its ``coalora-run.json``, which
 holds the resolved configuration and the run's id, so ``resume`` needs nothing but the directory.
 
@@ -119,9 +119,10 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     monitor = tracker.start_system_metrics() if cfg.tracking.system_metrics else None
     try:
         tracker.log_params_once(cfg.to_flat_dict())
-        _log_data_input(tracker, cfg, executor.call("n_train"))
+        n_train = executor.call("n_train")
+        _log_data_input(tracker, cfg, n_train)
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
-                         executor.call("n_train"))
+                         n_train)
         driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)
         ready = time.perf_counter()
         rows = driver.run(executor.call("initial_state", "coa"))

@@ -138,18 +138,23 @@ def experiment_id(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def find_run(client: Any, experiment: str, tags: Mapping[str, str]) -> Any | None:
+    """The one run whose tags include ``tags``, or None; more than one is an inconsistent store."""
+    query = " and ".join(f"tags.`{k}` = {filter_literal(v)}" for k, v in tags.items())
+    found = client.search_runs([experiment], filter_string=query, max_results=2)
+    if len(found) > 1:
+        raise RuntimeError(f"more than one MLflow run matches {dict(tags)}; the tracking store is inconsistent")
+    return found[0] if found else None
+
+
 def find_or_create_run(client: Any, experiment: str, tags: Mapping[str, str], name: str,
                        extra_tags: Mapping[str, str] | None = None) -> str:
     """The one run whose tags include ``tags`` (created if none): what makes logging idempotent across resumes.
     ``extra_tags`` (e.g. ``mlflow.parentRunId``) are set on creation and brought up to date on a found run."""
     extra = dict(extra_tags or {})
-    query = " and ".join(f"tags.`{k}` = {filter_literal(v)}" for k, v in tags.items())
-    found = client.search_runs([experiment], filter_string=query, max_results=2)
-    if len(found) > 1:
-        raise RuntimeError(f"more than one MLflow run matches {dict(tags)}; the tracking store is inconsistent")
-    if not found:
+    run = find_run(client, experiment, tags)
+    if run is None:
         return client.create_run(experiment, tags={**tags, **extra}, run_name=name).info.run_id
-    run = found[0]
     for k, v in extra.items():
         if run.data.tags.get(k) != v:
             client.set_tag(run.info.run_id, k, v)
@@ -168,12 +173,11 @@ def attach_artifacts(uri: str, experiment: str, run_key: str, directory: Path, a
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    query = f"tags.`{RUN_ID_TAG}` = {filter_literal(run_key)} and tags.`{ROLE_TAG}` = 'parent'"
-    found = client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
-    if not found:
+    run = find_run(client, exp.experiment_id, {RUN_ID_TAG: run_key, ROLE_TAG: "parent"})
+    if run is None:
         return None
-    client.log_artifacts(found[0].info.run_id, str(directory), artifact_path)
-    return found[0].info.run_id
+    client.log_artifacts(run.info.run_id, str(directory), artifact_path)
+    return run.info.run_id
 
 
 class Tracker:

@@ -58,8 +58,8 @@ class CoAModel(nn.Module):
     Call ``model(configuration, **batch)``: it activates ``configuration`` (list of settings in registry order,
     or None for the unquantized base), computes all M in one θ call and runs the wrapped model.
 
-    ``reference`` (a configuration, one setting for every matrix, or None) anchors θ: M(C) = I + γ·(U(C) − U(reference)), so the reference maps to
-    M = I exactly and only differences between configurations move M. Without it, θ's output bias and every other
+    ``reference`` (a configuration, one setting for every matrix, or None) anchors θ: M(C) = I + γ·(U(C) −
+    U(reference)), so the reference maps to M = I exactly and only differences between configurations move M. Without it, θ's output bias and every other
     configuration-independent part of U rescale all adapters alike, a change Shared-LoRA can make as well."""
 
     def __init__(
