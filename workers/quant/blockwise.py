@@ -1,7 +1,9 @@
 """Blockwise quantization with double-quantized scales (method.md §1.4), as fake-quant and as a packed form.
 
-Both forms come from the same code path (:func:`_encode`), and the packed form decodes with the same arithmetic,
-so ``dequantize(quantize(W, s))`` is bit-identical to ``fake_quantize(W, s)``.
+Both forms come from the same steps (block absmax, scales, nearest codes), and the packed form decodes with the
+same arithmetic, so ``dequantize(quantize(W, s))`` is bit-identical to ``fake_quantize(W, s)``. The two passes over
+the matrix run as Numba kernels on the CPU (:mod:`.fused`); ``reference=True`` selects the pure-torch path, which
+is also the path on other devices, and the tests hold the two bit-identical.
 
 Padding: a matrix of n entries is flattened row-major and zero-padded to a multiple of B0·B1. The offset o is the
 minimum absmax over blocks that hold at least one real entry (a padding-only block would otherwise force o = 0),
@@ -24,8 +26,8 @@ import torch
 
 from search.space import FLOAT_FORMAT_BITS, QuantSetting
 
-from . import packing
-from .codebooks import codebook, nearest_code
+from . import fused, packing
+from .codebooks import codebook, midpoints, nearest_code
 
 SCALE2_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -68,8 +70,7 @@ def _check_finite(absmax: torch.Tensor, setting: QuantSetting, name: str) -> Non
 
 
 @dataclass(frozen=True)
-class _Encoded:
-    codes: torch.Tensor  # uint8 (padded_numel,), unpacked b0-bit code indices
+class _Scales:
     scale_codes: torch.Tensor  # uint8 (padded_numel / B0,)
     scale2: torch.Tensor  # (padded_numel / (B0·B1),) in the b2 format
     offset: torch.Tensor  # fp32 scalar
@@ -86,16 +87,39 @@ def _dequantize_scales(
     return (scale_codes.view(-1, setting.block1).float() * step.unsqueeze(1)).reshape(-1) + offset
 
 
-def _encode(weight: torch.Tensor, setting: QuantSetting, name: str) -> _Encoded:
-    n = weight.numel()
-    n_pad = padded_numel(n, setting)
-    flat = weight.detach().reshape(-1).float()
-    if n_pad != n:
-        flat = torch.cat([flat, flat.new_zeros(n_pad - n)])
-    blocks = flat.view(-1, setting.block0)
-    absmax = blocks.abs().amax(dim=1)  # s: one per first-level block
+def _fused(weight: torch.Tensor, reference: bool) -> bool:
+    """Whether the Numba kernels (:mod:`.fused`) do the passes over the matrix: on the CPU, unless the caller
+    asks for the torch reference path (or Numba is missing)."""
+    return not reference and fused.AVAILABLE and weight.device.type == "cpu"
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    """The matrix as one contiguous float32 row (a view when it already is one)."""
+    return weight.detach().reshape(-1).float().contiguous()
+
+
+def _padded(flat: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
+    n_pad = padded_numel(flat.numel(), setting)
+    return flat if n_pad == flat.numel() else torch.cat([flat, flat.new_zeros(n_pad - flat.numel())])
+
+
+def _absmax(flat: torch.Tensor, setting: QuantSetting, name: str, use_fused: bool) -> torch.Tensor:
+    """s: the absmax of every first-level block of the zero-padded matrix (first pass over the matrix)."""
+    n_blocks = padded_numel(flat.numel(), setting) // setting.block0
+    if use_fused:
+        absmax, bad = fused.block_absmax(flat, setting.block0, n_blocks)
+        if bad:
+            raise ValueError(f"{name} with setting {setting}: the matrix holds NaN or Inf values")
+        return absmax
+    absmax = _padded(flat, setting).view(-1, setting.block0).abs().amax(dim=1)
     _check_finite(absmax, setting, name)
-    n_real_blocks = -(-n // setting.block0)
+    return absmax
+
+
+def _scales(absmax: torch.Tensor, numel: int, setting: QuantSetting) -> _Scales:
+    """Offset, second-level scales and scale codes from the block absmaxes: one value per B0 entries or fewer,
+    so this stays in torch and is shared by both paths."""
+    n_real_blocks = -(-numel // setting.block0)
     offset = absmax[:n_real_blocks].min()  # o
     shifted = (absmax - offset).clamp_(min=0)  # s' (padding-only blocks clamp to 0)
     scale2 = shifted.view(-1, setting.block1).amax(dim=1).to(SCALE2_DTYPES[setting.scale2_format])  # t̂ in b2
@@ -105,9 +129,20 @@ def _encode(weight: torch.Tensor, setting: QuantSetting, name: str) -> _Encoded:
     scale_codes = torch.round(shifted.view(-1, setting.block1) * m0 / safe_t.unsqueeze(1)).clamp_(0, m0)
     scale_codes = scale_codes.to(torch.uint8).reshape(-1)
     scales = _dequantize_scales(scale_codes, scale2, offset, setting)
-    safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = nearest_code(blocks / safe_scales.unsqueeze(1), setting.code).reshape(-1)
-    return _Encoded(codes=codes, scale_codes=scale_codes, scale2=scale2, offset=offset, scales=scales)
+    return _Scales(scale_codes=scale_codes, scale2=scale2, offset=offset, scales=scales)
+
+
+def _encode_scales(flat: torch.Tensor, setting: QuantSetting, name: str, use_fused: bool) -> _Scales:
+    return _scales(_absmax(flat, setting, name, use_fused), flat.numel(), setting)
+
+
+def _codes(flat: torch.Tensor, sc: _Scales, setting: QuantSetting, use_fused: bool) -> torch.Tensor:
+    """uint8 nearest-code index of every padded entry under its block's dequantized scale (second pass)."""
+    if use_fused:
+        return fused.encode(flat, setting.block0, sc.scales, midpoints(setting.code))
+    safe_scales = torch.where(sc.scales > 0, sc.scales, torch.ones_like(sc.scales))
+    blocks = _padded(flat, setting).view(-1, setting.block0)
+    return nearest_code(blocks / safe_scales.unsqueeze(1), setting.code).reshape(-1)
 
 
 def _decode_values(values: torch.Tensor, scales: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
@@ -116,12 +151,20 @@ def _decode_values(values: torch.Tensor, scales: torch.Tensor, setting: QuantSet
     return values.view(-1, setting.block0).mul_(scales.unsqueeze(1)).reshape(-1)
 
 
-def fake_quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight") -> torch.Tensor:
-    """The dequantized matrix Ŵ (same shape, dtype and device as ``weight``): what training multiplies with."""
+def fake_quantize(
+    weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight", reference: bool = False
+) -> torch.Tensor:
+    """The dequantized matrix Ŵ (same shape, dtype and device as ``weight``): what training multiplies with.
+    ``reference=True`` forces the pure-torch path the fused kernels are tested against."""
     validate_weight(weight, setting, name)
-    enc = _encode(weight, setting, name)
-    values = codebook(setting.code, str(weight.device))[enc.codes.long()]
-    out = _decode_values(values, enc.scales, setting)[: weight.numel()]
+    use_fused = _fused(weight, reference)
+    flat = _flat(weight)
+    sc = _encode_scales(flat, setting, name, use_fused)
+    if use_fused:
+        out = fused.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code), codebook(setting.code))
+    else:
+        values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, False).long()]
+        out = _decode_values(values, sc.scales, setting)[: weight.numel()]
     return out.view(weight.shape).to(weight.dtype)
 
 
@@ -161,32 +204,42 @@ class PackedWeight:
         return dequantize(self)
 
 
-def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight") -> PackedWeight:
-    """Quantize ``weight`` under ``setting`` into its packed storage form."""
+def quantize(
+    weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight", reference: bool = False
+) -> PackedWeight:
+    """Quantize ``weight`` under ``setting`` into its packed storage form (``reference``: the torch path)."""
     validate_weight(weight, setting, name)
-    enc = _encode(weight, setting, name)
+    use_fused = _fused(weight, reference)
+    flat = _flat(weight)
+    sc = _encode_scales(flat, setting, name, use_fused)
+    codes = _codes(flat, sc, setting, use_fused)
+    pack = fused.pack if use_fused else packing.pack
     return PackedWeight(
         setting=setting,
         shape=tuple(weight.shape),
         dtype=weight.dtype,
-        codes=packing.pack(enc.codes, setting.code_bits),
-        scale_codes=packing.pack(enc.scale_codes, setting.scale_bits),
-        scale2=enc.scale2,
-        offset=enc.offset.reshape(1),
+        codes=pack(codes, setting.code_bits),
+        scale_codes=packing.pack(sc.scale_codes, setting.scale_bits),
+        scale2=sc.scale2,
+        offset=sc.offset.reshape(1),
     )
 
 
-def dequantize(packed: PackedWeight) -> torch.Tensor:
+def dequantize(packed: PackedWeight, *, reference: bool = False) -> torch.Tensor:
     """Decode a :class:`PackedWeight` back to a dense matrix of its original shape and dtype.
 
-    For code widths dividing 8 each packed byte maps to its (8/k) values through one table gather; other widths
-    unpack first. Either way the floats equal :func:`fake_quantize`'s exactly.
+    Fused: one pass from packed bytes to value · scale. Reference: for code widths dividing 8 each packed byte maps
+    to its (8/k) values through one table gather; other widths unpack first. Either way the floats equal
+    :func:`fake_quantize`'s exactly.
     """
     s = packed.setting
     n_pad = packed.padded_numel
     scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, n_pad // s.block0)
     scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
     book = codebook(s.code, str(packed.codes.device))
+    if _fused(packed.codes, reference) and s.block0 % packing.group_size(s.code_bits) == 0:
+        out = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, scales, book)
+        return out.view(packed.shape).to(packed.dtype)
     table = packing.byte_lookup_table(book, s.code_bits)
     if table is not None:
         values = _gather_rows(table, packed.codes)
