@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet torch==2.13.0 -e ".[bench]"
 	$(PY) bench/quant.py
 	$(PY) bench/adapt.py
+	$(PY) bench/step.py
 	$(PY) bench/search.py --quick
 	$(PY) bench/system.py
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.space import DEFAULT_SPACE_FILE, SearchSpace, show_value
 from workers.data.packaged import PACKAGED_TASKS
+from workers.lora import DEFAULT_CACHE_MB
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -124,6 +125,9 @@ class TrainingSection(_Section):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    cache_mb: float = Field(DEFAULT_CACHE_MB, ge=0, le=2**20,
+                            description="bytes (in MiB) of quantized weights each model replica keeps, packed; "
+                                        "a configuration whose weights are not kept is quantized again")
 
 
 class SearchSection(_Section):

@@ -34,6 +34,7 @@ from search.hypervolume import normalized_hypervolume
 from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
+from workers.lora import merge_cache_stats
 from workers.training import lr_factor
 
 from . import report
@@ -325,7 +326,8 @@ class Driver:
             return
         metrics = {"hypervolume": hv, "pool_size": len(self.pool), "training_set_size": len(self.training_set),
                    "best_loss": float(loss.min()),
-                   **self.ex.call("theta_spread", self._put(self.master.state()), self.training_set)}
+                   **self.ex.call("theta_spread", self._put(self.master.state()), self.training_set),
+                   **merge_cache_stats(self.ex.map("cache_stats", [()] * self.ex.n_workers))}
         if not np.isnan(train_loss):
             metrics["train_loss"] = train_loss
         self.tracker.log_metrics(metrics, step=r)

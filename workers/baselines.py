@@ -18,7 +18,7 @@ from torch import nn
 from search.space import QuantSetting, SearchSpace
 
 from .coa_model import CoAModel
-from .lora import Init
+from .lora import DEFAULT_CACHE_MB, Init
 from .lq import lq_decompose
 from .tasks import evaluate
 from .training import TrainConfig, train
@@ -29,10 +29,10 @@ METHODS: tuple[str, ...] = ("coa-lora", "qlora", "lq-lora", "shared-lora", "no-a
 
 
 def plain_lora(model: nn.Module, space: SearchSpace, *, rank: int, alpha: float, seed: int = 0,
-               init: Init = "zero_B") -> CoAModel:
+               init: Init = "zero_B", cache_mb: float = DEFAULT_CACHE_MB) -> CoAModel:
     """The wrapped model with θ disabled (M = I); B = 0 by default (QLoRA). Shared-LoRA and coa-no-theta take
     CoA-LoRA's own ``init``, so the comparison isolates θ."""
-    return CoAModel(model, space, rank=rank, alpha=alpha, init=init, use_encoder=False, seed=seed)
+    return CoAModel(model, space, rank=rank, alpha=alpha, init=init, use_encoder=False, seed=seed, cache_mb=cache_mb)
 
 
 def lq_lora(

@@ -17,7 +17,7 @@ from search.space import QuantSetting, SearchSpace
 
 from .apply import resolve_configuration
 from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay_parameter_names
-from .lora import CoALoRALinear, Init, Quantizer
+from .lora import DEFAULT_CACHE_MB, CoALoRALinear, Init, QuantCache
 from .registry import ModuleRegistry
 
 CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")
@@ -31,19 +31,19 @@ def wrap_targets(
     alpha: float,
     *,
     init: Init = "zero_B",
-    cache_size: int = 4,
+    cache: QuantCache | None = None,
     seed: int = 0,
-    quantizer: Quantizer | None = None,
 ) -> list[CoALoRALinear]:
-    """Replace every registry target of ``model`` in place by a :class:`CoALoRALinear` (registry order). A's
-    random init comes from one generator seeded with ``seed``, drawn in registry order."""
+    """Replace every registry target of ``model`` in place by a :class:`CoALoRALinear` (registry order), all
+    sharing ``cache`` (a new default-size one if None). A's random init comes from one generator seeded with
+    ``seed``, drawn in registry order."""
     generator = torch.Generator().manual_seed(seed)
+    cache = QuantCache() if cache is None else cache
     layers = []
     for target in registry:
         base = registry.module(model, target)
         layer = CoALoRALinear(
-            base, rank, alpha, init=init, name=target.name, cache_size=cache_size, generator=generator,
-            quantizer=quantizer,
+            base, rank, alpha, init=init, name=target.name, cache=cache, generator=generator,
         )
         parent_name, _, child = target.name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
@@ -72,7 +72,7 @@ class CoAModel(nn.Module):
         init: Init = "zero_B",
         use_encoder: bool = True,
         trainable_modules: Sequence[str] | None = None,
-        cache_size: int = 4,
+        cache_mb: float = DEFAULT_CACHE_MB,
         seed: int = 0,
         registry: ModuleRegistry | None = None,
         reference: Sequence[QuantSetting] | QuantSetting | None = None,
@@ -87,7 +87,8 @@ class CoAModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
-        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache_size=cache_size, seed=seed)
+        self.cache = QuantCache(cache_mb)  # the quantized weights of every layer, in one byte budget
+        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache=self.cache, seed=seed)
         self.encoder = (
             ConfigurationEncoder.for_model(space, self.registry, rank, hidden=encoder_hidden,
                                            generator=torch.Generator().manual_seed(seed + 1))

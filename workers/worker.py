@@ -24,6 +24,7 @@ from .baselines import plain_lora
 from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
+from .lora import DEFAULT_CACHE_MB, merge_cache_stats
 from .models import quiet_transformers
 from .tasks import Task, build_source_task, evaluate
 from .training import compute_gradients
@@ -56,6 +57,7 @@ class WorkerSpec:
     threads: int = 1
     reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
     encoder_hidden: int = 128
+    cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (lora.QuantCache)
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -96,10 +98,11 @@ class Worker:
         for name, init in (("shared", spec.init), ("bare", "zero_B")):
             if name in spec.methods:  # its own copy of the frozen base, so the replicas never interfere
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
-                                               alpha=spec.alpha, seed=spec.seed, init=init)
+                                               alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         reference = self.space.most_precise if spec.reference == "most_precise" else None
         self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=spec.init,
-                                      seed=spec.seed, reference=reference, encoder_hidden=spec.encoder_hidden)
+                                      seed=spec.seed, reference=reference, encoder_hidden=spec.encoder_hidden,
+                                      cache_mb=spec.cache_mb)
         for model in self.models.values():
             model.eval()
         self._fisher: dict[str, torch.Tensor] | None = None
@@ -167,6 +170,13 @@ class Worker:
         model = self._with_state(method, state)
         config = None if configuration is None else self.space.decode(np.asarray(configuration))
         return evaluate(model, config, self.val_batches, adapter=adapter)
+
+    def cache_stats(self) -> dict[str, float]:
+        """Quantized-weight cache counters of every replica since the last call (then reset), and bytes held."""
+        stats = merge_cache_stats(model.cache.stats() for model in self.models.values())
+        for model in self.models.values():
+            model.cache.reset_counters()
+        return stats
 
     def theta_spread(self, state: Mapping[str, torch.Tensor], configurations: Sequence[np.ndarray]) -> dict[str, float]:
         """θ's common and configuration-specific output over ``configurations`` (``coa_model.theta_spread``)."""

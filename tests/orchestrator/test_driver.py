@@ -170,10 +170,11 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     """Under ``svd_of_W``: coa-no-theta gets exactly CoA-LoRA's gradient calls (the same data shards and the same K
     configurations at every step, from the ledger's training sets) on a θ-free replica with CoA-LoRA's init;
     Shared-LoRA takes the same init; no-adapter is quant(W) itself (its own zero-B replica), not the base of W − L
-    without L; θ's common and configuration-specific output are logged per round."""
+    without L; θ's common and configuration-specific output are logged per round, and so are the quantized-weight
+    caches' counters, each replica's cache sized by training.cache_mb."""
     config, _ = make_config(adapter={"rank": 4, "alpha": 8, "init": "svd_of_W", "reference": "most_precise"},
                             training={"steps_per_round": 2, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1,
-                                      "encoder_lr": 0.0005},
+                                      "encoder_lr": 0.0005, "cache_mb": 0.5},
                             evaluation={"targets": [2.5, 4.0], "unseen": 1,
                                         "baselines": ["no_adapter", "shared_lora", "no_theta"]})
     run_dir, rows = start_run(build_config(config), progress=False)
@@ -194,6 +195,10 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                    "tags.`coalora.role` = 'parent'")
     assert parent.data.metrics["theta_spread"] > 0 and "theta_common" in parent.data.metrics
+    assert {m.cache.capacity_bytes for m in models.values()} == {2**19}
+    hit_rates = client.get_metric_history(parent.info.run_id, "cache_hit_rate")
+    assert len(hit_rates) >= 2 and all(0 <= m.value <= 1 for m in hit_rates)
+    assert parent.data.metrics["cache_misses"] > 0 and 0 < parent.data.metrics["cache_mb"] <= 3 * 0.5
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):

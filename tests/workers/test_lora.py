@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from search.space import QuantSetting
 from workers.coa_model import CoAModel, wrap_targets
 from workers.lora import CoALoRALinear, QuantCache
-from workers.quant.blockwise import fake_quantize
+from workers.quant.blockwise import fake_quantize, quantize
 from workers.registry import ModuleRegistry
 
 NF4 = QuantSetting("nf4", 8, "fp32", 64, 256)
@@ -60,23 +61,59 @@ def test_svd_of_w_init_splits_w_into_low_rank_plus_residual():
     torch.testing.assert_close(layer.quantized_weight(), fake_quantize(layer.residual, NF4))
 
 
-def test_quant_cache_is_bounded_lru():
+def test_quant_cache_is_a_byte_bounded_lru():
+    """Entries are packed weights; the budget is bytes; the least recent entry goes first; a matrix larger than
+    the whole budget is used but not kept; ``drop`` forgets one matrix's settings only."""
+    w = torch.randn(64, 64)
+    nf3 = QuantSetting("nf3", 8, "fp32", 64, 256)
+    size = quantize(w, NF4).nbytes
+    cache = QuantCache(2.5 * size / 2**20)  # room for two NF4-sized entries (nf3 and nf2 are smaller)
     calls = []
-    cache = QuantCache(2)
-    for s in [NF2, NF4, NF2, QuantSetting("nf3", 8, "fp32", 64, 256), NF4]:
-        cache.get(s, lambda s=s: calls.append(s) or torch.zeros(1))
-    # NF2 hit (3rd); nf3 evicts NF4 (least recent); NF4 recomputed
-    assert calls == [NF2, NF4, QuantSetting("nf3", 8, "fp32", 64, 256), NF4]
-    assert len(cache) == 2 and cache.hits == 1 and cache.misses == 4
+    for name, s in [("a", NF4), ("b", NF4), ("a", NF4), ("c", NF4), ("b", NF4)]:
+        cache.get(name, s, lambda s=s, name=name: calls.append((name, s)) or quantize(w, s))
+    # a hit (3rd); c evicts b (least recent); b quantized again and evicts a
+    assert calls == [("a", NF4), ("b", NF4), ("c", NF4), ("b", NF4)]
+    assert cache.stats() == {"cache_hits": 1, "cache_misses": 4, "cache_evictions": 2, "cache_hit_rate": 0.2,
+                             "cache_mb": 2 * size / 2**20, "cache_entries": 2}
+    cache.get("c", nf3, lambda: quantize(w, nf3))
+    cache.drop("c")
+    assert len(cache) == 1 and cache.nbytes == size
+    tiny = QuantCache(0)
+    assert torch.equal(tiny.get("a", NF4, lambda: quantize(w, NF4)).codes, quantize(w, NF4).codes) and len(tiny) == 0
+    with pytest.raises(ValueError, match="finite number of MB"):
+        QuantCache(float("nan"))
 
 
 def test_layer_requantizes_only_on_cache_miss():
-    layer = CoALoRALinear(_linear(), rank=2, alpha=4.0, cache_size=2)
+    layer = CoALoRALinear(_linear(), rank=2, alpha=4.0)
     x = torch.randn(1, 40)
     for s in [NF2, NF4, NF2, NF4]:
         layer.setting = s
         layer(x)
     assert layer.cache.misses == 2 and layer.cache.hits == 2
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40)])
+def test_forward_and_backward_equal_a_dense_fake_quantized_linear(shape):
+    """The packed path (decode in forward, decode again in backward) computes what F.linear on the dense
+    fake-quantized weight computes, bit for bit, and keeps no dense weight for the backward."""
+    base = _linear()
+    layer = CoALoRALinear(base, rank=2, alpha=4.0)
+    layer.setting = NF4
+    dense = fake_quantize(layer.residual, NF4)
+    x = torch.randn(*shape, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    expected_x = x.detach().clone().requires_grad_(True)
+    expected = F.linear(expected_x, dense, base.bias) + layer.scaling * F.linear(
+        F.linear(expected_x, layer.lora_A), layer.lora_B)
+    assert torch.equal(y, expected)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected.backward(g)
+    assert torch.equal(x.grad, expected_x.grad)
+    assert tuple(dense.shape) not in saved  # only the LoRA factors and activations are kept
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "llama", "qwen2"])

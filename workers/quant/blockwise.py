@@ -225,12 +225,13 @@ def quantize(
     )
 
 
-def dequantize(packed: PackedWeight, *, reference: bool = False) -> torch.Tensor:
+def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode a :class:`PackedWeight` back to a dense matrix of its original shape and dtype.
 
     Fused: one pass from packed bytes to value · scale. Reference: for code widths dividing 8 each packed byte maps
     to its (8/k) values through one table gather; other widths unpack first. Either way the floats equal
-    :func:`fake_quantize`'s exactly.
+    :func:`fake_quantize`'s exactly. ``out``: a contiguous float32 buffer of at least ``numel`` entries on the
+    codes' device to decode into (a reused scratch buffer); the result is then a float32 view of it.
     """
     s = packed.setting
     n_pad = packed.padded_numel
@@ -238,15 +239,17 @@ def dequantize(packed: PackedWeight, *, reference: bool = False) -> torch.Tensor
     scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
     book = codebook(s.code, str(packed.codes.device))
     if _fused(packed.codes, reference) and s.block0 % packing.group_size(s.code_bits) == 0:
-        out = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, scales, book)
-        return out.view(packed.shape).to(packed.dtype)
-    table = packing.byte_lookup_table(book, s.code_bits)
-    if table is not None:
-        values = _gather_rows(table, packed.codes)
+        flat = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, scales, book, out)
     else:
-        values = book[packing.unpack(packed.codes, s.code_bits, n_pad).long()]
-    out = _decode_values(values, scales, s)[: packed.numel]
-    return out.view(packed.shape).to(packed.dtype)
+        table = packing.byte_lookup_table(book, s.code_bits)
+        if table is not None:
+            values = _gather_rows(table, packed.codes)
+        else:
+            values = book[packing.unpack(packed.codes, s.code_bits, n_pad).long()]
+        flat = _decode_values(values, scales, s)[: packed.numel]
+        if out is not None:
+            flat = out.view(-1)[: packed.numel].copy_(flat)
+    return flat.view(packed.shape) if out is not None else flat.view(packed.shape).to(packed.dtype)
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

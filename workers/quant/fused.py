@@ -6,10 +6,13 @@ int64 to gather, and packs odd widths through int64 words. These kernels make th
 the format needs, each a single multithreaded loop:
 
 1. :func:`block_absmax`: one absmax per first-level block (and a NaN/Inf flag), reading the matrix once;
-2. :func:`encode` / :func:`fake_quantize_values`: divide by the block's scale, find the nearest code by binary
-   search over the thresholds, write the uint8 code (or directly code value x scale, for fake-quantization).
+2. :func:`encode` / :func:`fake_quantize_values`: divide by the block's scale, find the nearest code (a table
+   over a uniform grid of [-1, 1] gives a start no higher than the answer, and a fixed number of branch-free
+   threshold compares finish it, so no per-threshold passes and no unpredictable branches), write the uint8 code
+   (or directly code value x scale, for fake-quantization).
 
-:func:`pack` and :func:`dequantize_packed` pack and decode any width 1..8 in place of the int64 word arithmetic.
+:func:`pack` and :func:`dequantize_packed` pack and decode any width 1..8 without int64 intermediates; widths
+that divide 8 decode through a byte -> values table.
 Everything between the two passes (offset, second-level scales, scale codes: one value per 64 or more entries)
 stays in torch and is shared with the reference path, so both see the very same scales.
 
@@ -21,7 +24,7 @@ tensors keep the torch path.
 
 Bit-identical to the reference: every float operation is the same float32 operation in the same order (x / ŝ, the
 midpoint comparisons, value · ŝ), and a code is the number of thresholds strictly below its value, as
-``torch.bucketize(right=False)`` computes it. ``tests/workers/quant/test_fused.py`` checks codes, scales and
+``torch.bucketize(right=False)`` computes it. ``tests/quant/test_fused.py`` checks codes, scales and
 outputs for every setting of the spaces.
 
 Fallback: when Numba is not importable, :data:`AVAILABLE` is False and :mod:`.blockwise` uses its torch path.
@@ -34,6 +37,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+
+from . import packing
 
 try:
     import numba
@@ -117,7 +122,21 @@ if AVAILABLE:
                 out[g * group_bytes + k] = np.uint8((word >> shift) & np.uint64(0xFF))
 
     @njit(cache=True, parallel=True)
-    def _dequantize(packed, bits, group, group_bytes, block0, n, scales, book, out):  # pragma: no cover
+    def _dequantize_bytes(packed, per, block0, n, scales, table, out):  # pragma: no cover - compiled
+        """Widths dividing 8: each packed byte maps to its ``per`` = 8/k values through a (256, per) table."""
+        bytes_per_block = block0 // per
+        for b in prange(scales.shape[0]):
+            s = scales[b]
+            first = b * block0
+            for j in range(bytes_per_block):
+                row = table[packed[b * bytes_per_block + j]]
+                at = first + j * per
+                for t in range(min(per, n - at)):
+                    out[at + t] = row[t] * s
+
+    @njit(cache=True, parallel=True)
+    def _dequantize_words(packed, bits, group, group_bytes, block0, n, scales, book, out):  # pragma: no cover
+        """Other widths: a group of codes spans ``group_bytes`` bytes; join them into one word and cut it."""
         mask = np.uint64((1 << bits) - 1)
         groups_per_block = block0 // group
         for b in prange(scales.shape[0]):
@@ -206,11 +225,18 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize_packed(
-    packed: torch.Tensor, bits: int, block0: int, numel: int, scales: torch.Tensor, book: torch.Tensor
+    packed: torch.Tensor, bits: int, block0: int, numel: int, scales: torch.Tensor, book: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode bit-packed codes straight to codebook value · block scale, the first ``numel`` entries."""
+    """Decode bit-packed codes straight to codebook value · block scale, the first ``numel`` entries, into
+    ``out`` (a contiguous float32 CPU tensor of at least ``numel`` entries) or a new tensor."""
     group, group_bytes = _group(bits)
     _threads()
-    out = np.empty(numel, dtype=np.float32)
-    _dequantize(_np(packed), bits, group, group_bytes, block0, numel, _np(scales), _np(book), out)
-    return torch.from_numpy(out)
+    target = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)[:numel]
+    if group_bytes == 1:
+        table = packing.byte_lookup_table(book, bits)
+        _dequantize_bytes(_np(packed), group, block0, numel, _np(scales), _np(table), target.numpy())
+    else:
+        _dequantize_words(_np(packed), bits, group, group_bytes, block0, numel, _np(scales), _np(book),
+                          target.numpy())
+    return target

@@ -1,0 +1,211 @@
+"""What a CoA-LoRA training step costs per configuration, next to a PEFT LoRA step and a QLoRA-style step.
+
+On the packaged models (MiniLM: sequence classification, batch 16×64; SmolLM2: causal LM, batch 8×64), one
+fixed batch, rank 16 on every target matrix, forward + backward to the trainable tensors:
+
+* ``peft``: PEFT LoRA on the fp32 model (the speed and memory reference);
+* ``qlora``: PEFT LoRA on the bitsandbytes NF4 double-quantized model (QLoRA's set-up; on a CPU bitsandbytes
+  dequantizes each 4-bit matrix in every forward and backward);
+* ``coa-warm-K``: a CoA-LoRA step over K configurations whose quantized weights are already cached, per
+  configuration (step time / K);
+* ``coa-cold-K``: the same for K configurations never seen before (every matrix is quantized in the step).
+
+Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians. Memory: one process per variant
+(``peft``, ``qlora``, ``coa`` = the default job's K = 2 with warm and cold steps and the default cache), peak RSS
+of that process. Ratios are vs ``peft`` in the same run. The last line is one JSON object with every figure.
+
+    python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from search.space import SearchSpace  # noqa: E402
+from workers.coa_model import CoAModel  # noqa: E402
+from workers.lora import DEFAULT_CACHE_MB  # noqa: E402
+from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
+from workers.registry import ModuleRegistry  # noqa: E402
+from workers.training import compute_gradients  # noqa: E402
+
+RANK = 16
+SEED = 0
+KS = (1, 2, 4)
+SHAPES = {"minilm": ("classification", 16, 64), "smollm2": ("causal-lm", 8, 64)}
+TIMING_CACHE_MB = 1024.0  # room for K = 4 configurations, so "warm" means warm for every K
+MEMORY_VARIANTS = ("peft", "qlora", "coa")
+
+
+# ---- the three set-ups on one batch --------------------------------------------------------------------------------
+def make_batch(model_name: str, vocab: int) -> dict[str, torch.Tensor]:
+    _, batch, length = SHAPES[model_name]
+    generator = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(5, vocab, (batch, length), generator=generator)
+    if SHAPES[model_name][0] == "classification":
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (batch,), generator=generator)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def base_model(model_name: str, quantized: bool = False) -> nn.Module:
+    config = None
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32,
+                                    llm_int8_skip_modules=["classifier", "lm_head"])  # trained or tied heads stay fp32
+    torch.manual_seed(SEED)  # the classification head's init
+    return load_model(resolve_model(model_name), SHAPES[model_name][0], quantization_config=config)
+
+
+def peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    task_type = "SEQ_CLS" if isinstance(getattr(model, "classifier", None), nn.Module) else "CAUSAL_LM"
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, lora_dropout=0.0,
+                                            task_type=task_type))
+
+
+def peft_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        torch.autograd.grad(model(**batch).loss, params)
+
+    return step
+
+
+def coa_steps(coa: CoAModel, batch: dict[str, torch.Tensor], k: int, generator: torch.Generator
+              ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(warm step, cold step) over K configurations: warm reuses K configurations cached once; cold draws K
+    new random ones every call."""
+    state = {n: p.detach() for n, p in coa.named_parameters() if p.requires_grad}
+    space, n = coa.space, len(coa.registry)
+
+    def draw() -> list[list]:
+        return [[space.settings[int(i)] for i in torch.randint(0, space.n_settings, (n,), generator=generator)]
+                for _ in range(k)]
+
+    seen = draw()
+    compute_gradients(coa, state, batch, seen)  # fills the cache
+    return (lambda: compute_gradients(coa, state, batch, seen)), (lambda: compute_gradients(coa, state, batch, draw()))
+
+
+# ---- timing --------------------------------------------------------------------------------------------------------
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn ``repeats`` times after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def time_model(model_name: str, repeats: int) -> dict[str, float]:
+    base = base_model(model_name)
+    targets = [t.name for t in ModuleRegistry.from_model(base)]
+    batch = make_batch(model_name, base.config.vocab_size)
+    fns = {"peft": peft_step(peft_lora(copy.deepcopy(base), targets), batch),
+           "qlora": peft_step(peft_lora(base_model(model_name, quantized=True), targets), batch)}
+    coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=TIMING_CACHE_MB, seed=SEED)
+    generator = torch.Generator().manual_seed(SEED)
+    for k in KS:
+        fns[f"coa-warm-{k}"], fns[f"coa-cold-{k}"] = coa_steps(coa, batch, k, generator)
+    seconds = interleaved(fns, repeats)
+    per_config = {name: s / int(name.rsplit("-", 1)[1]) if name.startswith("coa") else s for name, s in seconds.items()}
+    return {name: round(s, 4) for name, s in per_config.items()}
+
+
+# ---- memory: one process per variant -------------------------------------------------------------------------------
+def memory_child(model_name: str, variant: str) -> None:
+    """Build one variant, run its steps, print the process's peak RSS in MiB as one JSON line."""
+    base = base_model(model_name, quantized=variant == "qlora")
+    batch = make_batch(model_name, base.config.vocab_size)
+    if variant == "coa":
+        coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=DEFAULT_CACHE_MB, seed=SEED)
+        warm, cold = coa_steps(coa, batch, 2, torch.Generator().manual_seed(SEED))
+        for step in (warm, cold, cold, cold, warm):
+            step()
+    else:
+        targets = [t.name for t in ModuleRegistry.from_model(base)]
+        step = peft_step(peft_lora(base, targets), batch)
+        for _ in range(3):
+            step()
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that across ``exec`` from
+    the parent that forked the process, so every child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory(model_name: str, threads: int) -> dict[str, float]:
+    peaks = {}
+    for variant in MEMORY_VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant, "--threads", str(threads)],
+                             capture_output=True, text=True, check=True)
+        peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return peaks
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch (and kernel) threads of every process")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    warnings.filterwarnings("ignore")
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    figures: dict[str, object] = {"bench": "step", "threads": args.threads, "repeats": args.repeats, "rank": RANK}
+    for model_name in args.models.split(","):
+        if model_name not in SHAPES:
+            parser.error(f"unknown model {model_name!r}; choose from {sorted(SHAPES)}")
+        seconds = time_model(model_name, args.repeats)
+        peaks = memory(model_name, args.threads)
+        ratio = {name: round(s / seconds["peft"], 3) for name, s in seconds.items()}
+        rss_ratio = {name: round(mb / peaks["peft"], 3) for name, mb in peaks.items()}
+        task, batch, length = SHAPES[model_name]
+        print(f"\n{model_name} ({task}, batch {batch}×{length}, rank {RANK}, {args.threads} thread(s), "
+              f"median of {args.repeats})")
+        print(f"{'variant':<14} {'s/config':>9} {'vs peft':>8}")
+        for name, s in seconds.items():
+            print(f"{name:<14} {s:>9.3f} {ratio[name]:>7.2f}x")
+        print(f"{'peak RSS':<14} " + "  ".join(f"{v} {mb:.0f} MiB ({rss_ratio[v]:.2f}x)" for v, mb in peaks.items()))
+        figures[model_name] = {"seconds_per_config": seconds, "vs_peft": ratio, "peak_rss_mb": peaks,
+                               "rss_vs_peft": rss_ratio}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
