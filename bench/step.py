@@ -10,9 +10,11 @@ fixed batch, rank 16 on every target matrix, forward + backward to the trainable
   configuration (step time / K);
 * ``coa-cold-K``: the same for K configurations never seen before (every matrix is quantized in the step).
 
-Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians. Memory: one process per variant
-(``peft``, ``qlora``, ``coa`` = the default job's K = 2 with warm and cold steps and the default cache), peak RSS
-of that process. Ratios are vs ``peft`` in the same run. The last line is one JSON object with every figure.
+Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians, under the allocator policy a
+CoA-LoRA model sets (workers/allocator.py) for all of them. Memory: one process per variant, peak RSS of that
+process: ``peft`` as a PEFT user runs it, ``peft-pinned`` under CoA-LoRA's allocator policy, ``qlora``, and ``coa``
+(the default job's K = 2, warm and cold steps, the default cache). Ratios are vs ``peft`` in the same run. The last
+line is one JSON object with every figure.
 
     python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1]
 """
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from search.space import SearchSpace  # noqa: E402
+from workers.allocator import pin_mmap_threshold  # noqa: E402
 from workers.coa_model import CoAModel  # noqa: E402
 from workers.lora import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
@@ -49,7 +52,7 @@ SEED = 0
 KS = (1, 2, 4)
 SHAPES = {"minilm": ("classification", 16, 64), "smollm2": ("causal-lm", 8, 64)}
 TIMING_CACHE_MB = 1024.0  # room for K = 4 configurations, so "warm" means warm for every K
-MEMORY_VARIANTS = ("peft", "qlora", "coa")
+MEMORY_VARIANTS = ("peft", "peft-pinned", "qlora", "coa")
 
 
 # ---- the three set-ups on one batch --------------------------------------------------------------------------------
@@ -63,16 +66,29 @@ def make_batch(model_name: str, vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def base_model(model_name: str, quantized: bool = False) -> nn.Module:
-    config = None
-    if quantized:
-        from transformers import BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32,
-                                    llm_int8_skip_modules=["classifier", "lm_head"])  # trained or tied heads stay fp32
+def base_model(model_name: str) -> nn.Module:
     torch.manual_seed(SEED)  # the classification head's init
-    return load_model(resolve_model(model_name), SHAPES[model_name][0], quantization_config=config)
+    return load_model(resolve_model(model_name), SHAPES[model_name][0])
+
+
+def nf4_model(model: nn.Module) -> nn.Module:
+    """``model`` with every linear layer but the head replaced by bitsandbytes' NF4 double-quant ``Linear4bit``,
+    as QLoRA loads a model (by hand: transformers refuses a quantization config for a GGUF checkpoint)."""
+    import bitsandbytes as bnb
+
+    heads = {"classifier", "lm_head", "score"}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.split(".")[0] in heads:
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to("cpu"))
+    return model
 
 
 def peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
@@ -127,7 +143,7 @@ def time_model(model_name: str, repeats: int) -> dict[str, float]:
     targets = [t.name for t in ModuleRegistry.from_model(base)]
     batch = make_batch(model_name, base.config.vocab_size)
     fns = {"peft": peft_step(peft_lora(copy.deepcopy(base), targets), batch),
-           "qlora": peft_step(peft_lora(base_model(model_name, quantized=True), targets), batch)}
+           "qlora": peft_step(peft_lora(nf4_model(copy.deepcopy(base)), targets), batch)}
     coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=TIMING_CACHE_MB, seed=SEED)
     generator = torch.Generator().manual_seed(SEED)
     for k in KS:
@@ -140,7 +156,11 @@ def time_model(model_name: str, repeats: int) -> dict[str, float]:
 # ---- memory: one process per variant -------------------------------------------------------------------------------
 def memory_child(model_name: str, variant: str) -> None:
     """Build one variant, run its steps, print the process's peak RSS in MiB as one JSON line."""
-    base = base_model(model_name, quantized=variant == "qlora")
+    if variant == "peft-pinned":
+        pin_mmap_threshold()
+    base = base_model(model_name)
+    if variant == "qlora":
+        base = nf4_model(base)
     batch = make_batch(model_name, base.config.vocab_size)
     if variant == "coa":
         coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=DEFAULT_CACHE_MB, seed=SEED)
@@ -187,6 +207,7 @@ def main() -> None:
     if args.memory_child:
         memory_child(*args.memory_child)
         return
+    pin_mmap_threshold()  # the same allocator policy for every timed variant (a CoAModel would set it half-way)
     figures: dict[str, object] = {"bench": "step", "threads": args.threads, "repeats": args.repeats, "rank": RANK}
     for model_name in args.models.split(","):
         if model_name not in SHAPES:

@@ -143,3 +143,14 @@ def test_wrap_targets_seeded(make_model):
     a = wrap_targets(make_model("llama"), ModuleRegistry.from_model(make_model("llama")), 4, 8.0, seed=3)
     b = wrap_targets(make_model("llama"), ModuleRegistry.from_model(make_model("llama")), 4, 8.0, seed=3)
     assert all(torch.equal(x.lora_A, y.lora_A) for x, y in zip(a, b))
+
+
+def test_building_a_model_pins_the_allocator_threshold(make_model, space):
+    """glibc: the mmap threshold is pinned (mallopt succeeds) once a CoAModel exists; elsewhere nothing changes."""
+    import platform
+
+    from workers.allocator import pin_mmap_threshold
+
+    CoAModel(make_model("llama"), space, rank=2, alpha=4.0)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert pin_mmap_threshold.cache_info().currsize == 1 and pin_mmap_threshold() is glibc

@@ -121,18 +121,44 @@ if AVAILABLE:
                 shift = np.uint64(8 * (group_bytes - 1 - k))
                 out[g * group_bytes + k] = np.uint8((word >> shift) & np.uint64(0xFF))
 
+    def _byte_decoder(per: int):  # noqa: ANN202 - returns a compiled kernel
+        """Decoder for widths dividing 8: each packed byte maps to its ``per`` = 8/k values through a flattened
+        (256, per) table. ``per`` is a closure constant, so the inner loop is unrolled (twice as fast as a loop
+        with a run-time bound); the tail block that runs past ``n`` takes the checked loop."""
+
+        @njit(cache=True, parallel=True)
+        def decode(packed, block0, n, scales, table, out):  # pragma: no cover - compiled
+            bytes_per_block = block0 // per
+            for b in prange(scales.shape[0]):
+                s = scales[b]
+                first = b * block0
+                whole = first + block0 <= n
+                for j in range(bytes_per_block):
+                    src = packed[b * bytes_per_block + j] * per
+                    at = first + j * per
+                    for t in range(per):
+                        if whole or at + t < n:
+                            out[at + t] = table[src + t] * s
+
+        return decode
+
     @njit(cache=True, parallel=True)
-    def _dequantize_bytes(packed, per, block0, n, scales, table, out):  # pragma: no cover - compiled
-        """Widths dividing 8: each packed byte maps to its ``per`` = 8/k values through a (256, per) table."""
-        bytes_per_block = block0 // per
+    def _decode_8bit(packed, block0, n, scales, book, out):  # pragma: no cover - compiled
+        """8-bit codes, two per iteration: LLVM turns a one-code-per-iteration loop into vector gathers, which ran
+        3x slower than these scalar loads on the AMD EPYC we measured."""
         for b in prange(scales.shape[0]):
             s = scales[b]
-            first = b * block0
-            for j in range(bytes_per_block):
-                row = table[packed[b * bytes_per_block + j]]
-                at = first + j * per
-                for t in range(min(per, n - at)):
-                    out[at + t] = row[t] * s
+            i = b * block0
+            stop = min(i + block0, n)
+            while i + 1 < stop:
+                first_code, second_code = packed[i], packed[i + 1]
+                out[i] = book[first_code] * s
+                out[i + 1] = book[second_code] * s
+                i += 2
+            if i < stop:
+                out[i] = book[packed[i]] * s
+
+    _BYTE_DECODERS = {per: _byte_decoder(per) for per in (2, 4, 8)}
 
     @njit(cache=True, parallel=True)
     def _dequantize_words(packed, bits, group, group_bytes, block0, n, scales, book, out):  # pragma: no cover
@@ -232,10 +258,13 @@ def dequantize_packed(
     ``out`` (a contiguous float32 CPU tensor of at least ``numel`` entries) or a new tensor."""
     group, group_bytes = _group(bits)
     _threads()
-    target = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)[:numel]
-    if group_bytes == 1:
-        table = packing.byte_lookup_table(book, bits)
-        _dequantize_bytes(_np(packed), group, block0, numel, _np(scales), _np(table), target.numpy())
+    # numpy's large buffers are huge-page backed: a fresh output faults in 2 MiB pages, not 4 KiB ones
+    target = torch.from_numpy(np.empty(numel, dtype=np.float32)) if out is None else out.view(-1)[:numel]
+    if bits == 8:
+        _decode_8bit(_np(packed), block0, numel, _np(scales), _np(book), target.numpy())
+    elif group_bytes == 1:
+        table = packing.byte_lookup_table(book, bits).reshape(-1)
+        _BYTE_DECODERS[group](_np(packed), block0, numel, _np(scales), _np(table), target.numpy())
     else:
         _dequantize_words(_np(packed), bits, group, group_bytes, block0, numel, _np(scales), _np(book),
                           target.numpy())
