@@ -10,11 +10,10 @@ fixed batch, rank 16 on every target matrix, forward + backward to the trainable
   configuration (step time / K);
 * ``coa-cold-K``: the same for K configurations never seen before (every matrix is quantized in the step).
 
-Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians, under the allocator policy a
-CoA-LoRA model sets (workers/allocator.py) for all of them. Memory: one process per variant, peak RSS of that
-process: ``peft`` as a PEFT user runs it, ``peft-pinned`` under CoA-LoRA's allocator policy, ``qlora``, and ``coa``
-(the default job's K = 2, warm and cold steps, the default cache). Ratios are vs ``peft`` in the same run. The last
-line is one JSON object with every figure.
+Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians. Memory: one process per
+variant, peak RSS of that process: ``peft``, ``qlora``, ``coa`` (the default job's K = 2, warm and cold steps, the
+default cache), and ``peft`` / ``coa`` again under ``training.low_memory``'s allocator policy (workers/allocator.py).
+Ratios are vs ``peft`` in the same run. The last line is one JSON object with every figure.
 
     python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1]
 """
@@ -52,7 +51,7 @@ SEED = 0
 KS = (1, 2, 4)
 SHAPES = {"minilm": ("classification", 16, 64), "smollm2": ("causal-lm", 8, 64)}
 TIMING_CACHE_MB = 1024.0  # room for K = 4 configurations, so "warm" means warm for every K
-MEMORY_VARIANTS = ("peft", "peft-pinned", "qlora", "coa")
+MEMORY_VARIANTS = ("peft", "qlora", "coa", "peft-low-memory", "coa-low-memory")
 
 
 # ---- the three set-ups on one batch --------------------------------------------------------------------------------
@@ -156,8 +155,9 @@ def time_model(model_name: str, repeats: int) -> dict[str, float]:
 # ---- memory: one process per variant -------------------------------------------------------------------------------
 def memory_child(model_name: str, variant: str) -> None:
     """Build one variant, run its steps, print the process's peak RSS in MiB as one JSON line."""
-    if variant == "peft-pinned":
+    if variant.endswith("-low-memory"):
         pin_mmap_threshold()
+        variant = variant.removesuffix("-low-memory")
     base = base_model(model_name)
     if variant == "qlora":
         base = nf4_model(base)
@@ -207,7 +207,6 @@ def main() -> None:
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    pin_mmap_threshold()  # the same allocator policy for every timed variant (a CoAModel would set it half-way)
     figures: dict[str, object] = {"bench": "step", "threads": args.threads, "repeats": args.repeats, "rank": RANK}
     for model_name in args.models.split(","):
         if model_name not in SHAPES:

@@ -128,6 +128,8 @@ class TrainingSection(_Section):
     cache_mb: float = Field(DEFAULT_CACHE_MB, ge=0, le=2**20,
                             description="bytes (in MiB) of quantized weights each model replica keeps, packed; "
                                         "a configuration whose weights are not kept is quantized again")
+    low_memory: bool = Field(False, description="CPU workers: return large freed blocks to the OS (glibc mmap "
+                                                "threshold pinned); peak memory about PEFT's, steps ~30% slower")
 
 
 class SearchSection(_Section):

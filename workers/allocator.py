@@ -1,13 +1,14 @@
-"""The process's memory policy for CoA-LoRA training on the CPU: large temporaries go back to the OS when freed.
+"""An opt-in memory policy for CPU training (``training.low_memory``): large blocks go back to the OS when freed.
 
 glibc serves a block at or above its mmap threshold with its own mapping, returned to the OS on ``free``. The
 threshold starts at 128 KiB but rises to the size of every mapped block freed (up to 32 MiB on 64-bit), after
-which blocks below it come from the heap, where freed space is kept and fragments. Quantizing a configuration
-allocates and frees matrix-sized temporaries of many sizes for each of hundreds of matrices per step, exactly the
-pattern that makes the heap grow: on SmolLM2-135M a K = 2 job peaked at 4.2 GB with the dynamic threshold and at
-2.4 GB with it pinned at 128 KiB (PEFT LoRA on the same batch: 2.5 GB; 2.0 GB under the same policy).
-``mallopt(M_MMAP_THRESHOLD, ...)`` pins it and turns the adjustment off, process-wide. The cost is a page fault
-per 4 KiB of each large block on its first touch, which ``bench/step.py`` includes in its timings.
+which blocks below it come from the heap, where freed space is kept and fragments. A CoA-LoRA step (K
+configurations, each quantizing and decoding hundreds of matrices between the activations) makes the heap grow
+that way: on SmolLM2-135M a K = 2 job peaked at about 4 GB with the dynamic threshold and at 2.4 GB with it pinned
+at 128 KiB (PEFT LoRA on the same batch: 2.5 GB, or 2.0 GB under the same policy); the live memory is the same.
+``mallopt(M_MMAP_THRESHOLD, ...)`` pins it and turns the adjustment off, process-wide. The price is a page fault
+per 4 KiB of every large block, activations included, on each allocation: steps ran 30-45% slower (PEFT's too,
+measured by ``bench/step.py`` in one process). Hence a choice, off by default.
 
 Where the C library is not glibc (musl, macOS) nothing is changed.
 """

@@ -15,7 +15,6 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from .allocator import pin_mmap_threshold
 from .apply import resolve_configuration
 from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay_parameter_names
 from .lora import DEFAULT_CACHE_MB, CoALoRALinear, Init, QuantCache
@@ -62,10 +61,7 @@ class CoAModel(nn.Module):
     ``reference`` (a configuration, one setting for every matrix, or None) anchors θ: M(C) = I + γ·(U(C) −
     U(reference)), so the reference maps to M = I exactly and only differences between configurations move M.
     Without it, θ's output bias and every other configuration-independent part of U rescale all adapters alike, a
-    change Shared-LoRA can make as well.
-
-    Building one pins the process's mmap threshold (:mod:`.allocator`): a process-wide allocator setting without
-    which re-quantization's temporaries fragment the heap."""
+    change Shared-LoRA can make as well."""
 
     def __init__(
         self,
@@ -84,7 +80,6 @@ class CoAModel(nn.Module):
         encoder_hidden: int = HIDDEN_DIM,
     ):
         super().__init__()
-        pin_mmap_threshold()  # every step quantizes hundreds of matrices: keep their temporaries off the heap
         self.registry = registry or ModuleRegistry.from_model(model)
         self.space = space
         self.rank = rank

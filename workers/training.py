@@ -96,9 +96,9 @@ def compute_gradients(
     losses = torch.zeros(len(configurations), device=device)
     weight = 1.0 / len(configurations)
     for k, configuration in enumerate(configurations):
-        with autocast_for(device):
-            out = functional_call(model, leaves, args=(configuration,), kwargs=dict(batch), strict=False)
-        loss = out.loss.float()
+        with autocast_for(device):  # keep only the loss: the outputs (logits, key/value cache) would stay alive
+            loss = functional_call(model, leaves, args=(configuration,), kwargs=dict(batch), strict=False).loss
+        loss = loss.float()  # into the next configuration's forward otherwise
         parts = torch.autograd.grad(loss * weight, list(leaves.values()), allow_unused=True)
         for (name, _), g in zip(leaves.items(), parts):
             if g is not None:

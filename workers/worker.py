@@ -20,6 +20,7 @@ import torch
 
 from search.space import SearchSpace
 
+from .allocator import pin_mmap_threshold
 from .baselines import plain_lora
 from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
@@ -58,6 +59,7 @@ class WorkerSpec:
     reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
     encoder_hidden: int = 128
     cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (lora.QuantCache)
+    low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -79,6 +81,8 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec):
         torch.set_num_threads(max(1, spec.threads))
+        if spec.low_memory:
+            pin_mmap_threshold()
         torch.manual_seed(spec.seed)
         quiet_transformers()
         self.spec = spec

@@ -217,3 +217,12 @@ def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config
         ranked = sorted(sets[step // 3], key=lambda k: bits.setdefault(k, float(worker.space.encoded_average_bits(unkey(k), numels))))
         half = (len(ranked) + 1) // 2  # np.array_split puts the odd one in the first stratum
         assert configs[0] in ranked[:half] and configs[1] in ranked[half:], (configs, ranked)
+
+
+def test_worker_spec_carries_the_memory_settings(make_config):
+    from orchestrator.runs import worker_spec
+
+    config, _ = make_config(training={"cache_mb": 64, "low_memory": True})
+    spec = worker_spec(build_config(config))
+    assert spec.cache_mb == 64 and spec.low_memory is True
+    assert worker_spec(build_config(make_config()[0])).low_memory is False

@@ -82,9 +82,13 @@ def _dequantize_scales(
 ) -> torch.Tensor:
     """ŝ = q_s · t̂ / M0 + o, one fp32 value per first-level block. Shared by encoding and decoding so both see
     the very same floats."""
-    m0 = float(2**setting.scale_bits - 1)
-    step = scale2.float() / m0
+    step = _scale_step(scale2, setting)
     return (scale_codes.view(-1, setting.block1).float() * step.unsqueeze(1)).reshape(-1) + offset
+
+
+def _scale_step(scale2: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
+    """t̂ / M0 per second-level block: the scale-code step, in float32."""
+    return scale2.float() / float(2**setting.scale_bits - 1)
 
 
 def _fused(weight: torch.Tensor, reference: bool) -> bool:
@@ -235,12 +239,14 @@ def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tens
     """
     s = packed.setting
     n_pad = packed.padded_numel
-    scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, n_pad // s.block0)
-    scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
     book = codebook(s.code, str(packed.codes.device))
     if _fused(packed.codes, reference) and s.block0 % packing.group_size(s.code_bits) == 0:
-        flat = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, scales, book, out)
+        flat = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, packed.scale_codes,
+                                       s.scale_bits, s.block1, _scale_step(packed.scale2, s), packed.offset, book,
+                                       out)
     else:
+        scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, n_pad // s.block0)
+        scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
         table = packing.byte_lookup_table(book, s.code_bits)
         if table is not None:
             values = _gather_rows(table, packed.codes)

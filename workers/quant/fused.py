@@ -121,16 +121,29 @@ if AVAILABLE:
                 shift = np.uint64(8 * (group_bytes - 1 - k))
                 out[g * group_bytes + k] = np.uint8((word >> shift) & np.uint64(0xFF))
 
+    @njit(cache=True, inline="always")
+    def _block_scale(sc, b):  # pragma: no cover - compiled
+        """ŝ of block b, read straight from the packed scale codes: q_s · (t̂ / M0) + o, the reference's float32
+        operations in its order. ``sc`` = (packed scale codes, their bits, codes and bytes per packing group, B1,
+        t̂ / M0 per second-level block, o)."""
+        packed, bits, group, group_bytes, block1, step, offset = sc
+        g = b // group
+        word = np.uint64(0)
+        for k in range(group_bytes):
+            word = (word << np.uint64(8)) | np.uint64(packed[g * group_bytes + k])
+        code = (word >> np.uint64(bits * (group - 1 - b % group))) & np.uint64((1 << bits) - 1)
+        return np.float32(code) * step[b // block1] + offset
+
     def _byte_decoder(per: int):  # noqa: ANN202 - returns a compiled kernel
         """Decoder for widths dividing 8: each packed byte maps to its ``per`` = 8/k values through a flattened
         (256, per) table. ``per`` is a closure constant, so the inner loop is unrolled (twice as fast as a loop
         with a run-time bound); the tail block that runs past ``n`` takes the checked loop."""
 
         @njit(cache=True, parallel=True)
-        def decode(packed, block0, n, scales, table, out):  # pragma: no cover - compiled
+        def decode(packed, block0, n, n_blocks, sc, table, out):  # pragma: no cover - compiled
             bytes_per_block = block0 // per
-            for b in prange(scales.shape[0]):
-                s = scales[b]
+            for b in prange(n_blocks):
+                s = _block_scale(sc, b)
                 first = b * block0
                 whole = first + block0 <= n
                 for j in range(bytes_per_block):
@@ -143,11 +156,11 @@ if AVAILABLE:
         return decode
 
     @njit(cache=True, parallel=True)
-    def _decode_8bit(packed, block0, n, scales, book, out):  # pragma: no cover - compiled
+    def _decode_8bit(packed, block0, n, n_blocks, sc, book, out):  # pragma: no cover - compiled
         """8-bit codes, two per iteration: LLVM turns a one-code-per-iteration loop into vector gathers, which ran
         3x slower than these scalar loads on the AMD EPYC we measured."""
-        for b in prange(scales.shape[0]):
-            s = scales[b]
+        for b in prange(n_blocks):
+            s = _block_scale(sc, b)
             i = b * block0
             stop = min(i + block0, n)
             while i + 1 < stop:
@@ -161,12 +174,12 @@ if AVAILABLE:
     _BYTE_DECODERS = {per: _byte_decoder(per) for per in (2, 4, 8)}
 
     @njit(cache=True, parallel=True)
-    def _dequantize_words(packed, bits, group, group_bytes, block0, n, scales, book, out):  # pragma: no cover
+    def _dequantize_words(packed, bits, group, group_bytes, block0, n, n_blocks, sc, book, out):  # pragma: no cover
         """Other widths: a group of codes spans ``group_bytes`` bytes; join them into one word and cut it."""
         mask = np.uint64((1 << bits) - 1)
         groups_per_block = block0 // group
-        for b in prange(scales.shape[0]):
-            s = scales[b]
+        for b in prange(n_blocks):
+            s = _block_scale(sc, b)
             for gg in range(groups_per_block):
                 g = b * groups_per_block + gg
                 word = np.uint64(0)
@@ -251,21 +264,37 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize_packed(
-    packed: torch.Tensor, bits: int, block0: int, numel: int, scales: torch.Tensor, book: torch.Tensor,
-    out: torch.Tensor | None = None,
+    packed: torch.Tensor, bits: int, block0: int, numel: int, scale_codes: torch.Tensor, scale_bits: int,
+    block1: int, step: torch.Tensor, offset: torch.Tensor, book: torch.Tensor, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode bit-packed codes straight to codebook value · block scale, the first ``numel`` entries, into
-    ``out`` (a contiguous float32 CPU tensor of at least ``numel`` entries) or a new tensor."""
+    """Decode in one pass: packed codes and packed scale codes straight to codebook value · ŝ, the first ``numel``
+    entries, into ``out`` (a contiguous float32 CPU tensor of at least ``numel`` entries, e.g. a reused scratch
+    buffer) or a new tensor. ``step`` = t̂ / M0 per second-level block and ``offset`` = o (float32): the
+    reference's own intermediate values, so ŝ comes out bit-identical without materialising one per block."""
     group, group_bytes = _group(bits)
+    scale_group, scale_group_bytes = _group(scale_bits)
+    n_blocks = -(-numel // (block0 * block1)) * block1
+    sc = (_np(scale_codes), scale_bits, scale_group, scale_group_bytes, block1, _np(step.float()),
+          np.float32(offset.item()))
     _threads()
     # numpy's large buffers are huge-page backed: a fresh output faults in 2 MiB pages, not 4 KiB ones
     target = torch.from_numpy(np.empty(numel, dtype=np.float32)) if out is None else out.view(-1)[:numel]
     if bits == 8:
-        _decode_8bit(_np(packed), block0, numel, _np(scales), _np(book), target.numpy())
+        _decode_8bit(_np(packed), block0, numel, n_blocks, sc, _np(book), target.numpy())
     elif group_bytes == 1:
-        table = packing.byte_lookup_table(book, bits).reshape(-1)
-        _BYTE_DECODERS[group](_np(packed), block0, numel, _np(scales), _np(table), target.numpy())
+        _BYTE_DECODERS[group](_np(packed), block0, numel, n_blocks, sc, _byte_table(book, bits), target.numpy())
     else:
-        _dequantize_words(_np(packed), bits, group, group_bytes, block0, numel, _np(scales), _np(book),
+        _dequantize_words(_np(packed), bits, group, group_bytes, block0, numel, n_blocks, sc, _np(book),
                           target.numpy())
     return target
+
+
+def _byte_table(book: torch.Tensor, bits: int) -> np.ndarray:
+    """The flattened (256, 8/k) byte -> values table of a codebook, cached per codebook."""
+    return _byte_table_cached(_np(book).tobytes(), bits)
+
+
+@lru_cache(maxsize=64)
+def _byte_table_cached(book: bytes, bits: int) -> np.ndarray:
+    values = torch.from_numpy(np.frombuffer(book, dtype=np.float32).copy())
+    return packing.byte_lookup_table(values, bits).reshape(-1).numpy()
