@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -38,22 +37,11 @@ import torch  # noqa: E402
 from search.space import QuantSetting  # noqa: E402
 from workers.quant import blockwise  # noqa: E402
 
+from timing import interleaved  # noqa: E402  (bench/timing.py)
+
 QLORA_NF4 = QuantSetting("nf4", 8, "fp32", 64, 256)
 CODES = ("nf2", "nf3", "nf4", "nf5", "nf6", "nf8", "int2", "int3", "int4", "int8")
 THREADS = (1, 2)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each function, running them in turn ``repeats`` times after one warm-up each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 @contextmanager
@@ -78,6 +66,10 @@ def busy_core() -> Iterator[None]:
         spinner.wait()
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    return {name: 1e3 * s for name, s in interleaved(fns, repeats).items()}
+
+
 def versus_bitsandbytes(w: torch.Tensor, repeats: int, sync: Callable[[], None]) -> dict[str, float]:
     """Table 1's figures at the current thread count."""
     with warnings.catch_warnings():
@@ -90,10 +82,10 @@ def versus_bitsandbytes(w: torch.Tensor, repeats: int, sync: Callable[[], None])
     def timed(fn: Callable[[], object]) -> Callable[[], object]:
         return lambda: (fn(), sync())
 
-    q = interleaved({"coalora": timed(lambda: blockwise.quantize(w, QLORA_NF4)),
+    q = interleaved_ms({"coalora": timed(lambda: blockwise.quantize(w, QLORA_NF4)),
                      "bnb": timed(lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                               compress_statistics=True))}, repeats)
-    d = interleaved({"coalora": timed(packed.dequantize),
+    d = interleaved_ms({"coalora": timed(packed.dequantize),
                      "bnb": timed(lambda: bnbf.dequantize_4bit(bnb_q, bnb_state)),
                      "copy": timed(w.clone)}, repeats)
     return {"quantize_ms": q["coalora"], "bnb_quantize_ms": q["bnb"], "dequantize_ms": d["coalora"],
@@ -107,7 +99,7 @@ def fused_vs_reference(w: torch.Tensor, code: str, repeats: int) -> dict[str, fl
     """Table 2's row for one code family (8-bit scales, fp32 second level, B0=64, B1=256)."""
     s = QuantSetting(code, 8, "fp32", 64, 256)
     packed = blockwise.quantize(w, s)
-    ms = interleaved({
+    ms = interleaved_ms({
         "fake_fused": lambda: blockwise.fake_quantize(w, s),
         "fake_reference": lambda: blockwise.fake_quantize(w, s, reference=True),
         "quantize_fused": lambda: blockwise.quantize(w, s),

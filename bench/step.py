@@ -24,10 +24,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -45,6 +43,8 @@ from workers.lora import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
 from workers.registry import ModuleRegistry  # noqa: E402
 from workers.training import compute_gradients  # noqa: E402
+
+from timing import interleaved  # noqa: E402  (bench/timing.py)
 
 RANK = 16
 SEED = 0
@@ -124,19 +124,6 @@ def coa_steps(coa: CoAModel, batch: dict[str, torch.Tensor], k: int, generator: 
 
 
 # ---- timing --------------------------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn ``repeats`` times after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def time_model(model_name: str, repeats: int) -> dict[str, float]:
     base = base_model(model_name)
     targets = [t.name for t in ModuleRegistry.from_model(base)]

@@ -85,13 +85,16 @@ if AVAILABLE:
             out[b] = m
             bad[b] = nonfinite > 0
 
+    @njit(cache=True, inline="always")
+    def _divisor(s):  # pragma: no cover - compiled
+        """ŝ, or 1 where ŝ = 0 (the block decodes to zeros whatever its codes), as in the reference."""
+        return s if s > np.float32(0.0) else np.float32(1.0)
+
     @njit(cache=True, parallel=True)
     def _encode(flat, n, block0, scales, mids, cell_start, steps, codes):  # pragma: no cover - compiled
-        one = np.float32(1.0)
         zero = np.float32(0.0)
         for b in prange(scales.shape[0]):
-            s = scales[b]
-            safe = s if s > zero else one
+            safe = _divisor(scales[b])
             first = b * block0
             for i in range(first, first + block0):
                 x = flat[i] / safe if i < n else zero / safe
@@ -99,11 +102,9 @@ if AVAILABLE:
 
     @njit(cache=True, parallel=True)
     def _fake_quantize(flat, n, block0, scales, mids, cell_start, steps, book, out):  # pragma: no cover - compiled
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
         for b in prange(scales.shape[0]):
             s = scales[b]
-            safe = s if s > zero else one
+            safe = _divisor(s)
             first = b * block0
             for i in range(first, min(first + block0, n)):
                 out[i] = book[_nearest(flat[i] / safe, mids, cell_start, steps)] * s
