@@ -66,10 +66,6 @@ class QuantCache:
         for key in [k for k in self._entries if k[0] == name]:
             self.nbytes -= self._entries.pop(key).nbytes
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
     def scratch(self, numel: int, device: torch.device) -> torch.Tensor:
         """A float32 buffer of at least ``numel`` entries on ``device``, reused by every decode there."""
         buffer = self._scratch.get(device)
