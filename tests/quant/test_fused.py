@@ -131,3 +131,19 @@ def test_dequantize_decodes_every_width_straight_from_bytes():
         assert_same(weight, QuantSetting(code, 4, "fp16", block0, 4))
     assert_same(weight, QuantSetting("nf3", 4, "fp16", 4, 4))
     assert codebook("nf3").numel() == 8
+
+
+@pytest.mark.parametrize("env, layer", [({}, "workqueue"), ({"NUMBA_THREADING_LAYER": "omp"}, "omp")])
+def test_kernels_use_sleeping_threads_unless_the_user_chose(env, layer):
+    """OpenMP's spinning threads took the cores of co-located workers (the demo ran 3x slower); a user's explicit
+    NUMBA_THREADING_LAYER is respected. In a child process: the layer is fixed at a process's first kernel."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, numba; from workers.quant import blockwise as bw; from search.space import QuantSetting; "
+            "bw.fake_quantize(torch.randn(8, 64), QuantSetting('nf4', 8, 'fp32', 64, 256)); "
+            "print(numba.threading_layer())")
+    environment = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment)
+    assert out.stdout.split()[-1] == layer

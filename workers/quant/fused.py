@@ -28,11 +28,13 @@ midpoint comparisons, value · ŝ), and a code is the number of thresholds stric
 outputs for every setting of the spaces.
 
 Fallback: when Numba is not importable, :data:`AVAILABLE` is False and :mod:`.blockwise` uses its torch path.
-The thread count follows ``torch.get_num_threads()`` so one knob (the worker's ``threads``) governs both.
+The thread count follows ``torch.get_num_threads()`` so one knob (the worker's ``threads``) governs both. Threads
+come from Numba's workqueue layer unless ``NUMBA_THREADING_LAYER`` says otherwise (see below).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -48,6 +50,11 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
     AVAILABLE = False
 else:
     AVAILABLE = True
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # Numba's OpenMP layer keeps its threads spinning after each kernel; with one worker per core they took
+        # the cores from the other workers' matmuls (the demo ran 3x slower). The workqueue layer's threads sleep.
+        # It serves one launching thread at a time, which is how the workers call these kernels.
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 def _threads() -> None:
