@@ -145,5 +145,8 @@ def test_kernels_use_sleeping_threads_unless_the_user_chose(env, layer):
             "bw.fake_quantize(torch.randn(8, 64), QuantSetting('nf4', 8, 'fp32', 64, 256)); "
             "print(numba.threading_layer())")
     environment = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"} | env
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    if out.returncode and env and "threading layer" in out.stderr.lower():
+        pytest.skip(f"this machine's numba has no {layer} threading layer")
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == layer
