@@ -62,10 +62,10 @@ def validate_weight(weight: torch.Tensor, setting: QuantSetting, name: str) -> N
         raise ValueError(f"{where}: the matrix is empty (shape {tuple(weight.shape)})")
 
 
-def _check_finite(absmax: torch.Tensor, setting: QuantSetting, name: str) -> None:
-    """NaN and Inf propagate into their block's absmax, so checking the (numel/B0) absmaxes is enough and saves a
-    full pass over the matrix."""
-    if not bool(torch.isfinite(absmax).all()):
+def _check_finite(finite: bool, setting: QuantSetting, name: str) -> None:
+    """NaN and Inf propagate into their block's absmax (or the fused pass flags them), so checking the (numel/B0)
+    absmaxes is enough and saves a full pass over the matrix."""
+    if not finite:
         raise ValueError(f"{name} with setting {setting}: the matrix holds NaN or Inf values")
 
 
@@ -112,11 +112,10 @@ def _absmax(flat: torch.Tensor, setting: QuantSetting, name: str, use_fused: boo
     n_blocks = padded_numel(flat.numel(), setting) // setting.block0
     if use_fused:
         absmax, bad = fused.block_absmax(flat, setting.block0, n_blocks)
-        if bad:
-            raise ValueError(f"{name} with setting {setting}: the matrix holds NaN or Inf values")
+        _check_finite(not bad, setting, name)
         return absmax
     absmax = _padded(flat, setting).view(-1, setting.block0).abs().amax(dim=1)
-    _check_finite(absmax, setting, name)
+    _check_finite(bool(torch.isfinite(absmax).all()), setting, name)
     return absmax
 
 
