@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from search.space import SearchSpace  # noqa: E402
 from workers.coa_model import CoAModel  # noqa: E402
-from workers.export import folded_adapter  # noqa: E402
+from workers.export.peft import folded_adapter  # noqa: E402
 from workers.models import load_model, resolve_model  # noqa: E402
 from workers.training import compute_gradients  # noqa: E402
 

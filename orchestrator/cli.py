@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -45,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="round, pool, training set, hypervolume, best loss per segment")
     status.add_argument("run_dir")
 
-    export = sub.add_parser("export", help="PEFT adapter + configuration JSON for a device budget")
+    export = sub.add_parser("export", help="the best configuration for a device budget, as a PEFT adapter or as "
+                                           "a GGUF model + LoRA for llama.cpp")
     export.add_argument("run_dir")
+    export.add_argument("--format", choices=("peft", "gguf"), default="peft",
+                        help="peft (default): PEFT adapter + configuration JSON; gguf: model.gguf + adapter.gguf "
+                             "for llama.cpp (runs over llama.cpp types, e.g. conf/gguf.yaml)")
     budget = export.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bits", type=float, help="average bits per weight of the target matrices")
     budget.add_argument("--memory-mb", type=float, help="packed target matrices + the rest of the model in 16 bits")
@@ -119,7 +124,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from .export import export_run
 
-        out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out)
+        out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out,
+                         fmt=args.format)
         print(f"exported to {out}")
     elif args.command == "sweep":
         from .sweep import run_sweep_command
@@ -134,7 +140,19 @@ def _print_final(run_dir: Path, rows: list[dict]) -> None:
     metric = "accuracy" if rows and "accuracy" in rows[0] else "perplexity"
     print(text_table(rows, ["method", "configuration", "avg_bits", metric, "loss"]))
     print(f"\nrun directory: {run_dir}")
-    print(f"status: coalora status {run_dir}   resume: coalora resume {run_dir}   export: coalora export {run_dir} --bits 3")
+    bits = math.ceil(rows[0]["avg_bits"] * 100) / 100 if rows else 3
+    fmt = " --format gguf" if _is_gguf_run(run_dir) else ""
+    print(f"status: coalora status {run_dir}   resume: coalora resume {run_dir}   "
+          f"export: coalora export {run_dir}{fmt} --bits {bits:g}")
+
+
+def _is_gguf_run(run_dir: Path) -> bool:
+    from .runs import load_run_config
+
+    try:
+        return load_run_config(run_dir).load_space().is_gguf
+    except Exception:  # noqa: BLE001 - only a hint depends on it
+        return False
 
 
 def run() -> None:

@@ -1,4 +1,6 @@
-"""``coalora export``: the best configuration a device can hold, as a standard PEFT adapter.
+"""``coalora export``: the best configuration a device can hold, as a standard PEFT adapter (``--format peft``) or,
+for a run over llama.cpp types, as ``model.gguf`` + ``adapter.gguf`` for llama.cpp (``--format gguf``,
+:mod:`workers.export.gguf`; its memory budget counts the file's tensors exactly, the untouched ones included).
 
 "Best" is the lowest scoring loss among every configuration the run evaluated (its pool, as of the last
 checkpoint) whose cost fits the budget: average bits of the target matrices ≤ ``--bits``, or total memory ≤
@@ -19,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from workers.coa_model import CLASSIFIER_HEADS
-from workers.export import export_adapter
+from workers.export.peft import export_adapter
 from workers.models import load_tokenizer, resolve_model
-from workers.quant.blockwise import packed_nbytes
+from workers.quant.formats import packed_nbytes
 from workers.worker import Worker
 
 from .config import ConfigError, RunConfig
@@ -31,32 +33,45 @@ from .state import CheckpointStore, write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _memory_bytes(settings, numels, other_params: int) -> int:
-    return sum(packed_nbytes(n, s) for n, s in zip(numels, settings)) + 2 * other_params
+def _target_bytes(settings, numels) -> int:
+    return sum(packed_nbytes(n, s) for n, s in zip(numels, settings))
 
 
 def choose_configuration(
-    pool: np.ndarray, losses: np.ndarray, fits: np.ndarray, describe: str
+    pool: np.ndarray, losses: np.ndarray, fits: np.ndarray, describe: str, cheapest: str = ""
 ) -> int:
     """Index of the lowest-loss configuration among those that fit; a clear error if none does."""
     idx = np.flatnonzero(fits)
     if idx.size == 0:
-        raise ConfigError(f"no evaluated configuration fits {describe}; the cheapest one in the run costs more")
+        raise ConfigError(f"no evaluated configuration fits {describe}; the cheapest one in the run costs more"
+                          + (f" ({cheapest})" if cheapest else ""))
     return int(idx[np.argmin(losses[idx])])
 
 
+FORMATS = ("peft", "gguf")
+
+
 def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | None = None,
-               out: str | Path | None = None) -> Path:
+               out: str | Path | None = None, fmt: str = "peft") -> Path:
     if (bits is None) == (memory_mb is None):
         raise ConfigError("give exactly one of --bits and --memory-mb")
     if (bits is not None and bits <= 0) or (memory_mb is not None and memory_mb <= 0):
         raise ConfigError("the budget must be positive")
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
+    space = cfg.load_space()
+    if fmt == "gguf" and not space.is_gguf:
+        raise ConfigError(f"{run_dir.name} searched coalora's blockwise codes ({', '.join(space.code)}), which "
+                          "llama.cpp cannot load: export it with --format peft, or run over llama.cpp types "
+                          "(coalora run conf/gguf.yaml)")
+    if fmt == "peft" and space.is_gguf:
+        log.warning("a PEFT export of a run over llama.cpp types: its base must be quantized by ggml to the types "
+                    "in quant_configuration.json; --format gguf writes that base")
     ckpt = CheckpointStore(run_dir / "checkpoints").load_latest()
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no valid checkpoint yet; nothing to export")
-    space = cfg.load_space()
     pool = np.asarray(ckpt.meta["pool"], dtype=np.int64)
     losses = np.asarray(ckpt.meta["pool_loss"], dtype=np.float64)
     numels = ckpt.meta["numels"]
@@ -64,22 +79,28 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     worker = Worker(worker_spec(cfg))
     coa = worker.models["coa"]
     if bits is not None:
-        i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight")
+        i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight",
+                                 f"{avg.min():.4f} bits")
         label = f"bits-{bits:g}"
     else:
-        target_numel = sum(numels)
-        other = sum(p.numel() for p in coa.model.parameters()) - target_numel
-        mem = np.array([_memory_bytes(space.decode(x), numels, other) for x in pool])
-        i = choose_configuration(pool, losses, mem <= memory_mb * 2**20, f"{memory_mb} MB")
+        other = _other_bytes(cfg, coa, numels, fmt)
+        mem = np.array([_target_bytes(space.decode(x), numels) for x in pool]) + other
+        i = choose_configuration(pool, losses, mem <= memory_mb * 2**20, f"{memory_mb} MB",
+                                 f"{mem.min() / 2**20:.2f} MB")
         label = f"memory-{memory_mb:g}MB"
     coa.load_trainable_state(ckpt.tensors["trainable"])
     settings = space.decode(pool[i])
-    directory = Path(out) if out else run_dir / "exports" / label
-    export_adapter(coa, settings, directory)
+    directory = Path(out) if out else run_dir / "exports" / (label if fmt == "peft" else f"gguf-{label}")
     summary = {
         "run": str(run_dir), "round": ckpt.round, "average_bits": float(avg[i]), "scoring_loss": float(losses[i]),
-        "packed_target_bytes": int(sum(packed_nbytes(n, s) for n, s in zip(numels, settings))),
+        "packed_target_bytes": _target_bytes(settings, numels), "format": fmt,
     }
+    if fmt == "gguf":
+        summary.update(_export_gguf(cfg, coa, settings, directory, summary))
+        write_json_atomic(directory / "coalora_export.json", summary)
+        _log_export(cfg, run_dir, directory, f"gguf-{label}")
+        return directory
+    export_adapter(coa, settings, directory)
     if cfg.data.labels:  # the base's config with this run's label map: AutoModelForSequenceClassification reads it
         coa.model.config.save_pretrained(directory)
         summary["id2label"] = dict(enumerate(cfg.data.labels))
@@ -92,6 +113,35 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     write_json_atomic(directory / "coalora_export.json", summary)
     _log_export(cfg, run_dir, directory, label)
     return directory
+
+
+def _other_bytes(cfg: RunConfig, coa, numels: list[int], fmt: str) -> int:
+    """Bytes of everything but the target matrices: the base GGUF's other tensors as stored (gguf), or every
+    other parameter at 16 bits (peft)."""
+    if fmt == "gguf":
+        from workers.export.gguf import base_file, open_base, tensor_names
+
+        reader, arch = open_base(base_file(resolve_model(cfg.model.name)))
+        targets = set(tensor_names(coa, arch, reader).values())
+        return sum(int(t.n_bytes) for t in reader.tensors if t.name not in targets)
+    return 2 * (sum(p.numel() for p in coa.model.parameters()) - sum(numels))
+
+
+def _export_gguf(cfg: RunConfig, coa, settings, directory: Path, summary: dict) -> dict:
+    """model.gguf + adapter.gguf, and how to run them."""
+    from workers.export.gguf import export_gguf
+
+    files = export_gguf(coa, settings, resolve_model(cfg.model.name), directory,
+                        extra={k: summary[k] for k in ("run", "round", "average_bits")})
+    model, adapter = files.model.name, files.adapter.name
+    return {
+        "model_gguf": model, "adapter_gguf": adapter, "target_tensor_bytes": files.target_bytes,
+        "model_gguf_bytes": files.model.stat().st_size, "tensor_types": files.tensor_types,
+        "run_with": {
+            "llama.cpp": f"llama-cli -m {model} --lora {adapter} -cnv",
+            "llama-cpp-python": f"Llama(model_path='{model}', lora_path='{adapter}')",
+        },
+    }
 
 
 def _log_export(cfg: RunConfig, run_dir: Path, directory: Path, label: str) -> None:

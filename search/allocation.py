@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from search.space import FLOAT_FORMAT_BITS, SearchSpace
+from search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,9 @@ def budget_grid(low: float = DEFAULT_BUDGET_RANGE[0], high: float = DEFAULT_BUDG
 
 
 def exact_setting_bits(space: SearchSpace) -> list[Fraction]:
-    """bits_per_param of every flat setting as an exact rational (b0 + b1/B0 + w(b2)/(B0·B1))."""
-    return [
-        s.code_bits + Fraction(s.scale_bits, s.block0) + Fraction(FLOAT_FORMAT_BITS[s.scale2_format], s.group_size)
-        for s in space.settings
-    ]
+    """bits_per_param of every flat setting as an exact rational (b0 + b1/B0 + w(b2)/(B0·B1), or a llama.cpp
+    type's bytes·8 per block)."""
+    return [s.exact_bits for s in space.settings]
 
 
 def exact_average_bits(space: SearchSpace, flat: Sequence[int], numels: Sequence[int]) -> Fraction:

@@ -17,6 +17,7 @@ import math
 import re
 import reprlib
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,11 +39,33 @@ PAPER_SYMBOLS: dict[str, str] = {
 FLOAT_FORMAT_BITS: dict[str, int] = {"bf16": 16, "fp16": 16, "fp32": 32}
 """Width w(b2) of each second-level scale format (method.md §1.5)."""
 
-CODE_FAMILIES: tuple[str, ...] = ("nf", "int")
+CODE_FAMILIES: tuple[str, ...] = ("nf", "int", "gguf")
 """``nf``: NormalFloat-k codebook (§1.3). ``int``: uniform grid of 2^k levels on [-1, 1] (the paper's integer
-ablation, same blockwise double quantization around it)."""
+ablation, same blockwise double quantization around it). ``gguf``: one of llama.cpp's tensor types (``q4_k``,
+``q8_0``, ...), whose block layout and scale format ggml fixes, so a setting of this family is its code alone."""
 
-_CODE_RE = re.compile(r"^(nf|int)([2-8])$")
+GGUF_TYPES: dict[str, tuple[int, int, int]] = {
+    # name: (ggml_type enum value, weights per block, bytes per block), as in ggml.h / ggml.c's type traits
+    "q2_k": (10, 256, 84),
+    "q3_k": (11, 256, 110),
+    "q4_0": (2, 32, 18),
+    "iq4_nl": (20, 32, 18),
+    "q4_k": (12, 256, 144),
+    "q4_1": (3, 32, 20),
+    "q5_0": (6, 32, 22),
+    "q5_k": (13, 256, 176),
+    "q5_1": (7, 32, 24),
+    "q6_k": (14, 256, 210),
+    "q8_0": (8, 32, 34),
+}
+"""llama.cpp tensor types a ``gguf`` space may hold. A type quantizes each row of a matrix in blocks along the row,
+so a matrix takes it only when its row length (input features) is a multiple of the block; its storage cost is
+exactly bytes·8/weights bits per weight (tests/quant/test_ggml.py checks this table against libggml itself)."""
+
+GGUF_NEUTRAL: dict[str, Any] = {"scale_bits": 0, "scale2_format": "none", "block0": 1, "block1": 1}
+"""The four blockwise fields of every ``gguf`` setting: the type fixes its own blocks and scales."""
+
+_CODE_RE = re.compile(r"^(?:(nf|int)([2-8])|(" + "|".join(GGUF_TYPES) + r"))$")
 
 DEFAULT_SPACE_FILE = Path(__file__).resolve().parents[1] / "conf" / "space" / "default.yaml"
 MAX_SPACE_FILE_BYTES = 1 << 20
@@ -70,27 +93,38 @@ def parse_code(code: str | int) -> tuple[str, int]:
         code = f"nf{int(code)}"
     if not isinstance(code, str) or not _CODE_RE.match(code):
         raise ValueError(
-            f"unknown code {show_value(code)}: expected <family><bits> with family in {CODE_FAMILIES} and bits in 2..8 "
-            "(e.g. 'nf4', 'int3') or a bare integer meaning NormalFloat"
+            f"unknown code {show_value(code)}: expected <family><bits> with family nf or int and bits in 2..8 "
+            f"(e.g. 'nf4', 'int3'), a bare integer meaning NormalFloat, or a llama.cpp type: {list(GGUF_TYPES)}"
         )
     m = _CODE_RE.match(code)
     assert m is not None
+    if m.group(3):
+        digit = re.search(r"\d", m.group(3))
+        assert digit is not None
+        return "gguf", int(digit.group())
     return m.group(1), int(m.group(2))
 
 
 @dataclass(frozen=True, order=True)
 class QuantSetting:
     """The five quantization choices for one matrix. Validated on construction, so a bad value never reaches
-    the quantizer."""
+    the quantizer. A ``gguf`` setting is its code alone (``QuantSetting("q4_k")``): the other fields keep their
+    neutral defaults, which no other family accepts."""
 
     code: str
-    scale_bits: int
-    scale2_format: str
-    block0: int
-    block1: int
+    scale_bits: int = GGUF_NEUTRAL["scale_bits"]
+    scale2_format: str = GGUF_NEUTRAL["scale2_format"]
+    block0: int = GGUF_NEUTRAL["block0"]
+    block1: int = GGUF_NEUTRAL["block1"]
 
     def __post_init__(self) -> None:
         family, bits = parse_code(self.code)
+        if family == "gguf":
+            given = {f: getattr(self, f) for f in GGUF_NEUTRAL}
+            if given != GGUF_NEUTRAL:
+                raise ValueError(f"{self.code} is a llama.cpp type, which fixes its own blocks and scales: give the code "
+                                 f"alone, not {show_value(given)}")
+            return
         object.__setattr__(self, "code", f"{family}{bits}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, (int, np.integer)):
             raise ValueError(f"scale_bits (b1) must be an int in 1..16, got {show_value(self.scale_bits)}")
@@ -126,6 +160,22 @@ class QuantSetting:
         return self.block0 * self.block1
 
     @property
+    def row_multiple(self) -> int:
+        """What a matrix's row length must be a multiple of to take this setting: a ``gguf`` type's block (ggml
+        quantizes rows and never pads them); 1 for the blockwise families, which pad the flattened matrix."""
+        return GGUF_TYPES[self.code][1] if self.family == "gguf" else 1
+
+    @property
+    def exact_bits(self) -> Fraction:
+        """Storage cost per weight as an exact rational: b0 + b1/B0 + w(b2)/(B0·B1) (method.md §1.5), or a
+        ``gguf`` type's bytes·8 per block of weights."""
+        if self.family == "gguf":
+            _, weights, nbytes = GGUF_TYPES[self.code]
+            return Fraction(8 * nbytes, weights)
+        return (self.code_bits + Fraction(self.scale_bits, self.block0)
+                + Fraction(FLOAT_FORMAT_BITS[self.scale2_format], self.group_size))
+
+    @property
     def bits_per_param(self) -> float:
         """b0 + b1/B0 + w(b2)/(B0·B1) (method.md §1.5): per-matrix offset and padding are not included."""
         return bits_per_param(self)
@@ -133,12 +183,22 @@ class QuantSetting:
     def as_tuple(self) -> tuple[Any, ...]:
         return (self.code, self.scale_bits, self.scale2_format, self.block0, self.block1)
 
+    def fields(self) -> dict[str, Any]:
+        """The setting as JSON-ready fields: all five, or the code alone for a ``gguf`` type."""
+        if self.family == "gguf":
+            return {"code": self.code}
+        return dict(zip(FIELDS, self.as_tuple()))
+
     def __str__(self) -> str:
+        if self.family == "gguf":
+            return self.code
         return f"({self.code}, {self.scale_bits}, {self.scale2_format}, {self.block0}, {self.block1})"
 
 
 def bits_per_param(setting: QuantSetting) -> float:
     """Storage cost of one weight under ``setting`` in bits (method.md §1.5)."""
+    if setting.family == "gguf":
+        return float(setting.exact_bits)
     return (
         setting.code_bits
         + setting.scale_bits / setting.block0
@@ -170,7 +230,12 @@ class SearchSpace:
     block1: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "code", tuple(f"{f}{b}" for f, b in (parse_code(c) for c in self.code)))
+        object.__setattr__(self, "code", tuple(c if parse_code(c)[0] == "gguf" else "{}{}".format(*parse_code(c))
+                                              for c in self.code))
+        families = {parse_code(c)[0] == "gguf" for c in self.code}
+        if len(families) > 1:
+            raise ValueError("a space holds either llama.cpp types (gguf) or blockwise codes (nf/int), not both: "
+                             f"got {show_value(list(self.code))}")
         for field in FIELDS:
             values = getattr(self, field)
             if len(values) == 0:
@@ -186,6 +251,11 @@ class SearchSpace:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
+        """Fields from a mapping (a space file). A space of llama.cpp types may give ``code`` alone."""
+        codes = data.get("code")
+        if (isinstance(codes, (list, tuple)) and codes and set(data) == {"code"}
+                and all(isinstance(c, str) and c in GGUF_TYPES for c in codes)):
+            data = {"code": codes, **{f: [v] for f, v in GGUF_NEUTRAL.items()}}
         unknown = [k for k in data if k not in FIELDS]
         missing = [f for f in FIELDS if f not in data]
         if unknown:
@@ -222,7 +292,19 @@ class SearchSpace:
         return cls.from_yaml(DEFAULT_SPACE_FILE)
 
     def to_dict(self) -> dict[str, list[Any]]:
+        if self.is_gguf:
+            return {"code": list(self.code)}
         return {f: list(getattr(self, f)) for f in FIELDS}
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the space's settings are llama.cpp tensor types (exportable as GGUF)."""
+        return parse_code(self.code[0])[0] == "gguf"
+
+    @property
+    def row_multiple(self) -> int:
+        """What every target matrix's row length must be a multiple of for every setting of the space to apply."""
+        return math.lcm(*(QuantSetting(c).row_multiple for c in self.code)) if self.is_gguf else 1
 
     # ---- per-matrix settings ------------------------------------------------------------------------------
     @property

@@ -18,7 +18,7 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from .quant.blockwise import PackedWeight, quantize
+from .quant.formats import StoredWeight, dequantize, quantize
 from .registry import ModuleRegistry
 
 Configuration = Union[Sequence[QuantSetting], Mapping[str, QuantSetting], np.ndarray]
@@ -51,6 +51,23 @@ def resolve_configuration(
     return settings
 
 
+def check_space_fits(registry: ModuleRegistry, space: SearchSpace) -> None:
+    """ValueError, before any compute, when a target matrix cannot take every setting of the space: llama.cpp types
+    quantize each row in blocks and never pad, so a row length must be a multiple of every type's block."""
+    if space.row_multiple == 1:
+        return
+    misfits = {c: [t for t in registry if t.shape[1] % QuantSetting(c).row_multiple] for c in space.code}
+    bad = {c: targets for c, targets in misfits.items() if targets}
+    if bad:
+        code, targets = next(iter(bad.items()))
+        raise ValueError(
+            f"{targets[0].name} has rows of {targets[0].shape[1]} weights (input features), but {code} quantizes rows "
+            f"in blocks of {QuantSetting(code).row_multiple}; {sum(map(len, bad.values()))} (target, type) pairs do "
+            f"not fit. Types in this space that fit every target: {[c for c in space.code if c not in bad]} "
+            "(see conf/space/gguf.yaml)"
+        )
+
+
 def uniform_configuration(registry: ModuleRegistry, setting: QuantSetting) -> list[QuantSetting]:
     return [setting] * len(registry)
 
@@ -68,7 +85,7 @@ class ConfigurationReport:
 
 def quantize_configuration(
     model: nn.Module, registry: ModuleRegistry, configuration: Configuration, space: SearchSpace | None = None
-) -> tuple[dict[str, PackedWeight], ConfigurationReport]:
+) -> tuple[dict[str, StoredWeight], ConfigurationReport]:
     """Pack every target matrix under its setting. The model is not modified."""
     settings = resolve_configuration(registry, configuration, space)
     packed = {
@@ -94,7 +111,7 @@ def applied_configuration(
             for name, p in packed.items():
                 weight = registry.module(model, name).weight
                 originals[name] = weight.detach().clone()
-                weight.copy_(p.dequantize().to(weight.device))
+                weight.copy_(dequantize(p).to(weight.device))
         yield report
     finally:
         with torch.no_grad():

@@ -15,7 +15,7 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from .apply import resolve_configuration
+from .apply import check_space_fits, resolve_configuration
 from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay_parameter_names
 from .lora import DEFAULT_CACHE_MB, CoALoRALinear, Init, QuantCache
 from .registry import ModuleRegistry
@@ -81,6 +81,7 @@ class CoAModel(nn.Module):
     ):
         super().__init__()
         self.registry = registry or ModuleRegistry.from_model(model)
+        check_space_fits(self.registry, space)
         self.space = space
         self.rank = rank
         self.alpha = float(alpha)

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from search.space import SearchSpace
 
-from .quant.blockwise import fake_quantize
+from .quant.formats import fake_quantize
 from .registry import ModuleRegistry
 
 
@@ -95,25 +95,35 @@ def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor
     ``sample``: estimate from about this many entries instead of all of them (432 fake-quantizations of every
     matrix dominate a run's start-up on CPU). The estimate takes whole chunks of the largest second-level block
     (B0·B1) at evenly spaced positions, so every block is quantized exactly as in the full matrix except that the
-    per-matrix offset (min absmax) is taken over the chunks, and scales the sum by numel / sampled entries.
+    per-matrix offset (min absmax) is taken over the chunks, and scales the sum by numel / sampled entries. For
+    llama.cpp types it takes evenly spaced whole rows, which ggml quantizes exactly as in the full matrix.
     """
-    w = weight.detach().float().reshape(-1)
-    f = None if fisher is None else fisher.to(w.device).float().reshape(-1)
-    scale = 1.0
-    chunk = max(s.group_size for s in space.settings)
-    if sample is not None and w.numel() > max(sample, chunk):
-        n_chunks = w.numel() // chunk
-        take = max(1, -(-sample // chunk))
-        starts = torch.linspace(0, n_chunks - 1, take).round().long().unique() * chunk
-        idx = (starts.unsqueeze(1) + torch.arange(chunk)).reshape(-1)
-        scale = w.numel() / idx.numel()
-        w = w[idx]
-        f = None if f is None else f[idx]
+    w, f, scale = _sample(weight.detach().float(), fisher, space, sample)
     out = np.empty(space.n_settings, dtype=np.float64)
     for j, setting in enumerate(space.settings):
         diff = (w - fake_quantize(w, setting, name=name)).square()
         out[j] = float((diff * f).sum() if f is not None else diff.sum()) * scale
     return out
+
+
+def _sample(w: torch.Tensor, fisher: torch.Tensor | None, space: SearchSpace,
+            sample: int | None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(entries, their Fisher weights, numel / sampled entries) for :func:`setting_costs`: whole rows for a gguf
+    space (rows are ggml's unit), else whole chunks of the largest second-level block of a flattened matrix."""
+    f = None if fisher is None else fisher.to(w.device).float().reshape(w.shape)
+    if space.is_gguf:
+        if sample is None or w.numel() <= sample:
+            return w, f, 1.0
+        rows = torch.linspace(0, w.shape[0] - 1, max(1, -(-sample // w.shape[1]))).round().long().unique()
+        return w[rows], None if f is None else f[rows], w.shape[0] / rows.numel()
+    w, f = w.reshape(-1), None if f is None else f.reshape(-1)
+    chunk = max(s.group_size for s in space.settings)
+    if sample is None or w.numel() <= max(sample, chunk):
+        return w, f, 1.0
+    n_chunks = w.numel() // chunk
+    starts = torch.linspace(0, n_chunks - 1, max(1, -(-sample // chunk))).round().long().unique() * chunk
+    idx = (starts.unsqueeze(1) + torch.arange(chunk)).reshape(-1)
+    return w[idx], None if f is None else f[idx], w.numel() / idx.numel()
 
 
 def cost_table(

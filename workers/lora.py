@@ -23,7 +23,7 @@ from torch import nn
 
 from search.space import QuantSetting
 
-from .quant.blockwise import PackedWeight, dequantize, quantize
+from .quant.formats import StoredWeight, dequantize, quantize
 
 Init = Literal["zero_B", "svd_of_W"]
 DEFAULT_CACHE_MB = 256.0
@@ -31,7 +31,7 @@ DEFAULT_CACHE_MB = 256.0
 
 
 class QuantCache:
-    """LRU of quantized matrices in storage form (:class:`PackedWeight`), keyed by (matrix name, setting) and
+    """LRU of quantized matrices in storage form (:data:`~workers.quant.formats.StoredWeight`), keyed by (matrix name, setting) and
     bounded in bytes. Two configurations that give a matrix the same setting share its entry. It also owns the
     scratch buffer dense weights are decoded into, one per device, grown to the largest matrix seen."""
 
@@ -39,12 +39,12 @@ class QuantCache:
         if not (isinstance(capacity_mb, (int, float)) and math.isfinite(capacity_mb) and capacity_mb >= 0):
             raise ValueError(f"cache capacity must be a finite number of MB >= 0, got {capacity_mb!r}")
         self.capacity_bytes = int(capacity_mb * 2**20)
-        self._entries: OrderedDict[tuple[str, QuantSetting], PackedWeight] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, QuantSetting], StoredWeight] = OrderedDict()
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, name: str, setting: QuantSetting, compute: Callable[[], PackedWeight]) -> PackedWeight:
+    def get(self, name: str, setting: QuantSetting, compute: Callable[[], StoredWeight]) -> StoredWeight:
         key = (name, setting)
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -103,7 +103,7 @@ class _QuantizedLinear(torch.autograd.Function):
     again in the backward: no dense copy of Ŵ outlives the op (the weight and bias are frozen)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight,
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, packed: StoredWeight,
                 cache: QuantCache) -> torch.Tensor:
         ctx.packed, ctx.cache = packed, cache
         weight = _decode(packed, cache, x.device)
@@ -117,7 +117,7 @@ class _QuantizedLinear(torch.autograd.Function):
         return grad.matmul(weight.to(grad.dtype)), None, None, None
 
 
-def _decode(packed: PackedWeight, cache: QuantCache, device: torch.device) -> torch.Tensor:
+def _decode(packed: StoredWeight, cache: QuantCache, device: torch.device) -> torch.Tensor:
     return dequantize(packed, out=cache.scratch(packed.numel, device))
 
 
@@ -202,7 +202,7 @@ class CoALoRALinear(nn.Module):
         self.cache.drop(self.name)
 
     # ---- configuration ------------------------------------------------------------------------------------
-    def packed_weight(self, setting: QuantSetting) -> PackedWeight:
+    def packed_weight(self, setting: QuantSetting) -> StoredWeight:
         """The residual quantized under ``setting``, from the cache or quantized now."""
         return self.cache.get(self.name, setting, lambda: quantize(self.residual, setting, name=self.name))
 

@@ -129,7 +129,7 @@ def check_instruction_export(run_dir: Path, export: Path, base: Path) -> None:
 
     from orchestrator.runs import worker_spec
     from orchestrator.state import CheckpointStore
-    from workers.export import CONFIGURATION_FILE, configuration_from_json, quantized_base_weights
+    from workers.export.peft import CONFIGURATION_FILE, configuration_from_json, quantized_base_weights
     from workers.worker import Worker
 
     tokenizer = AutoTokenizer.from_pretrained(export)

@@ -105,3 +105,33 @@ def test_decode_rejects_bad_vectors():
 def test_missing_file():
     with pytest.raises(ValueError, match="does not exist"):
         SearchSpace.from_yaml("/nonexistent/space.yaml")
+
+
+def test_shipped_gguf_spaces_are_llama_cpp_types_with_exact_costs():
+    from fractions import Fraction
+
+    from search.allocation import exact_setting_bits
+
+    root = DEFAULT_SPACE_FILE.parent
+    small = SearchSpace.from_yaml(root / "gguf.yaml")
+    assert small.is_gguf and small.row_multiple == 32 and small.cardinalities == (6, 1, 1, 1, 1)
+    assert list(small.setting_bits) == sorted(small.setting_bits) and small.bits_range == (4.5, 8.5)
+    k = SearchSpace.from_yaml(root / "gguf-k.yaml")
+    assert k.row_multiple == 256 and exact_setting_bits(k)[:2] == [Fraction(21, 8), Fraction(55, 16)]
+    assert k.to_dict() == {"code": ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]}
+    x = k.encode([QuantSetting("q2_k"), QuantSetting("q8_0")])
+    assert k.decode(x) == [QuantSetting("q2_k"), QuantSetting("q8_0")]
+    assert k.encoded_average_bits(x, [100, 300]) == pytest.approx((2.625 * 100 + 8.5 * 300) / 400)
+    assert str(QuantSetting("q4_k")) == "q4_k" and QuantSetting("q4_k").fields() == {"code": "q4_k"}
+    assert not SearchSpace.default().is_gguf and SearchSpace.default().row_multiple == 1
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: QuantSetting("q4_k", 4, "fp16", 64, 64), "fixes its own blocks and scales"),
+    (lambda: QuantSetting("nf4"), "scale_bits"),
+    (lambda: QuantSetting("q7_k"), "llama.cpp type"),
+    (lambda: SearchSpace(("q4_0", "nf4"), (0,), ("none",), (1,), (1,)), "not both"),
+])
+def test_gguf_settings_refuse_blockwise_fields_and_mixing(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -17,9 +17,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from search.space import FIELDS, QuantSetting
+from search.space import QuantSetting
 
-from .coa_model import CoAModel
+from ..coa_model import CoAModel
 
 CONFIGURATION_FILE = "quant_configuration.json"
 PEFT_PREFIX = "base_model.model."
@@ -48,7 +48,7 @@ def quantized_base_weights(coa: CoAModel, configuration: Any) -> dict[str, torch
 
 
 def configuration_to_json(coa: CoAModel, configuration: Any) -> dict[str, dict[str, Any]]:
-    return {name: dict(zip(FIELDS, s.as_tuple())) for name, s in zip(coa.registry.names, coa.resolve(configuration))}
+    return {name: s.fields() for name, s in zip(coa.registry.names, coa.resolve(configuration))}
 
 
 def configuration_from_json(data: dict[str, dict[str, Any]]) -> dict[str, QuantSetting]:
