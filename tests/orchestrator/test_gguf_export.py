@@ -33,7 +33,7 @@ from workers.quant.formats import packed_nbytes
 pytestmark = pytest.mark.integration
 llama_cpp = pytest.importorskip("llama_cpp", reason="the [gguf] extra (make test installs it)")
 
-FAST = ["cluster.executor=local", "search.rounds=1", "training.steps_per_round=6", "search.initial_budgets=3",
+FAST = ["cluster.executor=local", "search.rounds=1", "training.steps_per_round=6", "search.initial_budgets=2",
         "search.proposals_per_round=1", "search.segments=2", "search.fisher_examples=2", "search.cost_sample=4096",
         "evaluation.unseen=0", "evaluation.targets=[5.0]", "evaluation.baselines=[]", "data.train_examples=48",
         "data.val_examples=8", "data.score_examples=8", "data.batch_size=4", "data.max_length=32",

