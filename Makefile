@@ -40,13 +40,14 @@ test: $(GGUF_STAMP)
 	$(PY) -m pytest -q tests
 
 # Benchmarks need optuna (NSGA-II baseline of bench/search.py), which the product does not.
-bench: $(STAMP)
-	$(PY) -m pip install --quiet torch==2.13.0 -e ".[bench]"
+bench: $(GGUF_STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[bench,gguf]"
 	$(PY) bench/quant.py
 	$(PY) bench/adapt.py
 	$(PY) bench/step.py
 	$(PY) bench/search.py --quick
 	$(PY) bench/system.py
+	$(PY) bench/deploy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """Perplexity against file size in llama.cpp: coalora's mixed-precision GGUF exports (with their LoRA) against
 llama.cpp's own uniform quantizations of the same base with no adapter.
 
-    python bench/gguf.py --run runs/smollm2-gguf [--out docs/gguf] [--files runs/bench-gguf] [--tokens 2048]
+    python bench/deploy.py [--run runs/smollm2-gguf] [--out docs/deploy] [--files runs/bench-gguf] [--tokens 2048]
 
 The base is the packaged SmolLM2-135M-Instruct dequantized to F32 (coalora's "full precision": the Q4_1 file's
 values), written once as ``base-f32.gguf``; llama.cpp quantizes it with its own presets through
@@ -138,10 +138,25 @@ def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     return math.exp(nll / count)
 
 
+def own_run(files: Path) -> Path:
+    """conf/gguf.yaml under ``files``: started, or resumed if a previous bench was cut short."""
+    from orchestrator.cli import main as coalora
+
+    run = files / "runs" / "smollm2-gguf"
+    if not (run / "final").is_dir():
+        args = (["resume", str(run)] if (run / "coalora-run.json").is_file() else
+                ["run", "conf/gguf.yaml", f"run.root={files / 'runs'}",
+                 f"tracking.uri=sqlite:///{(files / 'mlflow.db').resolve()}"])
+        if coalora(args) != 0:
+            raise SystemExit(f"coalora {args[0]} failed")
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished run over llama.cpp types")
-    parser.add_argument("--out", type=Path, default=Path("docs/gguf"), help="results.json goes here")
+    parser.add_argument("--run", type=Path, help="a finished run over llama.cpp types (default: run conf/gguf.yaml "
+                                                 "under --files, or resume it there)")
+    parser.add_argument("--out", type=Path, default=Path("docs/deploy"), help="results.json goes here")
     parser.add_argument("--files", type=Path, default=Path("runs/bench-gguf"), help="the GGUF files (~100 MB each)")
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
@@ -160,6 +175,8 @@ def main() -> None:
               + (f" (coalora {row['coalora_perplexity']:.3f})" if "coalora_perplexity" in row else "")
               + f"  {row['tokens_per_s']:.1f} tok/s", flush=True)
 
+    if args.run is None:
+        args.run = own_run(files)
     ids = held_out_tokens(args.tokens)
     base = base_f32(files)
     for preset in ("F32",) + PRESETS:
@@ -191,7 +208,7 @@ def main() -> None:
         summary[name] = {"target_bits": round(r["target_bits"], 4), "perplexity": round(r["perplexity"], 3),
                          "best_llama_cpp_at_or_below": round(min(cheaper), 3) if cheaper else None,
                          "runtime_vs_coalora": round(r["perplexity"] / r["coalora_perplexity"], 4)}
-    print(json.dumps({"bench": "gguf", "tokens": len(ids), "rows": summary,
+    print(json.dumps({"bench": "deploy", "tokens": len(ids), "rows": summary,
                       "f32_perplexity": round(results["F32"]["perplexity"], 3)}))
 
 
