@@ -1,5 +1,6 @@
 """Perplexity against file size in llama.cpp: coalora's mixed-precision GGUF exports (with their LoRA) against
-llama.cpp's own uniform quantizations of the same base with no adapter.
+llama.cpp's own uniform quantizations of the same base with no adapter, and against a LoRA trained for each
+uniform type (QLoRA with the run's rank, lr, data and total steps) exported the same way.
 
     python bench/deploy.py [--run runs/smollm2-gguf] [--out docs/deploy] [--files runs/bench-gguf] [--tokens 2048]
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WINDOW = 512
 BUDGETS = (4.5, 5.0, 5.5, 6.0)
+PER_TYPE = ("q4_0", "q4_1", "q5_0", "q8_0")
 PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 PROMPT = "<|im_start|>user\nWrite two lines in the style of Hamlet.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -114,8 +116,6 @@ def target_bits(model: Path) -> tuple[float, int]:
 
 def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     """coalora's own forward of the exported configuration on the same windows."""
-    import torch
-
     from orchestrator.runs import load_run_config, worker_spec
     from orchestrator.state import CheckpointStore
     from search.space import QuantSetting
@@ -127,12 +127,41 @@ def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     coa.load_trainable_state(CheckpointStore(run / "checkpoints").load_latest().tensors["trainable"])
     types = json.loads((export / "coalora_export.json").read_text())["tensor_types"]
     names = tensor_names(coa, *reversed(open_base(base_file(resolve_model("smollm2")))))
-    settings = [QuantSetting(types[names[n]]) for n in coa.registry.names]
+    return model_perplexity(coa, [QuantSetting(types[names[n]]) for n in coa.registry.names], ids)
+
+
+def per_type_lora(run: Path, code: str, directory: Path, ids: list[int]) -> tuple[Path, float]:
+    """A plain LoRA (the run's init, rank, lr, data and total steps, one configuration per step) trained on the
+    uniform configuration ``code`` and exported the same way: QLoRA for that llama.cpp type."""
+    from dataclasses import replace
+
+    from orchestrator.runs import load_run_config, worker_spec
+    from search.space import QuantSetting
+    from workers.export.gguf import export_gguf
+    from workers.models import resolve_model
+    from workers.training import TrainConfig, train
+    from workers.worker import Worker
+
+    cfg = load_run_config(run)
+    worker = Worker(replace(worker_spec(cfg), methods=("coa", "shared")))
+    model, t = worker.models["shared"], cfg.training
+    settings = [QuantSetting(code)] * len(model.registry)
+    steps = t.steps_per_round * cfg.search.rounds
+    train(model, worker._batches(worker.train_items), [settings],
+          TrainConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, total_steps=steps,
+                      max_grad_norm=t.grad_clip, configs_per_step=1, seed=cfg.run.seed, lora_lr=t.lora_lr))
+    export_gguf(model, settings, resolve_model(cfg.model.name), directory)
+    return directory, model_perplexity(model, settings, ids)
+
+
+def model_perplexity(model, settings, ids: list[int]) -> float:
+    import torch
+
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, WINDOW):
             window = ids[start: start + WINDOW]
-            logp = torch.log_softmax(coa(settings, input_ids=torch.tensor([window])).logits[0, :-1].double(), -1)
+            logp = torch.log_softmax(model(settings, input_ids=torch.tensor([window])).logits[0, :-1].double(), -1)
             nll -= logp[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum().item()
             count += len(window) - 1
     return math.exp(nll / count)
@@ -198,15 +227,28 @@ def main() -> None:
         row["no_adapter_perplexity"] = perplexity_and_speed(model, ids)["perplexity"]
         row["coalora_perplexity"] = coalora_perplexity(args.run, export, ids)
         record(name, row)
+    for code in PER_TYPE:
+        name = f"lora-{code}"
+        if name in results:
+            continue
+        export, own = per_type_lora(args.run, code, files / name, ids)
+        bits, size = target_bits(export / "model.gguf")
+        record(name, {"method": "per-type lora", "target_bits": bits, "file_mb": size / 2**20,
+                      **perplexity_and_speed(export / "model.gguf", ids, export / "adapter.gguf"),
+                      "coalora_perplexity": own})
     llama_front = sorted((r["target_bits"], r["perplexity"]) for n, r in results.items() if r["method"] == "llama.cpp"
                          and n != "F32")
+    lora_front = sorted((r["target_bits"], r["perplexity"]) for r in results.values()
+                        if r["method"] == "per-type lora")
     summary = {}
     for name, r in results.items():
         if r["method"] != "coalora":
             continue
         cheaper = [p for b, p in llama_front if b <= r["target_bits"] + 1e-9]
+        cheaper_lora = [p for b, p in lora_front if b <= r["target_bits"] + 1e-9]
         summary[name] = {"target_bits": round(r["target_bits"], 4), "perplexity": round(r["perplexity"], 3),
                          "best_llama_cpp_at_or_below": round(min(cheaper), 3) if cheaper else None,
+                         "best_per_type_lora_at_or_below": round(min(cheaper_lora), 3) if cheaper_lora else None,
                          "runtime_vs_coalora": round(r["perplexity"] / r["coalora_perplexity"], 4)}
     print(json.dumps({"bench": "deploy", "tokens": len(ids), "rows": summary,
                       "f32_perplexity": round(results["F32"]["perplexity"], 3)}))
