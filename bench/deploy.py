@@ -227,6 +227,14 @@ def main() -> None:
         row["no_adapter_perplexity"] = perplexity_and_speed(model, ids)["perplexity"]
         row["coalora_perplexity"] = coalora_perplexity(args.run, export, ids)
         record(name, row)
+    for budget in BUDGETS[:2]:
+        name = f"coalora-{budget:g}-merged"
+        if name in results:
+            continue
+        export = export_run(args.run, bits=budget, fmt="gguf", merge=True, out=files / name)
+        bits, size = target_bits(export / "model.gguf")
+        record(name, {"method": "coalora merged", "budget": budget, "target_bits": bits, "file_mb": size / 2**20,
+                      **perplexity_and_speed(export / "model.gguf", ids)})
     for code in PER_TYPE:
         name = f"lora-{code}"
         if name in results:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("peft", "gguf"), default="peft",
                         help="peft (default): PEFT adapter + configuration JSON; gguf: model.gguf + adapter.gguf "
                              "for llama.cpp (runs over llama.cpp types, e.g. conf/gguf.yaml)")
+    export.add_argument("--merge", action="store_true",
+                        help="gguf only: one model.gguf with the adapter merged before quantization (no adapter "
+                             "matmul at run time; the adapter is quantized too, see docs/deploy.md)")
     budget = export.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bits", type=float, help="average bits per weight of the target matrices")
     budget.add_argument("--memory-mb", type=float, help="packed target matrices + the rest of the model in 16 bits")
@@ -125,7 +128,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .export import export_run
 
         out = export_run(Path(args.run_dir), bits=args.bits, memory_mb=args.memory_mb, out=args.out,
-                         fmt=args.format)
+                         fmt=args.format, merge=args.merge)
         print(f"exported to {out}")
     elif args.command == "sweep":
         from .sweep import run_sweep_command

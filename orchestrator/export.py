@@ -52,13 +52,15 @@ FORMATS = ("peft", "gguf")
 
 
 def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | None = None,
-               out: str | Path | None = None, fmt: str = "peft") -> Path:
+               out: str | Path | None = None, fmt: str = "peft", merge: bool = False) -> Path:
     if (bits is None) == (memory_mb is None):
         raise ConfigError("give exactly one of --bits and --memory-mb")
     if (bits is not None and bits <= 0) or (memory_mb is not None and memory_mb <= 0):
         raise ConfigError("the budget must be positive")
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    if merge and fmt != "gguf":
+        raise ConfigError("--merge writes one GGUF file: use it with --format gguf (a PEFT adapter stays separate)")
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
     space = cfg.load_space()
@@ -89,15 +91,17 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         label = f"memory-{memory_mb:g}MB"
     coa.load_trainable_state(ckpt.tensors["trainable"])
     settings = space.decode(pool[i])
-    directory = Path(out) if out else run_dir / "exports" / (label if fmt == "peft" else f"gguf-{label}")
+    if fmt == "gguf":
+        label = f"gguf-{label}" + ("-merged" if merge else "")
+    directory = Path(out) if out else run_dir / "exports" / label
     summary = {
         "run": str(run_dir), "round": ckpt.round, "average_bits": float(avg[i]), "scoring_loss": float(losses[i]),
         "packed_target_bytes": _target_bytes(settings, numels), "format": fmt,
     }
     if fmt == "gguf":
-        summary.update(_export_gguf(cfg, coa, settings, directory, summary))
+        summary.update(_export_gguf(cfg, coa, settings, directory, summary, merge))
         write_json_atomic(directory / "coalora_export.json", summary)
-        _log_export(cfg, run_dir, directory, f"gguf-{label}")
+        _log_export(cfg, run_dir, directory, label)
         return directory
     export_adapter(coa, settings, directory)
     if cfg.data.labels:  # the base's config with this run's label map: AutoModelForSequenceClassification reads it
@@ -126,19 +130,22 @@ def _other_bytes(cfg: RunConfig, coa, numels: list[int], fmt: str) -> int:
     return 2 * (sum(p.numel() for p in coa.model.parameters()) - sum(numels))
 
 
-def _export_gguf(cfg: RunConfig, coa, settings, directory: Path, summary: dict) -> dict:
-    """model.gguf + adapter.gguf, and how to run them."""
+def _export_gguf(cfg: RunConfig, coa, settings, directory: Path, summary: dict, merge: bool) -> dict:
+    """model.gguf + adapter.gguf (or the merged model.gguf), and how to run them."""
     from workers.export.gguf import export_gguf
 
     files = export_gguf(coa, settings, resolve_model(cfg.model.name), directory,
-                        extra={k: summary[k] for k in ("run", "round", "average_bits")})
-    model, adapter = files.model.name, files.adapter.name
+                        extra={k: summary[k] for k in ("run", "round", "average_bits")}, merge=merge)
+    model = files.model.name
+    lora_cli = f" --lora {files.adapter.name}" if files.adapter else ""
+    lora_py = f", lora_path='{files.adapter.name}'" if files.adapter else ""
     return {
-        "model_gguf": model, "adapter_gguf": adapter, "target_tensor_bytes": files.target_bytes,
-        "model_gguf_bytes": files.model.stat().st_size, "tensor_types": files.tensor_types,
+        "model_gguf": model, "adapter_gguf": files.adapter.name if files.adapter else None, "merged": merge,
+        "target_tensor_bytes": files.target_bytes, "model_gguf_bytes": files.model.stat().st_size,
+        "tensor_types": files.tensor_types,
         "run_with": {
-            "llama.cpp": f"llama-cli -m {model} --lora {adapter} -cnv",
-            "llama-cpp-python": f"Llama(model_path='{model}', lora_path='{adapter}')",
+            "llama.cpp": f"llama-cli -m {model}{lora_cli} -cnv",
+            "llama-cpp-python": f"Llama(model_path='{model}'{lora_py})",
         },
     }
 

@@ -168,13 +168,42 @@ def test_the_file_holds_exactly_the_space_cost_of_each_target(exported, coalora_
     assert summary["run_with"]["llama.cpp"] == "llama-cli -m model.gguf --lora adapter.gguf -cnv"
 
 
+def test_a_merged_export_is_one_file_of_the_merged_weights_llama_cpp_runs(exported, coalora_model, tmp_path):
+    from workers.export.gguf import _permutation
+    from workers.export.peft import folded_adapter
+    from workers.quant import ggml
+
+    run_dir, out = exported
+    coa, settings, names = coalora_model
+    merged = export_run(run_dir, bits=BUDGET, fmt="gguf", merge=True, out=tmp_path / "merged")
+    summary = json.loads((merged / "coalora_export.json").read_text())
+    assert not (merged / "adapter.gguf").exists() and summary["merged"] and summary["adapter_gguf"] is None
+    assert summary["run_with"]["llama.cpp"] == "llama-cli -m model.gguf -cnv"
+    reader = gguf.GGUFReader(merged / "model.gguf")
+    stored = {t.name: t for t in reader.tensors}
+    folded = folded_adapter(coa, settings)
+    for i in (0, 1, 4):  # q (rows permuted for llama.cpp), k (permuted, fewer heads), gate
+        layer, setting = coa.layers[i], settings[i]
+        a, b = folded[layer.name]
+        expected = ggml.quantize(layer.residual + layer.scaling * (b @ a), setting).data
+        order = _permutation("llama", names[layer.name], expected.shape[0], reader)
+        assert np.array_equal(np.asarray(stored[names[layer.name]].data),
+                              expected if order is None else expected[order]), layer.name
+    unmerged = {t.name: t for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    moved = [np.mean(np.asarray(stored[n].data) != np.asarray(unmerged[n].data)) for n in names.values()]
+    assert 0 < np.mean(moved) < 0.5  # the adapter moved codes; what that costs: bench/deploy.py
+    assert np.isfinite(llama_logits(llama(merged / "model.gguf"), tokens(PROMPTS[0]))).all()
+
+
 def test_budgets_and_formats_a_run_cannot_meet_are_refused(exported, tmp_path):
     run_dir, _ = exported
     with pytest.raises(ConfigError, match=r"fits 3.0 bits per weight.*cheapest one in the run costs more \(4\.5"):
         export_run(run_dir, bits=3.0, fmt="gguf", out=tmp_path / "x")
     with pytest.raises(ConfigError, match="fits 1.0 MB.*cheapest"):
         export_run(run_dir, memory_mb=1.0, fmt="gguf", out=tmp_path / "y")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(ConfigError, match="--merge writes one GGUF file: use it with --format gguf"):
+        export_run(run_dir, bits=BUDGET, merge=True, out=tmp_path / "z")
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 
 def test_a_blockwise_run_asked_for_gguf_names_the_option(exported, tmp_path):

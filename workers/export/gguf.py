@@ -8,6 +8,10 @@ names the file by its most common tensor type. ``adapter.gguf`` is the LoRA in l
 (``general.type = adapter``, ``adapter.lora.alpha``, ``<tensor>.lora_a`` of shape r×in and ``.lora_b`` out×r, scale
 alpha/r as in PEFT), with θ folded in (A' = M(C)·A, as the PEFT export).
 
+``merge=True`` writes one file instead: each target is W + (alpha/r)·B·A' (the residual the run quantizes, plus the
+folded adapter) quantized by ggml to its type, so llama.cpp runs with no adapter matmul. The adapter then goes
+through the quantizer too, which costs accuracy: bench/deploy.py measures how much.
+
 One convention has to be undone: llama.cpp's converter stores the query and key projections of a ``llama`` model
 with their rows permuted for its rotary layout (``convert_hf_to_gguf.py``, ``LlamaModel.permute``), and
 transformers' GGUF loader inverts that when it builds the model coalora trains. ggml quantizes each row on its
@@ -31,6 +35,7 @@ from search.space import GGUF_TYPES, QuantSetting
 
 from ..coa_model import CoAModel
 from ..models import ModelSource
+from ..quant import ggml
 from ..quant.ggml import GGMLWeight
 from .peft import folded_adapter
 
@@ -41,7 +46,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {"llama": ("attn_q", "attn
 @dataclass(frozen=True)
 class GGUFExport:
     model: Path
-    adapter: Path
+    adapter: Path | None  # None when the adapter was merged into model.gguf
     tensor_types: dict[str, str]  # GGUF tensor name -> type of every target
     target_bytes: int  # bytes of the target tensors' data in model.gguf
 
@@ -115,14 +120,31 @@ def _write(writer: gguf.GGUFWriter, path: Path) -> None:
     os.replace(partial, path)
 
 
+@torch.no_grad()
+def _targets(coa: CoAModel, settings: list[QuantSetting], merge: bool) -> dict[str, GGMLWeight]:
+    """Target name → its stored form: the run's own quantized residual, or (merge) residual + scaled folded
+    adapter quantized now."""
+    if not merge:
+        stored = {layer.name: layer.packed_weight(s) for layer, s in zip(coa.layers, settings)}
+    else:
+        folded = folded_adapter(coa, settings)
+        stored = {}
+        for layer, setting in zip(coa.layers, settings):
+            a, b = folded[layer.name]
+            merged = layer.residual.float() + layer.scaling * (b.float() @ a.float())
+            stored[layer.name] = ggml.quantize(merged, setting, name=layer.name)
+    for name, weight in stored.items():
+        if not isinstance(weight, GGMLWeight):
+            raise GGUFExportError(f"{name} is not in a llama.cpp type")
+    return stored
+
+
 def write_model(coa: CoAModel, settings: list[QuantSetting], reader: gguf.GGUFReader, arch: str,
-                names: dict[str, str], path: Path, extra: dict[str, Any]) -> tuple[dict[str, str], int]:
-    """model.gguf: the base with each target in its configuration's type. Returns (types, target bytes)."""
-    replaced: dict[str, GGMLWeight] = {}
-    for layer, setting in zip(coa.layers, settings):
-        stored = layer.packed_weight(setting)
-        assert isinstance(stored, GGMLWeight)
-        replaced[names[layer.name]] = stored
+                names: dict[str, str], path: Path, extra: dict[str, Any],
+                merge: bool = False) -> tuple[dict[str, str], int]:
+    """model.gguf: the base with each target in its configuration's type (merge: with the adapter folded into
+    it). Returns (types, target bytes)."""
+    replaced = {names[name]: weight for name, weight in _targets(coa, settings, merge).items()}
     writer = gguf.GGUFWriter(None, arch)
     _metadata(reader, writer, skip={"general.file_type"})
     writer.add_string("coalora.export", json.dumps(extra, sort_keys=True))
@@ -161,8 +183,9 @@ def write_adapter(coa: CoAModel, configuration: list[QuantSetting], reader: gguf
 
 
 def export_gguf(coa: CoAModel, configuration: Any, source: ModelSource, directory: str | Path,
-                extra: dict[str, Any] | None = None) -> GGUFExport:
-    """Write ``model.gguf`` and ``adapter.gguf`` for ``configuration`` (llama.cpp types) into ``directory``."""
+                extra: dict[str, Any] | None = None, merge: bool = False) -> GGUFExport:
+    """Write ``model.gguf`` and ``adapter.gguf`` for ``configuration`` (llama.cpp types) into ``directory``; with
+    ``merge``, ``model.gguf`` alone with the adapter merged before quantization."""
     settings = coa.resolve(configuration)
     if not coa.space.is_gguf:
         raise GGUFExportError("this run's space holds coalora's blockwise codes (nf/int), which llama.cpp cannot "
@@ -174,6 +197,9 @@ def export_gguf(coa: CoAModel, configuration: Any, source: ModelSource, director
     names = tensor_names(coa, arch, reader)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    types, nbytes = write_model(coa, settings, reader, arch, names, directory / "model.gguf", extra or {})
+    types, nbytes = write_model(coa, settings, reader, arch, names, directory / "model.gguf",
+                                {**(extra or {}), "merged": merge}, merge)
+    if merge:
+        return GGUFExport(directory / "model.gguf", None, types, nbytes)
     write_adapter(coa, settings, reader, arch, names, directory / "adapter.gguf")
     return GGUFExport(directory / "model.gguf", directory / "adapter.gguf", types, nbytes)
