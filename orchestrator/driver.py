@@ -322,6 +322,8 @@ class Driver:
             for x, b, l, s, t in sorted(zip(self.pool, bits, loss, seg, selected), key=lambda z: z[1])
         ]
         (out / "pareto.md").write_text(report.markdown_table(rows, ["avg_bits", "loss", "segment", "training_set", "config"]))
+        history = [(e["round"], e["hypervolume"]) for e in self.ledger.entries() if e["kind"] == "round_end"]
+        progress = report.hypervolume_plot(*zip(*history), self.ctx.run_dir / "artifacts" / "hypervolume.png")
         if self.tracker is None:
             return
         metrics = {"hypervolume": hv, "pool_size": len(self.pool), "training_set_size": len(self.training_set),
@@ -333,6 +335,7 @@ class Driver:
         self.tracker.log_metrics(metrics, step=r)
         self.tracker.log_artifact(out / "pareto.png", f"rounds/round-{r:04d}")
         self.tracker.log_artifact(out / "pareto.md", f"rounds/round-{r:04d}")
+        self.tracker.log_artifact(progress)  # replaced each round: the whole history so far
 
     # ---- final evaluation -----------------------------------------------------------------------------------------
     def final_evaluation(self) -> list[dict[str, Any]]:

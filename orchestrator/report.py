@@ -44,6 +44,28 @@ def pareto_plot(bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, path: 
     return path
 
 
+def hypervolume_plot(rounds: Sequence[int], values: Sequence[float], path: Path) -> Path:
+    """Normalised hypervolume of the pool after each round (round 0: the initial ILP pool): does the search still
+    find better configurations?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
+    ax.plot(list(rounds), list(values), "o-", c="C3", ms=4)
+    ax.set_xlabel("round (0: initial pool)")
+    ax.set_ylabel("hypervolume of the pool (normalised)")
+    ax.set_title("search progress")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
