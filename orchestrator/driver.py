@@ -64,8 +64,14 @@ class RunContext:
     run_dir: Path
     space: SearchSpace
     numels: list[int]
+    row_lengths: list[int]
     no_decay: set[str]
     n_train: int
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """(N, n_settings): the settings each target matrix can take (see :meth:`SearchSpace.allowed`)."""
+        return self.space.allowed(self.row_lengths)
 
 
 class Driver:
@@ -96,7 +102,8 @@ class Driver:
         return put(value) if put else value
 
     def _searcher(self) -> ParetoSearcher:
-        return ParetoSearcher(self.ctx.space, self.ctx.numels, self.cfg.run.seed, segments=self.cfg.search.segments)
+        return ParetoSearcher(self.ctx.space, self.ctx.numels, self.cfg.run.seed, segments=self.cfg.search.segments,
+                              row_lengths=self.ctx.row_lengths)
 
     def _score_all(self, configs: list[np.ndarray], state: dict[str, torch.Tensor], desc: str) -> list[float]:
         ref = self._put(state)
@@ -339,8 +346,8 @@ class Driver:
 
     # ---- final evaluation -----------------------------------------------------------------------------------------
     def final_evaluation(self) -> list[dict[str, Any]]:
-        finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ex, self.ledger, self.train_config,
-                        self._shards, self._bar, self._put)
+        finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ctx.allowed, self.ex, self.ledger,
+                        self.train_config, self._shards, self._bar, self._put)
         return finish.evaluate(self.master.state(), self.costs, self.pool)
 
     # ---- the whole run --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ schedule, every method evaluated on the same validation examples, and the final 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,26 +35,41 @@ MAX_NEAR_MISSES = 1000
 """Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
 
 
-def check_unseen_feasible(space: SearchSpace, n_matrices: int, n_seen: int, unseen: int) -> None:
+def check_unseen_feasible(space: SearchSpace, allowed: np.ndarray, n_seen: int, unseen: int) -> None:
     """Refuse ``evaluation.unseen`` when the space has fewer distinct configurations than the pool, the targets
-    and the unseen ones need together (a tiny space on a tiny model): drawing would never end."""
-    free = space.n_settings ** n_matrices - n_seen
+    and the unseen ones need together (a tiny space on a tiny model): drawing would never end. ``allowed``: the
+    (N, n_settings) settings each matrix can take."""
+    free = math.prod(int(c) for c in allowed.sum(axis=1)) - n_seen
     if unseen > free:
         raise ConfigError(f"evaluation.unseen = {unseen}: the space has only {max(free, 0)} configuration(s) besides "
-                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {n_matrices} matrices)")
+                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {len(allowed)} "
+                          "matrices)")
+
+
+def _draw_near(g: np.random.Generator, near: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """One flat setting per matrix from ``near``, within the matrix's domain (its whole domain when ``near`` holds
+    none of it). With every setting allowed this is one vectorised draw, the same as before domains existed."""
+    if allowed.all():
+        return g.choice(near, size=len(allowed))
+    out = []
+    for row in allowed:
+        options = near[row[near]]
+        out.append(g.choice(options if options.size else np.flatnonzero(row)))
+    return np.asarray(out, dtype=np.int64)
 
 
 def evaluation_configurations(cfg: RunConfig, space: SearchSpace, costs: np.ndarray, numels: list[int],
-                              pool: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+                              allowed: np.ndarray, pool: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """The targets' ILP configurations (identical for every method) and seeded unseen configurations: average bits
-    drawn in [2.5, 6], then a setting near it for every matrix, never a pool member or a target."""
+    drawn in [2.5, 6], then a setting near it for every matrix (within its ``allowed`` domain), never a pool member
+    or a target."""
     out = [(f"target {t:g}", flat_to_encoded(space, solve_allocation(space, costs, numels, t)))
            for t in cfg.evaluation.targets]
     g = np.random.default_rng(np.random.SeedSequence([cfg.run.seed, PURPOSE_UNSEEN]))
     bits = space.setting_bits
     seen = {x.tobytes() for x in pool} | {x.tobytes() for _, x in out}
     wanted = len(cfg.evaluation.targets) + cfg.evaluation.unseen
-    check_unseen_feasible(space, len(numels), len(seen), cfg.evaluation.unseen)
+    check_unseen_feasible(space, allowed, len(seen), cfg.evaluation.unseen)
     lo, hi = max(2.5, space.bits_range[0]), min(6.0, space.bits_range[1])
     misses = 0
     while len(out) < wanted:
@@ -61,7 +77,7 @@ def evaluation_configurations(cfg: RunConfig, space: SearchSpace, costs: np.ndar
         near = np.flatnonzero(np.abs(bits - beta) <= 0.75)
         if misses >= MAX_NEAR_MISSES or not len(near):  # the bit band is exhausted: draw from the whole space
             near = np.arange(len(bits))
-        flat = g.choice(near, size=len(numels))
+        flat = _draw_near(g, near, allowed)
         x = flat_to_encoded(space, flat)
         if x.tobytes() in seen:
             misses += 1
@@ -78,6 +94,7 @@ class Finish:
     cfg: RunConfig
     space: SearchSpace
     numels: list[int]
+    allowed: np.ndarray  # (N, n_settings): the settings each target matrix can take
     executor: Executor
     ledger: Ledger
     train_config: TrainConfig
@@ -125,7 +142,7 @@ class Finish:
 
     def evaluate(self, state: dict[str, torch.Tensor], costs: np.ndarray, pool: list[np.ndarray]) -> list[dict]:
         """Every method on every evaluation configuration, on the same validation examples; one ledger entry each."""
-        configs = evaluation_configurations(self.cfg, self.space, costs, self.numels, pool)
+        configs = evaluation_configurations(self.cfg, self.space, costs, self.numels, self.allowed, pool)
         targets = [x for name, x in configs if name.startswith("target")]
         baselines = self.cfg.evaluation.baselines
         methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}

@@ -182,7 +182,21 @@ def _warn_unselective(cfg: RunConfig) -> None:
                     max(2, s.largest_pool // 3))
 
 
-def check_with_model(cfg: RunConfig, numels: list[int]) -> None:
-    """Checks that need the model's target matrices (known once the workers have loaded it)."""
-    most_seen = cfg.search.largest_pool + len(cfg.evaluation.targets)
-    check_unseen_feasible(cfg.load_space(), len(numels), most_seen, cfg.evaluation.unseen)
+def check_with_model(cfg: RunConfig, numels: list[int], row_lengths: list[int]) -> None:
+    """Checks that need the model's target matrices (known once the workers have loaded it): budgets and targets
+    inside the bits this model can reach in the space (narrower than the space's range when some matrices cannot
+    take some llama.cpp types), and enough distinct configurations for the unseen draws."""
+    space = cfg.load_space()
+    allowed = space.allowed(row_lengths)
+    lo, hi = space.achievable_bits_range(numels, allowed)
+    why = "" if allowed.all() else " (some target matrices cannot take every type: their rows do not fit its blocks)"
+    s = cfg.search
+    if s.budget_min < lo - 1e-9 or s.budget_max > hi + 1e-9:
+        raise ConfigError(f"search.budget_min/budget_max = [{s.budget_min}, {s.budget_max}]: this model reaches "
+                          f"[{lo:.4f}, {hi:.4f}] bits in this space{why}")
+    for t in cfg.evaluation.targets:
+        if not lo - 1e-9 <= t <= hi + 1e-9:
+            raise ConfigError(f"evaluation.targets = {t}: this model reaches [{lo:.4f}, {hi:.4f}] bits in this "
+                              f"space{why}")
+    most_seen = s.largest_pool + len(cfg.evaluation.targets)
+    check_unseen_feasible(space, allowed, most_seen, cfg.evaluation.unseen)

@@ -122,8 +122,8 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
         tracker.log_params_once(cfg.to_flat_dict())
         n_train = executor.call("n_train")
         _log_data_input(tracker, cfg, n_train)
-        ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("no_decay_names"),
-                         n_train)
+        ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("row_lengths"),
+                         executor.call("no_decay_names"), n_train)
         driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)
         ready = time.perf_counter()
         rows = driver.run(executor.call("initial_state", "coa"))
@@ -166,7 +166,7 @@ def start_run(cfg: RunConfig, *, address: str | None = None, progress: bool = Tr
     with ExitStack() as stack:
         executor = _executor(cfg, worker_spec(cfg), address)
         stack.callback(executor.shutdown)
-        check_with_model(cfg, executor.call("numels"))
+        check_with_model(cfg, executor.call("numels"), executor.call("row_lengths"))
         tracker = _open_tracker(cfg, uid)
         created = not run_dir.exists()
         try:

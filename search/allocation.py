@@ -1,7 +1,8 @@
 """Initial pool: one ILP allocation per bit budget (method.md §2.2–2.4).
 
 The caller supplies the per-matrix sensitivities as a cost table ``costs[i, c]`` (e.g. Fisher-weighted
-reconstruction error of matrix i under flat setting c of the space) and the matrix sizes. For a budget β the ILP
+reconstruction error of matrix i under flat setting c of the space; +inf where matrix i cannot take setting c, as
+a llama.cpp type whose blocks do not fit its rows) and the matrix sizes. For a budget β the ILP
 picks one setting per matrix minimising Σ cost subject to Σ numel_i·bits(c_i) ≤ β·Σ numel_i, solved with
 ``scipy.optimize.milp`` (HiGHS), so no licence is needed.
 
@@ -81,8 +82,11 @@ def _check_inputs(space: SearchSpace, costs: np.ndarray, numels: Sequence[int]) 
         raise ValueError(f"numels must have one entry per matrix ({costs.shape[0]}), got shape {n.shape}")
     if costs.shape[0] == 0:
         raise ValueError("cannot allocate bits over zero matrices")
-    if not np.all(np.isfinite(costs)):
-        raise ValueError("costs must be finite (no NaN or inf)")
+    if np.any(np.isnan(costs) | (costs == -np.inf)):
+        raise ValueError("costs must be finite, or +inf where a matrix cannot take a setting (no NaN or -inf)")
+    stuck = np.flatnonzero(~np.isfinite(costs).any(axis=1))
+    if stuck.size:
+        raise ValueError(f"matrix {int(stuck[0])} can take no setting of the space (every cost is +inf)")
     if not np.issubdtype(n.dtype, np.integer) or np.any(n <= 0):
         raise ValueError("numels must be positive integers")
     return costs, n.astype(np.int64)
@@ -118,22 +122,24 @@ def solve_allocation(
     """
     costs, n = _check_inputs(space, costs, numels)
     bits = space.setting_bits
-    cheapest, dearest = float(bits.min()), float(bits.max())
+    cheapest, dearest = space.achievable_bits_range(n, np.isfinite(costs))
     if not np.isfinite(budget):
         raise ValueError(f"budget must be a finite number of bits/param, got {budget!r}")
     if budget < cheapest:
         raise ValueError(
-            f"budget {budget!r} bits/param is below the cheapest possible configuration ({cheapest:.4f}) of this space"
+            f"budget {budget!r} bits/param is below the cheapest configuration ({cheapest:.4f}) this space offers "
+            "this model"
         )
     if budget > dearest:
         raise ValueError(
-            f"budget {budget!r} bits/param is above the most expensive configuration ({dearest:.4f}) of this space: "
+            f"budget {budget!r} bits/param is above the most expensive configuration ({dearest:.4f}) this space "
+            "offers this model: "
             "it constrains nothing, which usually means a wrong unit or range"
         )
     kept = prune_dominated_settings(costs, bits)
     cols = np.concatenate(kept)
     rows = np.repeat(np.arange(len(kept)), [k.size for k in kept])
-    scale = np.linalg.norm(costs)
+    scale = np.linalg.norm(costs[np.isfinite(costs)])
     c = costs[rows, cols] * (1000.0 / scale if scale > 0 else 1.0)
     weight = n[rows] / n.sum() * bits[cols]  # contribution to the average bits
     one_per_matrix = csr_array((np.ones(cols.size), (rows, np.arange(cols.size))), shape=(len(kept), cols.size))

@@ -29,8 +29,10 @@ N_FIELDS = len(FIELDS)
 ORDINAL_FEATURE_LIMIT = 200
 
 
-def validate_configuration(space: SearchSpace, n_matrices: int, x: np.ndarray | Sequence[int]) -> np.ndarray:
-    """``x`` as an int64 (5N,) vector; ValueError on a wrong length, non-integers or an out-of-range index."""
+def validate_configuration(space: SearchSpace, n_matrices: int, x: np.ndarray | Sequence[int],
+                           allowed: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as an int64 (5N,) vector; ValueError on a wrong length, non-integers, an out-of-range index or (given
+    the (N, n_settings) ``allowed`` domains of :meth:`SearchSpace.allowed`) a setting its matrix cannot take."""
     arr = np.asarray(x)
     d = N_FIELDS * n_matrices
     if arr.shape != (d,):
@@ -47,6 +49,13 @@ def validate_configuration(space: SearchSpace, n_matrices: int, x: np.ndarray | 
             f"index {int(arr[j])} at position {j} (matrix {j // N_FIELDS}, field {FIELDS[j % N_FIELDS]}) "
             f"is out of range 0..{int(upper[j])}"
         )
+    if allowed is not None:
+        flat = np.ravel_multi_index(tuple(arr.reshape(n_matrices, N_FIELDS).T), space.cardinalities)
+        misfit = np.flatnonzero(~allowed[np.arange(n_matrices), flat])
+        if misfit.size:
+            i = int(misfit[0])
+            raise ValueError(f"matrix {i} cannot take {space.settings[int(flat[i])]}: its rows do not fit the "
+                             f"type's blocks ({misfit.size} matrices of this configuration are outside their domain)")
     return arr
 
 

@@ -62,8 +62,11 @@ class _Round:
     """State of one proposal round: pool, fitted acquisition, segment geometry, the set of taken configurations."""
 
     def __init__(self, space: SearchSpace, numels: np.ndarray, feature_map: FeatureMap, X: np.ndarray,
-                 loss: np.ndarray, seed: int, opts: ProposerOptions, exclude: np.ndarray) -> None:
+                 loss: np.ndarray, seed: int, opts: ProposerOptions, exclude: np.ndarray,
+                 allowed: np.ndarray | None) -> None:
         self.space, self.numels, self.fm, self.X, self.loss, self.opts = space, numels, feature_map, X, loss, opts
+        n = feature_map.n_matrices
+        self.allowed = np.ones((n, space.n_settings), dtype=bool) if allowed is None else allowed
         self.rng = np.random.default_rng(seed)
         self.upper = space.upper_bounds(feature_map.n_matrices)
         self.bits_range = opts.bits_range or space.bits_range
@@ -123,10 +126,8 @@ class _Round:
         front = non_dominated_mask(self.pool_bits, self.loss)
         below, above = front & (self.pool_bits < lo_edge), front & (self.pool_bits > hi_edge)
         n = self.fm.n_matrices
-        base = (self.X[below][np.argmax(self.pool_bits[below])] if below.any()
-                else self._uniform(int(np.argmin(self.space.setting_bits)), n))
-        donor = (self.X[above][np.argmin(self.pool_bits[above])] if above.any()
-                 else self._uniform(int(np.argmax(self.space.setting_bits)), n))
+        base = self.X[below][np.argmax(self.pool_bits[below])] if below.any() else self._extreme(cheapest=True)
+        donor = self.X[above][np.argmin(self.pool_bits[above])] if above.any() else self._extreme(cheapest=False)
         rungs = []
         steps = np.arange(n + 1)[:, None] > np.arange(n)[None, :]  # row k: the first k matrices of the order
         for _ in range(self.opts.n_orders):
@@ -140,21 +141,42 @@ class _Round:
         members = np.flatnonzero(self.in_segment(self.pool_bits, seg))
         return self.X[members[np.argmin(self.loss[members])]].copy() if members.size else None
 
-    def _uniform(self, flat: int, n: int) -> np.ndarray:
-        return np.tile(np.asarray(np.unravel_index(flat, self.space.cardinalities), dtype=np.int64), n)
+    def _extreme(self, cheapest: bool) -> np.ndarray:
+        """Every matrix at its cheapest (or dearest) allowed setting, first on ties."""
+        bits = np.where(self.allowed, self.space.setting_bits[None, :], np.inf if cheapest else -np.inf)
+        flat = np.argmin(bits, axis=1) if cheapest else np.argmax(bits, axis=1)
+        return np.stack(np.unravel_index(flat, self.space.cardinalities), axis=-1).astype(np.int64).reshape(-1)
+
+    def fits(self, xs: np.ndarray) -> np.ndarray:
+        """Whether every matrix of each encoded row takes a setting of its domain."""
+        n = self.fm.n_matrices
+        fields = xs.reshape(xs.shape[0], n, len(self.space.cardinalities))
+        flat = np.ravel_multi_index(tuple(fields[..., j] for j in range(fields.shape[-1])), self.space.cardinalities)
+        return self.allowed[np.arange(n)[None, :], flat].all(axis=1)
 
     # ---- local search -------------------------------------------------------------------------------------------
     def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All in-range ±1 neighbours of x, with the moved coordinate and direction of each."""
+        """All in-range ±1 neighbours of x, with the moved coordinate and direction of each. A step that lands on a
+        setting outside its matrix's domain goes on in the same direction to the next one inside it."""
         dims = np.concatenate([np.flatnonzero(x < self.upper), np.flatnonzero(x > 0)])
         steps = np.concatenate([np.ones(int((x < self.upper).sum()), np.int64),
                                 -np.ones(int((x > 0).sum()), np.int64)])
         nb = np.repeat(x[None, :], dims.size, axis=0)
-        nb[np.arange(dims.size), dims] += steps
-        return nb, dims, steps
+        rows = np.arange(dims.size)
+        nb[rows, dims] += steps
+        inside = np.ones(dims.size, dtype=bool)
+        for _ in range(int(self.upper.max(initial=0))):
+            stray = inside & ~self.fits(nb)
+            if not stray.any():
+                break
+            nb[rows[stray], dims[stray]] += steps[stray]
+            inside = (nb[rows, dims] >= 0) & (nb[rows, dims] <= self.upper[dims])
+            nb[rows[~inside], dims[~inside]] = x[dims[~inside]]  # parked in range; dropped below
+        keep = inside & self.fits(nb)
+        return nb[keep], dims[keep], steps[keep]
 
     def valid(self, xs: np.ndarray, seg: int) -> np.ndarray:
-        ok = self.in_segment(self.space.encoded_average_bits(xs, self.numels), seg)
+        ok = self.in_segment(self.space.encoded_average_bits(xs, self.numels), seg) & self.fits(xs)
         ok[ok] = self.free(xs[ok])
         return ok
 
@@ -222,11 +244,13 @@ def propose_candidates(
     feature_map: FeatureMap | None = None,
     options: ProposerOptions = ProposerOptions(),
     exclude: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Up to ``n`` new encoded configurations, each inside one segment, unique and absent from the pool ``X``.
 
     ``X`` (n_pool, 5N) int and ``loss`` (n_pool,) are the observations; at least 2 are needed to fit the GP.
     ``exclude`` (m, 5N) are further configurations not to propose (e.g. proposed but not yet evaluated).
+    ``allowed`` (N, n_settings) bool, from :meth:`SearchSpace.allowed`, keeps every matrix inside its domain.
     """
     X = np.asarray(X, dtype=np.int64)
     loss = np.asarray(loss, dtype=np.float64)
@@ -245,4 +269,5 @@ def propose_candidates(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         ex = np.zeros((0, X.shape[1]), dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
-        return _Round(space, numels, fm, X, loss, seed, options, ex.reshape(-1, X.shape[1])).propose(int(n))
+        return _Round(space, numels, fm, X, loss, seed, options, ex.reshape(-1, X.shape[1]),
+                      allowed).propose(int(n))

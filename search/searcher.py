@@ -44,17 +44,25 @@ class ParetoSearcher:
         bits_range: tuple[float, float] | None = None,
         groups: Sequence[Sequence[int]] | None = None,
         options: ProposerOptions | None = None,
+        row_lengths: Sequence[int] | None = None,
     ) -> None:
+        """``row_lengths`` (each matrix's input features) restrict every matrix to the settings it can take
+        (:meth:`SearchSpace.allowed`); None lets every matrix take every setting."""
         n = np.asarray(numels)
         if n.ndim != 1 or n.size == 0 or not np.issubdtype(n.dtype, np.integer) or np.any(n <= 0):
             raise ValueError("numels must be a non-empty list of positive integer matrix sizes")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.bits_range = tuple(float(v) for v in (bits_range or space.bits_range))
+        if row_lengths is not None and len(row_lengths) != n.size:
+            raise ValueError(f"row_lengths has {len(row_lengths)} entries for {n.size} matrices")
+        self.row_lengths = None if row_lengths is None else [int(r) for r in row_lengths]
+        self.allowed = None if row_lengths is None else space.allowed(self.row_lengths)
+        lo, hi = space.achievable_bits_range(n, self.allowed)
+        self.bits_range = tuple(float(v) for v in (bits_range or (lo, hi)))
         segment_edges(segments, self.bits_range)  # validates segments and range
-        lo, hi = space.bits_range
         if self.bits_range[0] < lo or self.bits_range[1] > hi:
-            raise ValueError(f"bits_range {self.bits_range} lies outside the space's range [{lo:.4f}, {hi:.4f}]")
+            raise ValueError(f"bits_range {self.bits_range} lies outside the range this space offers these matrices "
+                             f"[{lo:.4f}, {hi:.4f}]")
         self.space = space
         self.numels = n.astype(np.int64)
         self.seed = int(seed)
@@ -72,7 +80,7 @@ class ParetoSearcher:
         """Add evaluated (encoded configuration, loss) pairs; all are validated before any is added."""
         rows, losses = [], []
         for x, loss in results:
-            rows.append(validate_configuration(self.space, self.numels.size, x))
+            rows.append(validate_configuration(self.space, self.numels.size, x, self.allowed))
             value = float(loss)
             if not np.isfinite(value):
                 raise ValueError(f"loss must be finite, got {loss!r} for a configuration")
@@ -102,9 +110,10 @@ class ParetoSearcher:
 
     def propose(self, n: int, exclude: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
         """Up to ``n`` new configurations, not in the pool nor in ``exclude``, each inside one bit segment."""
-        ex = np.stack([validate_configuration(self.space, self.numels.size, x) for x in exclude]) if len(exclude) else None
+        ex = (np.stack([validate_configuration(self.space, self.numels.size, x, self.allowed) for x in exclude])
+              if len(exclude) else None)
         return propose_candidates(self.space, self.numels, self._X, self._loss, n, self.round_seed(),
-                                  self.feature_map, self.options, exclude=ex)
+                                  self.feature_map, self.options, exclude=ex, allowed=self.allowed)
 
     # ---- persistence --------------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -113,6 +122,7 @@ class ParetoSearcher:
             "version": STATE_VERSION,
             "space": self.space.to_dict(),
             "numels": self.numels.tolist(),
+            "row_lengths": self.row_lengths,
             "seed": self.seed,
             "segments": self.segments,
             "bits_range": list(self.bits_range),
@@ -130,14 +140,15 @@ class ParetoSearcher:
         opts["combine_sizes"] = tuple(opts["combine_sizes"])
         opts["bits_range"] = tuple(opts["bits_range"]) if opts["bits_range"] is not None else None
         searcher = cls(SearchSpace.from_dict(meta["space"]), meta["numels"], meta["seed"], meta["segments"],
-                       tuple(meta["bits_range"]), meta["groups"], ProposerOptions(**opts))
+                       tuple(meta["bits_range"]), meta["groups"], ProposerOptions(**opts), meta.get("row_lengths"))
         searcher.load_state_dict(meta, tensors)
         return searcher
 
     def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Replace the pool with the saved one (the configuration of ``self`` must match the saved one)."""
-        if meta["numels"] != self.numels.tolist() or meta["space"] != self.space.to_dict():
-            raise ValueError("saved searcher state belongs to a different space or model (numels differ)")
+        if (meta["numels"] != self.numels.tolist() or meta["space"] != self.space.to_dict()
+                or meta.get("row_lengths") != self.row_lengths):
+            raise ValueError("saved searcher state belongs to a different space or model (numels or rows differ)")
         X = tensors["pool"].numpy().astype(np.int64)
         loss = tensors["loss"].numpy().astype(np.float64)
         self._X, self._loss = np.zeros((0, self.d), dtype=np.int64), np.zeros(0)

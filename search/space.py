@@ -301,10 +301,29 @@ class SearchSpace:
         """Whether the space's settings are llama.cpp tensor types (exportable as GGUF)."""
         return parse_code(self.code[0])[0] == "gguf"
 
-    @property
-    def row_multiple(self) -> int:
-        """What every target matrix's row length must be a multiple of for every setting of the space to apply."""
-        return math.lcm(*(QuantSetting(c).row_multiple for c in self.code)) if self.is_gguf else 1
+    # ---- per-matrix domains ---------------------------------------------------------------------------------
+    def allowed(self, row_lengths: Sequence[int]) -> np.ndarray:
+        """(N, n_settings) bool: which settings each matrix can take, given its row length (input features).
+
+        A blockwise setting fits any matrix (it pads the flattened matrix); a llama.cpp type fits only rows that are
+        a multiple of its block, since ggml quantizes row by row and never pads (the K-quants need 256, the others
+        32). The search, the ILP and the unseen draws keep every configuration inside these domains.
+        """
+        rows = np.asarray(row_lengths)
+        if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer) or np.any(rows <= 0):
+            raise ValueError(f"row lengths must be a non-empty list of positive integers, got {show_value(list(rows))}")
+        multiples = np.array([s.row_multiple for s in self.settings], dtype=np.int64)
+        return rows.astype(np.int64)[:, None] % multiples[None, :] == 0
+
+    def achievable_bits_range(self, numels: Sequence[int], allowed: np.ndarray | None = None) -> tuple[float, float]:
+        """(cheapest, dearest) average bits a model can reach: each matrix at its cheapest / dearest allowed
+        setting (the space's own range when every matrix takes every setting)."""
+        if allowed is None:
+            return self.bits_range
+        n = np.asarray(numels, dtype=np.float64)
+        bits = np.where(allowed, self.setting_bits[None, :], np.nan)
+        return (float(np.dot(n, np.nanmin(bits, axis=1)) / n.sum()),
+                float(np.dot(n, np.nanmax(bits, axis=1)) / n.sum()))
 
     # ---- per-matrix settings ------------------------------------------------------------------------------
     @property

@@ -48,23 +48,24 @@ def resolve_configuration(
             raise ValueError(f"{target.name}: expected a QuantSetting, got {type(setting).__name__}")
         if space is not None:
             space.validate_setting(setting, matrix=target.name)
+        if target.shape[1] % setting.row_multiple:
+            raise ValueError(f"{target.name} has rows of {target.shape[1]} weights (input features), but {setting} "
+                             f"quantizes rows in blocks of {setting.row_multiple}: choose another type for it")
     return settings
 
 
 def check_space_fits(registry: ModuleRegistry, space: SearchSpace) -> None:
-    """ValueError, before any compute, when a target matrix cannot take every setting of the space: llama.cpp types
-    quantize each row in blocks and never pad, so a row length must be a multiple of every type's block."""
-    if space.row_multiple == 1:
-        return
-    misfits = {c: [t for t in registry if t.shape[1] % QuantSetting(c).row_multiple] for c in space.code}
-    bad = {c: targets for c, targets in misfits.items() if targets}
-    if bad:
-        code, targets = next(iter(bad.items()))
+    """ValueError, before any compute, when a target matrix can take no setting of the space: llama.cpp types
+    quantize each row in blocks and never pad, so a matrix takes a type only when its row length is a multiple of
+    the type's block. A matrix that fits some types is searched over those (:meth:`SearchSpace.allowed`)."""
+    stuck = [t for t, ok in zip(registry, space.allowed(registry.row_lengths).any(axis=1)) if not ok]
+    if stuck:
+        t = stuck[0]
+        blocks = sorted({s.row_multiple for s in space.settings})
         raise ValueError(
-            f"{targets[0].name} has rows of {targets[0].shape[1]} weights (input features), but {code} quantizes rows "
-            f"in blocks of {QuantSetting(code).row_multiple}; {sum(map(len, bad.values()))} (target, type) pairs do "
-            f"not fit. Types in this space that fit every target: {[c for c in space.code if c not in bad]} "
-            "(see conf/space/gguf.yaml)"
+            f"{t.name} has rows of {t.shape[1]} weights (input features), which no type of this space fits "
+            f"(their blocks: {blocks} weights); {len(stuck)} target(s) are affected. Add a 32-weight type such as "
+            "q8_0 or q4_0 (see conf/space/gguf.yaml)"
         )
 
 

@@ -90,7 +90,8 @@ def layer_fisher(coa: Any, examples: Iterable[Mapping[str, torch.Tensor]], n_exa
 def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor | None = None,
                   name: str = "weight", sample: int | None = None) -> np.ndarray:
     """(n_settings,) float64: ‖√F ⊙ (W − quant_c(W))‖²_F for every setting c of ``space`` (plain ‖W − Ŵ_c‖²_F
-    without ``fisher``), in ``space.settings`` order — one row of the ILP cost table.
+    without ``fisher``), in ``space.settings`` order — one row of the ILP cost table; +inf for a setting the matrix
+    cannot take (:meth:`SearchSpace.allowed`).
 
     ``sample``: estimate from about this many entries instead of all of them (432 fake-quantizations of every
     matrix dominate a run's start-up on CPU). The estimate takes whole chunks of the largest second-level block
@@ -99,8 +100,10 @@ def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor
     llama.cpp types it takes evenly spaced whole rows, which ggml quantizes exactly as in the full matrix.
     """
     w, f, scale = _sample(weight.detach().float(), fisher, space, sample)
-    out = np.empty(space.n_settings, dtype=np.float64)
+    out = np.full(space.n_settings, np.inf)
     for j, setting in enumerate(space.settings):
+        if weight.shape[-1] % setting.row_multiple:
+            continue  # a llama.cpp type whose blocks do not fit the rows: +inf, the ILP never picks it
         diff = (w - fake_quantize(w, setting, name=name)).square()
         out[j] = float((diff * f).sum() if f is not None else diff.sum()) * scale
     return out

@@ -136,6 +136,11 @@ class ModuleRegistry:
         return [t.numel for t in self._targets]
 
     @property
+    def row_lengths(self) -> list[int]:
+        """Each target's input features: the length of the rows a llama.cpp type quantizes in blocks."""
+        return [t.shape[1] for t in self._targets]
+
+    @property
     def total_numel(self) -> int:
         return sum(self.numels)
 

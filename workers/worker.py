@@ -118,6 +118,9 @@ class Worker:
     def numels(self) -> list[int]:
         return self.models["coa"].registry.numels
 
+    def row_lengths(self) -> list[int]:
+        return self.models["coa"].registry.row_lengths
+
     def registry(self) -> list[dict[str, Any]]:
         return self.models["coa"].registry.to_dict()
 

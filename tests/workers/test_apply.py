@@ -100,3 +100,27 @@ def test_error_inside_block_restores_weights(llama):
         with applied_configuration(model, reg, uniform_configuration(reg, QuantSetting("nf2", 2, "bf16", 64, 256))):
             raise RuntimeError("boom")
     assert torch.equal(reg.module(model, reg[0]).weight, before)
+
+
+def test_llama_cpp_types_apply_only_where_their_blocks_fit_the_rows():
+    """A model with 256-wide rows (attention, gate, up) and 64-wide rows (down): the K-quant costs +inf on the
+    64-wide rows, a configuration putting it there is refused naming the matrix, and a space none of whose types
+    fits a matrix is refused before any compute."""
+    pytest.importorskip("llama_cpp", reason="the [gguf] extra (make test installs it)")
+    from workers.apply import check_space_fits
+    from workers.fisher import setting_costs
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    reg = ModuleRegistry.from_model(model)
+    space = SearchSpace.from_dict({"code": ["q2_k", "q4_0", "q8_0"]})
+    check_space_fits(reg, space)
+    down = next(t for t in reg if t.shape[1] == 64)
+    costs = setting_costs(reg.module(model, down).weight, space)
+    assert costs[0] == np.inf and np.isfinite(costs[1:]).all() and costs[1] > costs[2] > 0
+    with_k = [QuantSetting("q2_k") if t.shape[1] == 256 else QuantSetting("q4_0") for t in reg]
+    assert len(resolve_configuration(reg, with_k, space)) == len(reg)
+    with pytest.raises(ValueError, match=rf"{down.name} has rows of 64 weights.*q2_k quantizes rows in blocks of 256"):
+        resolve_configuration(reg, [QuantSetting("q2_k")] * len(reg), space)
+    with pytest.raises(ValueError, match=rf"{down.name} has rows of 64 weights.*no type of this space fits"):
+        check_space_fits(reg, SearchSpace.from_dict({"code": ["q2_k", "q4_k"]}))
