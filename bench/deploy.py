@@ -9,7 +9,8 @@ values), written once as ``base-f32.gguf``; llama.cpp quantizes it with its own 
 ``llama_model_quantize`` (the function behind ``llama-quantize``), keeping the token embedding at Q8_0 as the
 coalora exports do (the packaged file's), so file sizes differ only in the target matrices. SmolLM2's 576-weight
 rows do not take the K-quants' 256-weight super-blocks, so llama.cpp's K presets fall back to 32-block types on
-those tensors, as its log says. Every file is scored by llama-cpp-python on the same held-out tokens (the First
+those tensors, as its log says; coalora's search gives the K-quants only to the 1536-weight rows (the down
+projections) in the first place. Every file is scored by llama-cpp-python on the same held-out tokens (the First
 Folio Hamlet, which training never reads: it reads the ``*_gut.txt`` texts), in windows of 512; the coalora rows also
 carry coalora's own perplexity of the same configuration, which the deployed file must reproduce. Each finished
 file's figures are written to ``results.json`` at once and reused on a rerun. Last line: one JSON object.
@@ -30,9 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WINDOW = 512
-BUDGETS = (4.5, 5.0, 5.5, 6.0)
+BUDGETS = (4.25, 4.5, 5.0, 5.5)
 PER_TYPE = ("q4_0", "q4_1", "q5_0", "q8_0")
-PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 PROMPT = "<|im_start|>user\nWrite two lines in the style of Hamlet.<|im_end|>\n<|im_start|>assistant\n"
 
 

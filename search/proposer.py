@@ -170,7 +170,7 @@ class _Round:
             if not stray.any():
                 break
             nb[rows[stray], dims[stray]] += steps[stray]
-            inside = (nb[rows, dims] >= 0) & (nb[rows, dims] <= self.upper[dims])
+            inside &= (nb[rows, dims] >= 0) & (nb[rows, dims] <= self.upper[dims])
             nb[rows[~inside], dims[~inside]] = x[dims[~inside]]  # parked in range; dropped below
         keep = inside & self.fits(nb)
         return nb[keep], dims[keep], steps[keep]
