@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import gguf
@@ -33,19 +34,14 @@ from orchestrator.runs import load_run_config, worker_spec
 from orchestrator.state import CheckpointStore
 from search.space import QuantSetting
 from workers.export.gguf import GGUFExportError, base_file, open_base, tensor_names
-from workers.models import ModelSource, load_model, load_tokenizer, resolve_model
+from workers.models import ModelSource, load_model, resolve_model
 from workers.quant.formats import packed_nbytes
 
 pytestmark = pytest.mark.integration
-llama_cpp = pytest.importorskip("llama_cpp", reason="the [gguf] extra (make test installs it)")
+pytest.importorskip("llama_cpp", reason="the [gguf] extra (make test installs it)")
+sys.path.insert(0, str(Path(__file__).parent))
+from llama_runtime import FAST, PROMPTS, gaps, llama, llama_logits, tokens  # noqa: E402
 
-FAST = ["cluster.executor=local", "search.rounds=1", "training.steps_per_round=6", "search.initial_budgets=2",
-        "search.proposals_per_round=1", "search.segments=2", "search.fisher_examples=2", "search.cost_sample=4096",
-        "evaluation.unseen=0", "evaluation.targets=[4.25]", "evaluation.baselines=[]", "data.train_examples=48",
-        "data.val_examples=8", "data.score_examples=8", "data.batch_size=4", "data.max_length=32",
-        "training.lr=0.01", "training.warmup_steps=1"]
-PROMPTS = ["To be, or not to be, that is the question:", "My lord, I have remembrances of yours",
-           "Now is the winter of our discontent"]
 BUDGET = 4.25  # below 4.5 bits only the K-quants of the down projections get there
 
 
@@ -87,26 +83,6 @@ def chosen_settings(trained, out: Path) -> list[QuantSetting]:
 def coalora_model(trained, exported):
     """The run's CoA-LoRA model configured as the export chose."""
     return trained[0], chosen_settings(trained, exported[1]), trained[1]
-
-
-def llama(path: Path, lora: Path | None = None):
-    return llama_cpp.Llama(model_path=str(path), lora_path=None if lora is None else str(lora), n_ctx=512,
-                           n_threads=2, logits_all=True, verbose=False, seed=0)
-
-
-def llama_logits(model, ids: list[int]) -> np.ndarray:
-    model.reset()
-    model.eval(ids)
-    return np.array(model.scores[: len(ids)], dtype=np.float64)
-
-
-def tokens(text: str) -> list[int]:
-    return load_tokenizer(resolve_model("smollm2"))(text)["input_ids"]
-
-
-def gaps(theirs: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
-    d = np.abs(theirs - ours)
-    return float(d.max()), float(d.mean())
 
 
 def test_llama_cpp_runs_the_export_with_coaloras_logits(exported, coalora_model):
