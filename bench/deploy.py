@@ -127,7 +127,7 @@ def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     coa = Worker(worker_spec(load_run_config(run))).models["coa"].eval()
     coa.load_trainable_state(CheckpointStore(run / "checkpoints").load_latest().tensors["trainable"])
     types = json.loads((export / "coalora_export.json").read_text())["tensor_types"]
-    names = tensor_names(coa, *reversed(open_base(base_file(resolve_model("smollm2")))))
+    names = tensor_names(coa, *reversed(open_base(base_file(resolve_model(load_run_config(run).model.name)))))
     return model_perplexity(coa, [QuantSetting(types[names[n]]) for n in coa.registry.names], ids)
 
 

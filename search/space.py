@@ -318,7 +318,7 @@ class SearchSpace:
     def achievable_bits_range(self, numels: Sequence[int], allowed: np.ndarray | None = None) -> tuple[float, float]:
         """(cheapest, dearest) average bits a model can reach: each matrix at its cheapest / dearest allowed
         setting (the space's own range when every matrix takes every setting)."""
-        if allowed is None:
+        if allowed is None or allowed.all():
             return self.bits_range
         n = np.asarray(numels, dtype=np.float64)
         bits = np.where(allowed, self.setting_bits[None, :], np.nan)
