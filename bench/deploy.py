@@ -50,22 +50,11 @@ def held_out_tokens(n: int) -> list[int]:
 
 def base_f32(out: Path) -> Path:
     """The packaged Q4_1 file with every tensor dequantized to F32 (the values coalora trains on)."""
-    import gguf
-    from gguf import quants
-
-    from workers.export.gguf import _metadata, _write, base_file
+    from workers.export.gguf import base_file, write_f32
     from workers.models import resolve_model
 
     path = out / "base-f32.gguf"
-    if path.is_file():
-        return path
-    reader = gguf.GGUFReader(base_file(resolve_model("smollm2")))
-    writer = gguf.GGUFWriter(None, "llama")
-    _metadata(reader, writer, skip={"general.file_type"})
-    for t in reader.tensors:
-        writer.add_tensor(t.name, quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-    _write(writer, path)
-    return path
+    return path if path.is_file() else write_f32(base_file(resolve_model("smollm2")), path)
 
 
 def llama_quantize(base: Path, preset: str, out: Path) -> Path:
@@ -119,16 +108,14 @@ def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     """coalora's own forward of the exported configuration on the same windows."""
     from orchestrator.runs import load_run_config, worker_spec
     from orchestrator.state import CheckpointStore
-    from search.space import QuantSetting
-    from workers.export.gguf import base_file, open_base, tensor_names
+    from workers.export.gguf import exported_settings
     from workers.models import resolve_model
     from workers.worker import Worker
 
-    coa = Worker(worker_spec(load_run_config(run))).models["coa"].eval()
+    cfg = load_run_config(run)
+    coa = Worker(worker_spec(cfg)).models["coa"].eval()
     coa.load_trainable_state(CheckpointStore(run / "checkpoints").load_latest().tensors["trainable"])
-    types = json.loads((export / "coalora_export.json").read_text())["tensor_types"]
-    names = tensor_names(coa, *reversed(open_base(base_file(resolve_model(load_run_config(run).model.name)))))
-    return model_perplexity(coa, [QuantSetting(types[names[n]]) for n in coa.registry.names], ids)
+    return model_perplexity(coa, exported_settings(coa, export, resolve_model(cfg.model.name)), ids)
 
 
 def per_type_lora(run: Path, code: str, directory: Path, ids: list[int]) -> tuple[Path, float]:

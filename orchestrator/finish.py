@@ -42,8 +42,8 @@ def check_unseen_feasible(space: SearchSpace, allowed: np.ndarray, n_seen: int, 
     free = math.prod(int(c) for c in allowed.sum(axis=1)) - n_seen
     if unseen > free:
         raise ConfigError(f"evaluation.unseen = {unseen}: the space has only {max(free, 0)} configuration(s) besides "
-                          f"the {n_seen} already used ({space.n_settings} settings per matrix, {len(allowed)} "
-                          "matrices)")
+                          f"the {n_seen} already used ({space.n_settings} settings per matrix, fewer where a "
+                          f"matrix's rows do not fit a type; {len(allowed)} matrices)")
 
 
 def _draw_near(g: np.random.Generator, near: np.ndarray, allowed: np.ndarray) -> np.ndarray:

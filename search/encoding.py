@@ -50,7 +50,7 @@ def validate_configuration(space: SearchSpace, n_matrices: int, x: np.ndarray | 
             f"is out of range 0..{int(upper[j])}"
         )
     if allowed is not None:
-        flat = np.ravel_multi_index(tuple(arr.reshape(n_matrices, N_FIELDS).T), space.cardinalities)
+        flat = space.flat_indices(arr)
         misfit = np.flatnonzero(~allowed[np.arange(n_matrices), flat])
         if misfit.size:
             i = int(misfit[0])

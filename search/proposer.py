@@ -149,10 +149,7 @@ class _Round:
 
     def fits(self, xs: np.ndarray) -> np.ndarray:
         """Whether every matrix of each encoded row takes a setting of its domain."""
-        n = self.fm.n_matrices
-        fields = xs.reshape(xs.shape[0], n, len(self.space.cardinalities))
-        flat = np.ravel_multi_index(tuple(fields[..., j] for j in range(fields.shape[-1])), self.space.cardinalities)
-        return self.allowed[np.arange(n)[None, :], flat].all(axis=1)
+        return self.allowed[np.arange(self.fm.n_matrices)[None, :], self.space.flat_indices(xs)].all(axis=1)
 
     # ---- local search -------------------------------------------------------------------------------------------
     def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -407,16 +407,18 @@ class SearchSpace:
             self.validate_setting(s, matrix=f"matrix {i}")
         return average_bits(configuration, numels)
 
+    def flat_indices(self, x: np.ndarray) -> np.ndarray:
+        """The flat setting index of every matrix of one (5N,) or many (n, 5N) encoded configurations: (N,) or
+        (n, N)."""
+        x = np.asarray(x, dtype=np.int64)
+        fields = x.reshape(x.shape[:-1] + (-1, len(FIELDS)))
+        return np.ravel_multi_index(tuple(fields[..., j] for j in range(len(FIELDS))), self.cardinalities)
+
     def encoded_average_bits(self, x: np.ndarray, numels: Sequence[int]) -> np.ndarray:
         """Average bits of one (5N,) or many (n, 5N) encoded configurations, vectorised for the search."""
         x = np.asarray(x, dtype=np.int64)
         single = x.ndim == 1
-        x2 = np.atleast_2d(x)
-        n_matrices = len(numels)
-        flat = np.ravel_multi_index(
-            tuple(x2.reshape(x2.shape[0], n_matrices, len(FIELDS))[..., j] for j in range(len(FIELDS))),
-            self.cardinalities,
-        )
+        flat = self.flat_indices(np.atleast_2d(x))
         n = np.asarray(numels, dtype=np.float64)
         out = (self.setting_bits[flat] * n).sum(axis=1) / n.sum()
         return out[0] if single else out

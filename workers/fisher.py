@@ -100,10 +100,9 @@ def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor
     llama.cpp types it takes evenly spaced whole rows, which ggml quantizes exactly as in the full matrix.
     """
     w, f, scale = _sample(weight.detach().float(), fisher, space, sample)
-    out = np.full(space.n_settings, np.inf)
-    for j, setting in enumerate(space.settings):
-        if weight.shape[-1] % setting.row_multiple:
-            continue  # a llama.cpp type whose blocks do not fit the rows: +inf, the ILP never picks it
+    out = np.full(space.n_settings, np.inf)  # +inf where the rows do not fit a type's blocks: never picked
+    for j in np.flatnonzero(space.allowed([weight.shape[-1]])[0]):
+        setting = space.settings[j]
         diff = (w - fake_quantize(w, setting, name=name)).square()
         out[j] = float((diff * f).sum() if f is not None else diff.sum()) * scale
     return out

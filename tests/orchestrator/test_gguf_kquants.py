@@ -24,8 +24,7 @@ import torch
 from orchestrator.cli import main
 from orchestrator.runs import load_run_config, worker_spec
 from orchestrator.state import CheckpointStore
-from search.space import QuantSetting
-from workers.export.gguf import _metadata, _write, open_base, tensor_names
+from workers.export.gguf import exported_settings, open_base, tensor_names, write_f32
 from workers.models import ModelSource, load_model, resolve_model
 
 pytestmark = pytest.mark.integration
@@ -81,15 +80,14 @@ def test_a_3_5_bit_export_in_k_quants_runs_in_llama_cpp_with_coaloras_logits(exp
     run_dir, out = exported
     coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"].eval()
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
-    reader, arch = open_base(widened)
-    names = tensor_names(coa, arch, reader)
+    names = tensor_names(coa, *reversed(open_base(widened)))
     summary = json.loads((out / "coalora_export.json").read_text())
-    settings = [QuantSetting(summary["tensor_types"][names[n]]) for n in coa.registry.names]
+    settings = exported_settings(coa, out, ModelSource(str(widened.parent), widened.name))
     numels = np.array(coa.registry.numels)
     k_share = numels[[s.row_multiple == 256 for s in settings]].sum() / numels.sum()
     assert summary["average_bits"] <= BITS and k_share >= 0.5  # below 4.5 bits only q2_k / q3_k get there
     assert all(r % 256 == 0 for r in coa.registry.row_lengths)
-    exact = llama(f32_copy(out / "model.gguf", out / "model-f32.gguf"), out / "adapter.gguf")
+    exact = llama(write_f32(out / "model.gguf", out / "model-f32.gguf"), out / "adapter.gguf")
     deployed = llama(out / "model.gguf", out / "adapter.gguf")
     for text in PROMPTS:
         ids = tokens(text)
@@ -106,18 +104,3 @@ def test_a_3_5_bit_export_in_k_quants_runs_in_llama_cpp_with_coaloras_logits(exp
         tensor = stored[names[target.name]]
         assert tensor.tensor_type.name.lower() == setting.code
         assert int(tensor.n_bytes) == setting.exact_bits * target.numel / 8
-
-
-def f32_copy(source: Path, path: Path) -> Path:
-    """``source`` with every quantized target tensor stored as its F32 values (gguf-py's dequantization), so that
-    llama.cpp computes with exactly coalora's weights and no activation quantization."""
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(None, "llama")
-    _metadata(reader, writer, skip=set())
-    for tensor in reader.tensors:
-        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0):
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-        else:
-            writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
-    _write(writer, path)
-    return path

@@ -88,6 +88,26 @@ def tensor_names(coa: CoAModel, arch: str, reader: gguf.GGUFReader) -> dict[str,
     return out
 
 
+def exported_settings(coa: CoAModel, directory: str | Path, source: ModelSource) -> list[QuantSetting]:
+    """The configuration an export wrote (the tensor types in its ``coalora_export.json``), in ``coa``'s registry
+    order: what to configure coalora's own model with to compare it against the exported files."""
+    names = tensor_names(coa, *reversed(open_base(base_file(source))))
+    types = json.loads((Path(directory) / "coalora_export.json").read_text())["tensor_types"]
+    return [QuantSetting(types[names[n]]) for n in coa.registry.names]
+
+
+def write_f32(source: Path, path: Path) -> Path:
+    """``source`` with every tensor stored as its F32 values (gguf-py's dequantization): the same weights, which
+    llama.cpp then multiplies in F32, without quantizing the activations."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(None, str(reader.fields["general.architecture"].contents()))
+    _metadata(reader, writer, skip={"general.file_type"})
+    for t in reader.tensors:
+        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    _write(writer, path)
+    return path
+
+
 def _permutation(arch: str, gguf_name: str, rows: int, reader: gguf.GGUFReader) -> np.ndarray | None:
     """Row order llama.cpp stores ``gguf_name`` in (None: as is): ``LlamaModel.permute`` applied to row indices."""
     kind = gguf_name.split(".")[-2]
