@@ -133,7 +133,8 @@ def init_ray(address: str | None, num_cpus: float | None, connect_timeout_s: flo
         import ray._private.ray_constants as ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # "local": a new instance even when a `ray start` cluster on this machine would otherwise be joined.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level="WARNING", log_to_driver=True)
         try:
             check_loopback_only()

@@ -4,9 +4,12 @@ told otherwise), and coalora checks that it does before running with authenticat
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,14 +72,23 @@ def test_check_refuses_a_child_listening_beyond_loopback():
         child.wait()
 
 
-def test_ray_imported_before_init_still_binds_loopback():
-    """The binding must hold even when something imported ray before coalora set Ray's environment."""
-    code = ("import ray; from orchestrator.executor import init_ray, listeners_beyond_loopback, session_pids; "
-            "init_ray(None, 1); print('exposed', listeners_beyond_loopback(session_pids())); ray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "exposed []" in out.stdout
+def test_ray_imported_before_init_still_binds_loopback_and_starts_its_own_instance():
+    """The binding must hold even when something imported ray before coalora set Ray's environment; and a local
+    run starts its own Ray even where a `ray start` cluster was recorded on the machine (plain ``ray.init()`` would
+    join the address in <tmp>/ray/ray_current_cluster, here a dead one)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths stay under 107 characters
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+        code = ("import ray; from orchestrator.executor import init_ray, listeners_beyond_loopback, session_pids; "
+                "print('started', init_ray(None, 1)); print('exposed', listeners_beyond_loopback(session_pids())); "
+                "ray.shutdown()")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                             cwd=Path(__file__).resolve().parents[2], env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "started True" in out.stdout and "exposed []" in out.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_local_ray_run_listens_only_on_loopback(make_config, tmp_path, cli_start):

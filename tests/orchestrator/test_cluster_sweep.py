@@ -67,7 +67,7 @@ def test_sweep_interrupted_and_restored_has_no_duplicate_runs(write_run_config, 
                   "--max-failures", "1"),
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # generous: the suite runs two tests at a time
         # Interrupt once the first trial has finished and the second one's run is under way: the restore must keep
         # the finished trial as it is and continue the interrupted run, not start it again.
         while time.monotonic() < deadline and proc.poll() is None:
@@ -89,7 +89,7 @@ def test_sweep_interrupted_and_restored_has_no_duplicate_runs(write_run_config, 
     log = (tmp_path / "sweep-2.log").open("w")
     proc = subprocess.Popen(sweep_cmd("--resume", str(sweep_dir)), cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    rc = finish(proc, 240)
+    rc = finish(proc, 480)
     out2 = (tmp_path / "sweep-2.log").read_text()
     assert rc == 0, out1[-3000:] + "\n----\n" + out2[-4000:]
 
