@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from search.space import SearchSpace
 
-from .quant.formats import fake_quantize
+from .quant.formats import fake_quantize_each
 from .registry import ModuleRegistry
 
 
@@ -101,9 +101,9 @@ def setting_costs(weight: torch.Tensor, space: SearchSpace, fisher: torch.Tensor
     """
     w, f, scale = _sample(weight.detach().float(), fisher, space, sample)
     out = np.full(space.n_settings, np.inf)  # +inf where the rows do not fit a type's blocks: never picked
-    for j in np.flatnonzero(space.allowed([weight.shape[-1]])[0]):
-        setting = space.settings[j]
-        diff = (w - fake_quantize(w, setting, name=name)).square()
+    columns = np.flatnonzero(space.allowed([weight.shape[-1]])[0])
+    for j, quantized in zip(columns, fake_quantize_each(w, [space.settings[j] for j in columns], name=name)):
+        diff = (w - quantized).square()
         out[j] = float((diff * f).sum() if f is not None else diff.sum()) * scale
     return out
 

@@ -22,6 +22,17 @@ def test_every_setting_packs_to_the_storage_formula_and_round_trips_exactly():
         assert torch.equal(packed.dequantize(), bw.fake_quantize(w, s)), s
 
 
+@pytest.mark.parametrize("reference", [False, True])
+def test_each_setting_in_one_pass_equals_one_call_per_setting(reference):
+    """fake_quantize_each shares one scale encoding among settings that differ only in their code: the result
+    must still be bit-identical to a call per setting, in space order (here with padding: 37·41 entries)."""
+    w = torch.randn(37, 41)
+    together = list(bw.fake_quantize_each(w, SPACE.settings, reference=reference))
+    assert len(together) == len(SPACE.settings)
+    for s, q in zip(SPACE.settings, together):
+        assert torch.equal(q, bw.fake_quantize(w, s, reference=reference)), s
+
+
 @pytest.mark.parametrize("shape", [(192, 576), (7, 33), (1, 5)])
 def test_padding_is_counted_in_bytes(shape):
     w = torch.randn(*shape)

@@ -20,6 +20,7 @@ global minimum absmax) yields scale codes 0 instead of 0/0, and a dequantized sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -159,16 +160,32 @@ def fake_quantize(
 ) -> torch.Tensor:
     """The dequantized matrix Ŵ (same shape, dtype and device as ``weight``): what training multiplies with.
     ``reference=True`` forces the pure-torch path the fused kernels are tested against."""
-    validate_weight(weight, setting, name)
+    return next(fake_quantize_each(weight, [setting], name=name, reference=reference))
+
+
+def fake_quantize_each(
+    weight: torch.Tensor, settings: Sequence[QuantSetting], *, name: str = "weight", reference: bool = False
+) -> Iterator[torch.Tensor]:
+    """:func:`fake_quantize` of ``weight`` under each of ``settings`` in turn. Settings that differ only in their
+    code share one scale encoding (it depends on the blocks and scale formats alone), which is most of the work on
+    small matrices: the Fisher cost table asks for every setting of the space."""
+    for setting in settings:
+        validate_weight(weight, setting, name)
     use_fused = _fused(weight, reference)
     flat = _flat(weight)
-    sc = _encode_scales(flat, setting, name, use_fused)
-    if use_fused:
-        out = fused.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code), codebook(setting.code))
-    else:
-        values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, False).long()]
-        out = _decode_values(values, sc.scales, setting)[: weight.numel()]
-    return out.view(weight.shape).to(weight.dtype)
+    encoded: dict[tuple, _Scales] = {}
+    for setting in settings:
+        shared = (setting.block0, setting.block1, setting.scale_bits, setting.scale2_format)
+        if shared not in encoded:
+            encoded[shared] = _encode_scales(flat, setting, name, use_fused)
+        sc = encoded[shared]
+        if use_fused:
+            out = fused.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code),
+                                             codebook(setting.code))
+        else:
+            values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, False).long()]
+            out = _decode_values(values, sc.scales, setting)[: weight.numel()]
+        yield out.view(weight.shape).to(weight.dtype)
 
 
 @dataclass(frozen=True)

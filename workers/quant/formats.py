@@ -5,7 +5,7 @@ types (``gguf``) to :mod:`.ggml` (ggml's own quantizer). Each family's storage f
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -37,6 +37,17 @@ def fake_quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "w
     if setting.family == "gguf":
         return ggml.fake_quantize(weight, setting, name=name).to(weight.device)
     return blockwise.fake_quantize(weight, setting, name=name)
+
+
+def fake_quantize_each(weight: torch.Tensor, settings: Sequence[QuantSetting], *,
+                       name: str = "weight") -> Iterator[torch.Tensor]:
+    """:func:`fake_quantize` under each of ``settings`` in turn, sharing what settings of one family share (the
+    blockwise family encodes the scales once per block and scale format)."""
+    if all(s.family != "gguf" for s in settings):
+        yield from blockwise.fake_quantize_each(weight, settings, name=name)
+        return
+    for setting in settings:
+        yield fake_quantize(weight, setting, name=name)
 
 
 def packed_nbytes(numel: int, setting: QuantSetting) -> int:
