@@ -52,10 +52,11 @@ RUN set -eux; \
 WORKDIR /app
 # Dependencies before the source, so editing code does not reinstall them.
 COPY pyproject.toml README.md ./
-# ray[default]: the dashboard on ray-head. psycopg2-binary and boto3: the MLflow server's PostgreSQL backend store and S3 (MinIO) artifact store.
+# ray[default]: the dashboard on ray-head. psycopg 3 and boto3: the MLflow server's PostgreSQL backend store (SQLAlchemy >= 2.1
+# resolves postgresql:// to psycopg 3, not psycopg2: tests/orchestrator/test_stack.py runs this stack) and its S3 artifact store.
 RUN mkdir -p orchestrator workers search \
  && touch orchestrator/__init__.py workers/__init__.py search/__init__.py \
- && pip install "torch==${TORCH_VERSION}" . psycopg2-binary boto3 \
+ && pip install "torch==${TORCH_VERSION}" . "psycopg[binary]" boto3 \
  && pip install "ray[default,tune]==$(python -c 'import ray; print(ray.__version__)')" \
  && pip uninstall -y coalora \
  && pip install --no-deps ${ASSETS}

@@ -37,10 +37,10 @@ demo: $(STAMP)
 	$(VENV)/bin/coalora run conf/default.yaml
 
 # Two tests at a time (pytest-xdist; CI has 2 cores): most tests wait on a subprocess, Ray or MLflow and use under one
-# core alone. worksteal rebalances the few long tests; TEST_WORKERS=0 runs in one process, as before.
+# core alone. loadgroup keeps the production-stack tests on one worker (one stack); TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(GGUF_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
 
 # Benchmarks need optuna (NSGA-II baseline of bench/search.py), which the product does not.
 bench: $(GGUF_STAMP)

@@ -570,7 +570,8 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
             tracker.log_metrics({f"{prefix}gap_coa_minus_qlora": r["gap_coa_minus_qlora"],
                                  f"{prefix}gap_coa_minus_lq_lora": r["gap_coa_minus_lq_lora"]}, step=0)
             for m in METHODS:
-                child = tracker.child(m if len(results) == 1 else f"{r['job']}/{m}")
+                name = m if len(results) == 1 else f"{r['job']}/{m}"
+                child = tracker.child(name)
                 client.set_tag(child, "bench.job", r["job"])
                 client.set_tag(child, "bench.method", m)
                 metric = r["metric"]
@@ -581,7 +582,7 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
                 if m in r["unseen_mean"]:
                     vals[f"mean_unseen_{metric}"] = r["unseen_mean"][m]
                     vals["hypervolume_all"] = r["hypervolume_all_evaluated"][m]
-                tracker.log_metrics(vals, step=0, run=child)
+                tracker.log_metrics(vals, step=0, child=name)
                 client.set_terminated(child)
         for f in files:
             tracker.log_artifact(f)

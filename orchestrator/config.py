@@ -178,7 +178,8 @@ class ClusterSection(_Section):
     workers: int = Field(2, gt=0, le=4096, description="checked against the CPUs/GPUs Ray offers before any compute")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    max_restarts: int = Field(2, ge=0, le=100)
+    max_restarts: int = Field(2, ge=0, le=100, description="times Ray restarts a worker actor whose process or "
+                                                           "node died; its calls wait and are retried meanwhile")
     connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for a Ray cluster address")
 
 
@@ -186,6 +187,8 @@ class TrackingSection(_Section):
     uri: str | None = None
     experiment: str = Field("coalora", min_length=1, max_length=256)
     timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for each MLflow server request")
+    outage_s: float = Field(300.0, ge=0, le=86400, description="how long the end of a run waits for a tracking "
+                                                               "store that went away mid-run (training never waits)")
     system_metrics: bool = Field(True, description="log CPU, memory, disk, network and GPU use to the run "
                                                    "(MLflow's system-metrics monitor, every 10 s)")
 

@@ -187,8 +187,7 @@ def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: 
         tag = row["configuration"].replace(" ", "_")
         by_method.setdefault(row["method"], {})[f"{tag}.{metric}"] = row[metric]
     for method, metrics in by_method.items():
-        child = tracker.child(method)
         means = [v for k, v in metrics.items() if k.startswith("target") and v is not None]
         metrics[f"mean_target_{metric}"] = float(np.mean(means)) if means else float("nan")
-        tracker.log_metrics(metrics, step=cfg.search.rounds, run=child)
-        tracker.set_terminated(child)
+        tracker.log_metrics(metrics, step=cfg.search.rounds, child=method)
+        tracker.end_child(method)

@@ -29,6 +29,7 @@ from .config import ConfigError, RunConfig, build_config
 from .preflight import (check_model, check_resources, check_tracking, check_with_model, data_source,
                         preflight, resolve_data, tracking_uri)
 from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, write_json_atomic
+from .outbox import OUTBOX_FILE
 from .tracking import Tracker
 
 RUN_FORMAT = 1
@@ -116,6 +117,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     from .driver import Driver, RunContext
     from .watchdog import Watchdog
 
+    tracker.keep_outbox(run_dir / OUTBOX_FILE)
     watchdog = Watchdog(tracker.uri, tracker.parent_id, run_dir)
     monitor = tracker.start_system_metrics() if cfg.tracking.system_metrics else None
     try:
@@ -133,6 +135,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
                                                     "step_logging_s": driver.steps.seconds if driver.steps else 0.0,
                                                     "executor": cfg.cluster.executor, "workers": executor.n_workers})
         tracker.finish()
+        tracker.settle(cfg.tracking.outage_s)
         return rows
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM/SIGHUP turned into SystemExit by the CLI
         _finish_quietly(tracker, "KILLED")

@@ -8,13 +8,16 @@ to one tracking URI, never through MLflow's global active-run state, so nothing 
 The run's key (``coalora.run_id``) is the id stored in its run directory, not its path, so a moved directory keeps
 its MLflow run. Keys go into MLflow filter strings only after :func:`filter_literal` has checked them (a path with
 an apostrophe once broke the query, and a crafted one could have matched another run). Every request to a tracking
-server is bounded (``tracking.timeout_s``, few retries): a server that dies mid-run is an error naming it within
-about a minute, not a silent stall; the run's state on disk is untouched and ``coalora resume`` continues it.
+server is bounded (``tracking.timeout_s``, few retries), and a run's writes that fail wait in its outbox
+(orchestrator/outbox.py) while training goes on: a server or database that restarts mid-run costs no step and no
+metric. A store that is still away when the run ends is an error naming it after ``tracking.outage_s``; the
+run's state on disk is complete and ``coalora resume`` sends what is left.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +29,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
+
+log = logging.getLogger(__name__)
 
 RUN_ID_TAG = "coalora.run_id"
 ROLE_TAG = "coalora.role"  # "parent" or "child": the parent's query must not match its children
@@ -181,22 +186,47 @@ def attach_artifacts(uri: str, experiment: str, run_key: str, directory: Path, a
 
 
 class Tracker:
-    """The parent run of one coalora run and its children. ``run_key`` is the run's stored id (see the module)."""
+    """The parent run of one coalora run and its children. ``run_key`` is the run's stored id (see the module).
 
-    def __init__(self, uri: str, experiment: str, run_key: str, run_name: str, timeout_s: float = 30.0):
+    With an outbox (:meth:`keep_outbox`, a run directory's: orchestrator/outbox.py), writes during the run never fail: one the
+    store does not take waits there, and the outbox is sent, oldest first, at the next write at least ``retry_s``
+    later, and by :meth:`settle` at the run's end. Without one (benchmarks), a failed write raises
+    :class:`TrackingError`. Opening the run, params and the dataset input are start-up checks and always raise."""
+
+    def __init__(self, uri: str, experiment: str, run_key: str, run_name: str, timeout_s: float = 30.0,
+                 retry_s: float = 10.0):
         from mlflow.tracking import MlflowClient
 
         bound_http_waits(timeout_s)
         check_reachable(uri, timeout_s)
         self.uri = uri
         self.run_id = run_key
+        self.retry_s = retry_s
+        self._children: dict[str, str] = {}
+        self._last_step: int | None = None  # the newest per-step metric in the store (read on first use)
+        self._next_try = 0.0
+        self._outage: str | None = None  # the failure that started the current outage
+        self._outbox: Any = None
         with self._service("open the run"):
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = experiment_id(self.client, experiment)
             self.parent_id = find_or_create_run(self.client, self.experiment_id,
                                                 {RUN_ID_TAG: run_key, ROLE_TAG: "parent"}, run_name)
             self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
-        self._last_step: int | None = None  # the newest per-step metric in the store (read on first use)
+
+    def keep_outbox(self, path: Path) -> None:
+        """From now on keep writes the store does not take in ``path`` (the locked run directory's outbox), after
+        sending what a previous process left there."""
+        from .outbox import Outbox
+
+        self._outbox = Outbox(path)
+        # A previous process's own ending (FAILED, KILLED) is this process's to decide.
+        self._outbox.drop(lambda op: op["op"] == "end" and op.get("child") is None)
+        if len(self._outbox):
+            log.warning("sending %d MLflow writes kept in %s", len(self._outbox), path)
+        if not self._drain(force=True):
+            raise TrackingError(f"MLflow tracking store {self.uri} did not take the writes kept in {path}: "
+                                f"{self._outage}")
 
     @contextmanager
     def _service(self, what: str) -> Iterator[None]:
@@ -210,6 +240,133 @@ class Tracker:
             raise TrackingError(f"MLflow tracking store {self.uri} failed to {what}: {first}. The run's state on "
                                 "disk is intact: fix the store and `coalora resume` the run") from err
 
+    # ---- writes: sent now, or kept in the outbox ---------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int, child: str | None = None) -> None:
+        """Log finite metrics at ``step`` (to the child run ``child``, else the parent), skipping (key, step) pairs
+        already present, so a resume that repeats a round does not double-log it."""
+        values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._submit({"op": "metrics", "child": child, "step": int(step), "values": values})
+
+    def log_steps(self, rows: list["StepMetrics"]) -> None:
+        """Per-step metrics of the parent run in batched requests. Steps at or below the last one already in the
+        store are skipped: a resume replays the steps after its checkpoint exactly, so what was logged before the
+        crash stays and nothing appears twice."""
+        if rows:
+            self._submit({"op": "steps", "rows": [[r.step, r.time, {k: float(v) for k, v in r.values.items()
+                                                                      if math.isfinite(float(v))}] for r in rows]})
+
+    def log_artifact(self, path: Path, artifact_dir: str | None = None, child: str | None = None) -> None:
+        """Store the file ``path`` (as it is when the write is sent) under ``artifact_dir`` of the run."""
+        self._submit({"op": "artifact", "child": child, "path": str(Path(path).resolve()), "dir": artifact_dir})
+
+    def end_child(self, child: str, status: str = "FINISHED") -> None:
+        self._submit({"op": "end", "child": child, "status": status})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._submit({"op": "end", "child": None, "status": status})
+
+    def settle(self, outage_s: float) -> None:
+        """Send what the outbox holds, waiting up to ``outage_s`` for an unreachable store; then, if writes remain,
+        raise a :class:`TrackingError` that says where they are kept and how to send them."""
+        deadline = time.monotonic() + outage_s
+        while not self._drain(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingError(
+                    f"MLflow tracking store {self.uri} has not answered for {outage_s:g} s at the end of the run "
+                    f"({self._outage}); {len(self._outbox)} writes are kept in {self._outbox.path}. The run's "
+                    f"state on disk is complete: `coalora resume {self._outbox.path.parent}` sends them once the "
+                    "store answers")
+            time.sleep(min(self.retry_s, left))
+
+    @property
+    def pending(self) -> int:
+        """Writes waiting in the outbox."""
+        return 0 if self._outbox is None else len(self._outbox)
+
+    def _submit(self, op: dict[str, Any]) -> None:
+        if self._outbox is None:
+            self._apply(op)
+            return
+        if not len(self._outbox):
+            try:
+                self._apply(op)
+                return
+            except TrackingError as err:
+                self._failed(err)
+        self._outbox.add(op)
+        self._drain()
+
+    def _drain(self, force: bool = False) -> bool:
+        """Send the outbox oldest first; False when the store failed (the rest waits ``retry_s``)."""
+        if self._outbox is None or not len(self._outbox):
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        try:
+            check_reachable(self.uri, timeout_s=2.0)  # a quick probe: no bounded-but-long request to a dead host
+        except ValueError as err:
+            self._failed(err)
+            return False
+        sent = 0
+        while len(self._outbox):
+            try:
+                self._apply(self._outbox.ops[0])
+            except TrackingError as err:
+                self._failed(err)
+                return False
+            self._outbox.sent_first()
+            sent += 1
+        if self._outage is not None:
+            log.warning("MLflow tracking store %s answers again: sent the %d writes kept meanwhile", self.uri, sent)
+            self._outage = None
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        self._next_try = time.monotonic() + self.retry_s
+        if self._outage is None:
+            self._outage = str(err).split(". The run's state")[0]
+            if self._outbox is not None:
+                log.warning("%s. Training goes on; MLflow writes wait in %s and are sent when the store answers",
+                            self._outage, self._outbox.path)
+
+    def _run_of(self, child: str | None) -> str:
+        if child is None:
+            return self.parent_id
+        if child not in self._children:
+            self._children[child] = self.child(child)
+        return self._children[child]
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        """Send one write to the store (idempotent: see the module and orchestrator/outbox.py)."""
+        from mlflow.entities import Metric
+
+        kind = op["op"]
+        with self._service({"metrics": "log metrics", "steps": "log step metrics", "artifact": "store an artifact",
+                            "end": "end a run"}[kind]):
+            if kind == "steps":
+                if self._last_step is None:
+                    history = self.client.get_metric_history(self.parent_id, STEP_KEY)
+                    self._last_step = max((m.step for m in history), default=-1)
+                fresh = [row for row in op["rows"] if row[0] > self._last_step]
+                metrics = [Metric(key, value, int(t * 1000), step) for step, t, values in fresh
+                           for key, value in values.items()]
+                for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                    self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
+                if fresh:
+                    self._last_step = max(row[0] for row in fresh)
+                return
+            run = self._run_of(op.get("child"))
+            if kind == "metrics":
+                for key, value in op["values"].items():
+                    if not any(m.step == op["step"] for m in self.client.get_metric_history(run, key)):
+                        self.client.log_metric(run, key, value, step=op["step"])
+            elif kind == "artifact":
+                self.client.log_artifact(run, op["path"], op["dir"])
+            else:
+                self.client.set_terminated(run, status=op["status"])
+
+    # ---- start-up: these raise ---------------------------------------------------------------------------------------
     def child(self, name: str) -> str:
         """The nested run called ``name`` (created once)."""
         with self._service(f"find the child run {name!r}"):
@@ -232,38 +389,6 @@ class Tracker:
             with self._service("log params"):
                 self.client.log_param(run_id, key, text)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, run: str | None = None) -> None:
-        """Log finite metrics at ``step``, skipping (key, step) pairs already present, so a resume that repeats a
-        round does not double-log it."""
-        run_id = run or self.parent_id
-        with self._service("log metrics"):
-            for key, value in metrics.items():
-                if value is None or not math.isfinite(float(value)):
-                    continue
-                history = self.client.get_metric_history(run_id, key)
-                if any(m.step == step for m in history):
-                    continue
-                self.client.log_metric(run_id, key, float(value), step=step)
-
-    def log_steps(self, rows: list["StepMetrics"]) -> None:
-        """Per-step metrics of the parent run in batched requests. Steps at or below the last one already in the
-        store are skipped: a resume replays the steps after its checkpoint exactly, so what was logged before the
-        crash stays and nothing appears twice."""
-        from mlflow.entities import Metric
-
-        if self._last_step is None:
-            with self._service("read the step history"):
-                history = self.client.get_metric_history(self.parent_id, STEP_KEY)
-            self._last_step = max((m.step for m in history), default=-1)
-        fresh = [row for row in rows if row.step > self._last_step]
-        metrics = [Metric(key, float(value), int(row.time * 1000), row.step)
-                   for row in fresh for key, value in row.values.items() if math.isfinite(float(value))]
-        with self._service("log step metrics"):
-            for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-                self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
-        if fresh:
-            self._last_step = max(row.step for row in fresh)
-
     def start_system_metrics(self, interval_s: float = 10.0) -> Any:
         """CPU, memory, disk, network (and GPU where present) of this process's machine, logged to the parent run
         by MLflow's own monitor in a background thread; returns it so the caller can stop it."""
@@ -277,10 +402,6 @@ class Tracker:
         monitor.start()
         return monitor
 
-    def log_artifact(self, path: Path, artifact_dir: str | None = None, run: str | None = None) -> None:
-        with self._service(f"store the artifact {Path(path).name}"):
-            self.client.log_artifact(run or self.parent_id, str(path), artifact_dir)
-
     def log_dataset(self, name: str, digest: str, source: str, source_type: str, rows: int) -> None:
         """Record what the run trained on as an MLflow dataset input (the run page's Dataset column), once."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -292,13 +413,6 @@ class Tracker:
             dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}),
                               profile=json.dumps({"num_rows": rows}))
             self.client.log_inputs(self.parent_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
-
-    def set_terminated(self, run: str, status: str = "FINISHED") -> None:
-        with self._service("end a run"):
-            self.client.set_terminated(run, status=status)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.set_terminated(self.parent_id, status)
 
 
 class StepLog:

@@ -9,6 +9,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two tests at a time on two cores (make test): one torch thread each, in this process and the coalora
+    # processes it starts (Numba's kernels follow torch's count); threads of two tests spinning against each other
+    # cost more CPU than they save. Tests of thread counts set their own.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402

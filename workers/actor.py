@@ -1,8 +1,12 @@
 """The thin Ray layer over :class:`workers.worker.Worker`: one actor per model replica.
 
-Actors restart after their process dies (``max_restarts``) and their calls are retried (``max_task_retries``);
-since every worker method is a pure function of its arguments, a retried call returns what the lost one would
-have, so the driver never sees a partial or duplicated result.
+Actors restart after their process dies (``max_restarts``) and their calls are retried until the actor is back
+(``max_task_retries=-1``: a call fails only once its actor has used up its restarts). A bounded retry count is not
+enough: when a whole node dies, Ray spends the retries within a second on an actor it still calls "temporarily
+unavailable" (ActorUnavailableError) while the cluster takes tens of seconds to declare the node dead and restart
+the actor elsewhere (tests/orchestrator/test_stack.py kills a node mid-round). Since every worker method is a pure
+function of its arguments, a retried call returns what the lost one would have, so the driver never sees a partial
+or duplicated result.
 """
 
 from __future__ import annotations
@@ -22,6 +26,6 @@ def create_actors(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=max_restarts,
-        max_task_retries=max_restarts,
+        max_task_retries=-1,
     )
     return [remote_cls.remote(spec) for _ in range(n)]
