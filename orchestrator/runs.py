@@ -13,6 +13,7 @@ second process on the same directory is refused with the holder's pid. ``status`
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import uuid
 from contextlib import ExitStack
@@ -118,6 +119,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
     from .watchdog import Watchdog
 
     tracker.keep_outbox(run_dir / OUTBOX_FILE)
+    print(f"MLflow: {tracker.ui_link()}", file=sys.stderr, flush=True)
     watchdog = Watchdog(tracker.uri, tracker.parent_id, run_dir)
     monitor = tracker.start_system_metrics() if cfg.tracking.system_metrics else None
     try:

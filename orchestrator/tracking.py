@@ -214,6 +214,14 @@ class Tracker:
                                                 {RUN_ID_TAG: run_key, ROLE_TAG: "parent"}, run_name)
             self.client.update_run(self.parent_id, status="RUNNING")  # a resumed run is running again
 
+    def ui_link(self) -> str:
+        """Where a person watches the run. MLflow 3.17's UI opens in its GenAI mode unless the address (or the
+        browser's memory of a click on "Model training") says otherwise, whatever the experiment's kind tag."""
+        page = f"#/experiments/{self.experiment_id}/runs/{self.parent_id}?workflowType=machine_learning"
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1, then http://127.0.0.1:5000/{page}"
+
     def keep_outbox(self, path: Path) -> None:
         """From now on keep writes the store does not take in ``path`` (the locked run directory's outbox), after
         sending what a previous process left there."""

@@ -137,6 +137,7 @@ def test_mlflow_server_gone_for_good_mid_run_costs_no_training_and_resume_sends_
     log = (tmp_path / "run.log").read_text()
     assert rc == 1, log[-2000:]
     assert "Training goes on" in log and "has not answered for 4 s at the end of the run" in log, log[-2000:]
+    assert f"MLflow: {mlflow_server.uri}/#/experiments/1/runs/" in log and "workflowType=machine_learning" in log
     assert f"coalora resume {run_dir}" in log, log[-2000:]
     assert (run_dir / "final" / "evaluation.json").exists()  # every round and the final evaluation ran
     kept = [json.loads(line) for line in (run_dir / "tracking-outbox.jsonl").read_text().splitlines()]

@@ -48,6 +48,14 @@ def test_one_point_per_step_across_a_crash_and_resume(make_config, cli):
     assert lrs[0] == 0.001 and lrs[5] < lrs[1]  # warmup of one step, then the cosine decay
 
 
+def test_the_ui_link_opens_the_run_in_model_training_mode(tracking_uri):
+    tracker = Tracker(tracking_uri, "tests", run_key="link", run_name="link")
+    link = tracker.ui_link()
+    assert link.startswith(f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then http://127.0.0.1")
+    assert link.endswith(f"/#/experiments/{tracker.experiment_id}/runs/{tracker.parent_id}"
+                         "?workflowType=machine_learning")
+
+
 def test_step_log_batches_until_flushed(tracking_uri):
     tracker = Tracker(tracking_uri, "tests", run_key="batch", run_name="batch")
     log = StepLog(tracker, flush_s=3600)
