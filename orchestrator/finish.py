@@ -173,13 +173,15 @@ class Finish:
 
 
 def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: Tracker | None) -> None:
-    """final/evaluation.json and .md under ``out``; in MLflow, the tables and one child run per method."""
+    """final/evaluation.json, .md and .png under ``out``; in MLflow, those and one child run per method."""
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     write_json_atomic(out / "evaluation.json", rows)
     columns = ["method", "configuration", "avg_bits", metric, "loss"]
     (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n")
+    report.evaluation_plot(rows, metric, out / "evaluation.png")
     if tracker is None:
         return
+    tracker.log_artifact(out / "evaluation.png", "final")
     tracker.log_artifact(out / "evaluation.md", "final")
     tracker.log_artifact(out / "evaluation.json", "final")
     by_method: dict[str, dict[str, float]] = {}

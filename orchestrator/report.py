@@ -1,4 +1,5 @@
-"""Human-readable outputs of a run: the per-round Pareto plot and table, and the final evaluation table."""
+"""Human-readable outputs of a run: the per-round Pareto plot and table, the hypervolume over rounds, and the
+final evaluation as a table and a plot."""
 
 from __future__ import annotations
 
@@ -59,6 +60,38 @@ def hypervolume_plot(rounds: Sequence[int], values: Sequence[float], path: Path)
     ax.set_title("search progress")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluation_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
+    """The final evaluation: ``metric`` against average bits, one colour per method; the target budgets' ILP
+    configurations filled and joined, the unseen ones hollow. Where does each method stand across the bit axis?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        mine = [r for r in rows if r["method"] == method and r.get(metric) is not None]
+        targets = sorted((r["avg_bits"], r[metric]) for r in mine if r["configuration"].startswith("target"))
+        unseen = [(r["avg_bits"], r[metric]) for r in mine if not r["configuration"].startswith("target")]
+        if targets:
+            ax.plot(*zip(*targets), "o-", c=f"C{i}", ms=5, lw=1, label=f"{method}: targets ({len(targets)})")
+        if unseen:
+            ax.scatter(*zip(*unseen), s=40, facecolors="none", edgecolors=f"C{i}",
+                       label=f"{method}: unseen ({len(unseen)})")
+    ax.set_xlabel("average bits per weight (target matrices)")
+    ax.set_ylabel(metric)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.set_title("final evaluation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

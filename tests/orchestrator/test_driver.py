@@ -48,6 +48,7 @@ def test_run_produces_ledger_checkpoints_and_final_table(finished_run):
     assert json.loads((run_dir / "final" / "evaluation.json").read_text()) == rows
     assert (run_dir / "artifacts" / "round-0002" / "pareto.png").stat().st_size > 1000
     assert (run_dir / "artifacts" / "hypervolume.png").stat().st_size > 1000  # rounds 0..2 of the search
+    assert (run_dir / "final" / "evaluation.png").stat().st_size > 1000
 
 
 def test_status_reports_the_run(finished_run):
@@ -79,7 +80,8 @@ def test_mlflow_parent_params_metrics_artifacts_and_children(finished_run):
     artifacts = {a.path for a in client.list_artifacts(p.info.run_id, "rounds/round-0002")}
     assert artifacts == {"rounds/round-0002/pareto.png", "rounds/round-0002/pareto.md"}
     assert "hypervolume.png" in {a.path for a in client.list_artifacts(p.info.run_id)}
-    assert {a.path for a in client.list_artifacts(p.info.run_id, "final")} >= {"final/evaluation.md"}
+    assert {a.path for a in client.list_artifacts(p.info.run_id, "final")} >= {"final/evaluation.md",
+                                                                              "final/evaluation.png"}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == p.info.run_id
         assert any(k.endswith(".accuracy") for k in child.data.metrics)
