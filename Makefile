@@ -37,7 +37,8 @@ demo: $(STAMP)
 	$(VENV)/bin/coalora run conf/default.yaml
 
 # Two tests at a time (pytest-xdist; CI has 2 cores): most tests wait on a subprocess, Ray or MLflow and use under one
-# core alone. loadgroup keeps the production-stack tests on one worker (one stack); TEST_WORKERS=0: one process.
+# core alone. loadgroup keeps the tests of a module that share a module-scoped fixture (a run, an export, the
+# production stack) on one worker, so the fixture is built once (tests/conftest.py); TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(GGUF_STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
