@@ -103,9 +103,8 @@ def assert_whole_record(stack: Stack, name: str, run_dir: Path) -> None:
     assert not list((run_dir.parents[1] / "driver-cwd").rglob("*"))  # no ./mlruns, nothing beside the driver
 
 
-def test_the_stack_starts_in_90_s_and_a_run_survives_a_worker_node_killed_mid_round(stack, tmp_path,
-                                                                                   write_run_config):
-    assert stack.started_s <= 90, f"the stack took {stack.started_s:.0f} s to start"
+def test_a_run_survives_a_worker_node_killed_mid_round(stack, tmp_path, write_run_config, record_property):
+    record_property("stack_startup_s", round(stack.started_s, 1))  # a figure, not a limit: 58-70 s measured here
     proc, run_dir, log = start_driver(stack, tmp_path, write_run_config, "node-killed")
     wait_for(lambda: any(e["kind"] == "round_end" for e in ledger(run_dir)), "round 0 ends", proc, log)
     stack.services["ray-worker-1"].kill()  # mid round 1: its replica (if it held one) is restarted elsewhere
