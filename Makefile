@@ -37,11 +37,12 @@ demo: $(STAMP)
 	$(VENV)/bin/coalora run conf/default.yaml
 
 # Two tests at a time (pytest-xdist; CI has 2 cores): most tests wait on a subprocess, Ray or MLflow and use under one
-# core alone. loadgroup keeps the tests of a module that share a module-scoped fixture (a run, an export, the
-# production stack) on one worker, so the fixture is built once (tests/conftest.py); TEST_WORKERS=0: one process.
+# core alone. loadscope sends each module's tests to one worker, so a module-scoped fixture (a whole run, an
+# export, the production stack) is built once. (loadgroup's xdist_group marks do nothing under pytest 9: xdist 3.8
+# renames node ids through an attribute pytest 9 no longer has.) TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(GGUF_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=20 tests
 
 # Benchmarks need optuna (NSGA-II baseline of bench/search.py), which the product does not.
 bench: $(GGUF_STAMP)

