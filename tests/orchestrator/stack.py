@@ -282,6 +282,10 @@ class Stack:
         node = self.start_ray_worker(name)
         wait_until(lambda: self.alive_nodes() == alive + 1, f"{name} joins the cluster", 120, node)
 
+    def wait_alive(self, n: int, what: str) -> None:
+        """Wait until the cluster counts ``n`` nodes alive (a killed node counts until its health checks fail)."""
+        wait_until(lambda: self.alive_nodes() == n, what, 120)
+
     # ---- the whole stack --------------------------------------------------------------------------------------------
     def start(self) -> "Stack":
         began = time.monotonic()

@@ -112,6 +112,7 @@ def test_a_run_survives_a_worker_node_killed_mid_round(stack, tmp_path, write_ru
     assert_whole_record(stack, "node-killed", run_dir)
     results = [(e["round"], e["phase"], e["config"]) for e in ledger(run_dir) if e["kind"] == "result"]
     assert len(results) == len(set(results))  # every configuration scored once per round and phase
+    stack.wait_alive(2, "the killed node declared dead")  # else the rejoin would be counted against it
     stack.join_ray_worker("ray-worker-1")  # back for the next test
 
 
