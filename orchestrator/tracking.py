@@ -287,11 +287,6 @@ class Tracker:
                     "store answers")
             time.sleep(min(self.retry_s, left))
 
-    @property
-    def pending(self) -> int:
-        """Writes waiting in the outbox."""
-        return 0 if self._outbox is None else len(self._outbox)
-
     def _submit(self, op: dict[str, Any]) -> None:
         if self._outbox is None:
             self._apply(op)
