@@ -98,7 +98,7 @@ class CoAModel(nn.Module):
             else None
         )
         if trainable_modules is None:
-            trainable_modules = [n for n in CLASSIFIER_HEADS if _has_submodule(model, n)]
+            trainable_modules = [n for n in CLASSIFIER_HEADS if has_submodule(model, n)]
         self.trainable_modules = list(trainable_modules)
         for name in self.trainable_modules:
             model.get_submodule(name).requires_grad_(True)
@@ -192,7 +192,7 @@ def theta_spread(model: CoAModel, configurations: Sequence[Any]) -> dict[str, fl
             "theta_spread": float((ms - mean).square().sum((-2, -1)).mean().sqrt())}
 
 
-def _has_submodule(model: nn.Module, name: str) -> bool:
+def has_submodule(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
     except AttributeError:

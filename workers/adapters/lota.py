@@ -1,0 +1,325 @@
+"""LoTA-QAF (shared/docs/lota-qaf.md): ternary adapters trained on an asymmetric INTk base and merged into its
+integer codes losslessly, so the deployed model is a plain INTk model with no adapter matmul.
+
+Per target matrix W (out × in), quantized once to INTk with a scale s and zero-point z per group of input columns
+(:mod:`workers.quant.intk`), W_q = s·(q − z). With ternary factors B_T (out × r) and A_T (r × in):
+
+    ΔW = B_T·A_T                              integers in [−r, r]
+    Ŵ  = sign(ΔW)·1[|ΔW| > ω]·mask             each code moves by at most one grid step, never off [0, 2^k − 1]
+    μ  = group mean of (ΔW/ω − Ŵ)             the sub-step remainder, in grid steps
+    W' = s·((q + Ŵ) − (z − μ))
+
+Training computes W' with the gradient passed straight through the threshold (∂Ŵ/∂(ΔW/ω) = 1; μ is a constant
+of the step). Merging stores q' = q + Ŵ, still k-bit codes with the same scales and groups, and μ beside the
+integer zero-points: the merged layer evaluates the same expression on the same float values, so the merged
+model's outputs equal the adapted model's.
+
+Conventions where the paper and its code differ, and what we chose:
+- μ is in grid-step units (divided by ω), as the official code; our grid is W = s·(q − z), so shifting the codes
+  by +μ is the zero-point z − μ (the paper writes the zero-point the other way round, z' = z + s·μ).
+- μ averages a group's real columns only: a row padded to a whole number of groups has no adapter on the padding.
+- The boundary masks (``q < 2^k − 1`` may go up, ``q > 0`` may go down) come from the frozen codes and apply in
+  training and at merge alike, so both compute the same thing.
+- t-SignSGD updates exactly the top fraction of entries by |gradient| (:class:`TernarySignSGD`): the deterministic
+  form of the paper's per-tensor quantile threshold, so "at most the scheduled fraction" holds with ties too.
+- A_T starts as a Kaiming-normal draw ternarised at ±0.75·mean|a|, B_T at 0, so step 0 is the quantized base.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..coa_model import CLASSIFIER_HEADS, has_submodule
+from ..quant import packing
+from ..quant.intk import IntQuantized, dequantize_codes, quantize_int
+from ..registry import ModuleRegistry
+
+OMEGA_FRACTION = 0.75
+"""Default ω = 0.75·r (the paper's main setting; it plays LoRA's α)."""
+INIT_THRESHOLD = 0.75
+"""A_T's initial draw is kept where |a| > 0.75·mean|a| (the paper's ternarisation)."""
+
+
+# ---- the layer ----------------------------------------------------------------------------------------------
+class LoTALinear(nn.Module):
+    """A frozen ``nn.Linear`` quantized to INTk (``bits``, groups of ``group_size`` input columns) with a ternary
+    adapter (``lota_A``: r × in, ``lota_B``: out × r, entries in {−1, 0, 1}) moving its codes by ±1."""
+
+    def __init__(self, base: nn.Linear, rank: int, bits: int, group_size: int, *, omega: float | None = None,
+                 name: str = "linear", generator: torch.Generator | None = None):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        if rank < 1 or rank > min(out_features, in_features):
+            raise ValueError(f"{name}: LoTA rank must be in 1..{min(out_features, in_features)}, got {rank}")
+        omega = OMEGA_FRACTION * rank if omega is None else float(omega)
+        if not 0 < omega < rank:
+            raise ValueError(f"{name}: ω must lie in (0, r) = (0, {rank}), got {omega:g}")
+        self.name, self.rank, self.omega = name, rank, omega
+        self.in_features, self.out_features = in_features, out_features
+        self.quantized = quantize_int(base.weight, bits, group_size, name=name)
+        codes = self.quantized.int_codes()
+        self.register_buffer("codes", codes.float(), persistent=False)  # exact integers, the training grid
+        self.register_buffer("can_up", codes < 2**bits - 1, persistent=False)
+        self.register_buffer("can_down", codes > 0, persistent=False)
+        real = torch.ones(self.quantized.padded_cols)
+        real[in_features:] = 0
+        self.register_buffer("real_per_group", real.view(-1, group_size).sum(1), persistent=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        draw = torch.randn(rank, in_features, generator=generator)
+        keep = draw.abs() > INIT_THRESHOLD * draw.abs().mean()
+        self.lota_A = nn.Parameter(torch.sign(draw) * keep)
+        self.lota_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def moves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Ŵ, μ) on the padded grid: Ŵ's value is the masked ternary move, its gradient that of ΔW/ω."""
+        pad = self.quantized.padded_cols - self.in_features
+        delta = F.pad(self.lota_B @ self.lota_A, (0, pad))
+        hard = torch.sign(delta) * (delta.detach().abs() > self.omega)
+        hard = torch.where(hard > 0, hard * self.can_up, hard * self.can_down).detach()
+        scaled = delta / self.omega
+        rows, groups = self.quantized.scale.shape
+        mu = (scaled.detach() - hard).view(rows, groups, -1).sum(-1) / self.real_per_group
+        return hard + (scaled - scaled.detach()), mu
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W' = s·((q + Ŵ) − (z − μ)), the weight the forward uses (differentiable in the factors)."""
+        hat, mu = self.moves()
+        q = self.quantized
+        return dequantize_codes(self.codes + hat, q.scale, q.zero - mu, q.group_size)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.adapted_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> "LoTAMerged":
+        """The deployable INTk matrix: codes q + Ŵ (in range by the masks), the base's scales and zero-points, μ."""
+        hat, mu = self.moves()
+        codes = (self.codes + hat).to(torch.uint8)
+        merged = replace(self.quantized, codes=packing.pack(codes.reshape(-1), self.quantized.bits))
+        return LoTAMerged(merged, mu.contiguous())
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        return f"{self.name}: int{q.bits} g{q.group_size}, r={self.rank}, ω={self.omega:g}"
+
+
+@dataclass(frozen=True)
+class LoTAMerged:
+    """A merged matrix: INTk codes with integer zero-points (the base's container, unchanged in size) plus μ, the
+    fractional zero-point shift, one fp32 per group."""
+
+    quantized: IntQuantized
+    mu: torch.Tensor  # (rows, groups) fp32
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized.nbytes + self.mu.numel() * self.mu.element_size()
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.quantized
+        return dequantize_codes(q.int_codes().float(), q.scale, q.zero - self.mu, q.group_size)[:, : q.shape[1]]
+
+
+class MergedLinear(nn.Module):
+    """The deployed layer: a plain linear over the merged INTk weight (decoded once), no adapter."""
+
+    def __init__(self, merged: LoTAMerged, bias: torch.Tensor | None):
+        super().__init__()
+        self.merged = merged
+        self.register_buffer("weight", merged.dequantize())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+class LoTAModel(nn.Module):
+    """A Hugging Face model with every registry target wrapped in :class:`LoTALinear` at one bit-width, plus any
+    trainable head (the classification head by default). Call it like the model: ``model(**batch)``."""
+
+    def __init__(self, model: nn.Module, *, bits: int, rank: int = 16, group_size: int = 64,
+                 omega: float | None = None, seed: int = 0, registry: ModuleRegistry | None = None,
+                 trainable_modules: Sequence[str] | None = None):
+        super().__init__()
+        self.registry = registry or ModuleRegistry.from_model(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        self.layers: list[LoTALinear] = []
+        for target in self.registry:
+            layer = LoTALinear(self.registry.module(model, target), rank, bits, group_size, omega=omega,
+                               name=target.name, generator=generator)
+            _replace(model, target.name, layer)
+            self.layers.append(layer)
+        if trainable_modules is None:
+            trainable_modules = [n for n in CLASSIFIER_HEADS if has_submodule(model, n)]
+        for name in trainable_modules:
+            model.get_submodule(name).requires_grad_(True)
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def ternary_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in (layer.lota_A, layer.lota_B)]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors that are not ternary factors (the task head), trained by AdamW."""
+        ternary = {id(p) for p in self.ternary_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in ternary]
+
+    def merge(self) -> dict[str, LoTAMerged]:
+        return {layer.name: layer.merge() for layer in self.layers}
+
+    def merged_model(self) -> nn.Module:
+        """A copy of the model with every target a :class:`MergedLinear`: what is deployed."""
+        model = copy.deepcopy(self.model)
+        for layer in self.layers:
+            _replace(model, layer.name, MergedLinear(layer.merge(), layer.bias))
+        return model.eval()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ---- t-SignSGD ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """The fraction of each tensor's entries t-SignSGD may change at a step: ``start`` falling linearly to
+    ``middle`` over the first ``decay_share`` of the steps, then linearly to ``end`` (the paper: 5% → 0.1% over
+    80% of the steps, then → 0.01%)."""
+
+    total_steps: int
+    start: float = 0.05
+    middle: float = 0.001
+    end: float = 0.0001
+    decay_share: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError("t-SignSGD needs total_steps >= 1")
+        if not 1 >= self.start >= self.middle >= self.end >= 0:
+            raise ValueError("t-SignSGD fractions must satisfy 1 >= start >= middle >= end >= 0")
+        if not 0 < self.decay_share <= 1:
+            raise ValueError("decay_share must lie in (0, 1]")
+
+    def fraction(self, step: int) -> float:
+        knee = self.decay_share * self.total_steps
+        if step < knee:
+            return self.start + (self.middle - self.start) * step / knee
+        tail = max(self.total_steps - knee, 1.0)
+        return self.middle + (self.end - self.middle) * min(1.0, (step - knee) / tail)
+
+
+class TernarySignSGD(torch.optim.Optimizer):
+    """t-SignSGD: x ← clip(x − sign(g), −1, 1) on the ⌊fraction·n⌋ entries of largest |g| (and |g| > τ) of each
+    tensor; no learning rate, no momentum, no gradient clipping. Entries stay in {−1, 0, 1}."""
+
+    def __init__(self, params: Iterable[nn.Parameter], schedule: UpdateSchedule, tau: float = 1e-9):
+        super().__init__(params, {"tau": tau})
+        self.schedule = schedule
+        self.param_groups[0]["step"] = 0  # in param_groups so state_dict() carries it
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch's signature
+        fraction = self.schedule.fraction(self.param_groups[0]["step"])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                count = math.floor(fraction * p.numel())
+                if count == 0:
+                    continue
+                g = p.grad.reshape(-1)
+                magnitude, index = g.abs().topk(count)
+                index = index[magnitude > group["tau"]]
+                flat = p.view(-1)
+                flat[index] = (flat[index] - torch.sign(g[index])).clamp_(-1, 1)
+        self.param_groups[0]["step"] += 1
+
+
+def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
+               head_lr: float = 1e-3, weight_decay: float = 0.01,
+               schedule: UpdateSchedule | None = None) -> list[float]:
+    """``steps`` steps (cycling over ``batches``): t-SignSGD on the ternary factors (the paper's schedule over
+    ``steps`` unless ``schedule`` says otherwise), AdamW at ``head_lr`` on any other trainable tensor. Returns the
+    per-step losses."""
+    ternary = TernarySignSGD(model.ternary_parameters(), schedule or UpdateSchedule(steps))
+    dense = model.dense_parameters()
+    head = torch.optim.AdamW(dense, lr=head_lr, weight_decay=weight_decay) if dense else None
+    losses: list[float] = []
+    model.train()
+    while len(losses) < steps:
+        before = len(losses)
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            ternary.step()
+            if head is not None:
+                head.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if len(losses) >= steps:
+                break
+        if len(losses) == before:
+            raise ValueError("the batch iterable is empty")
+    model.eval()
+    return losses
+
+
+# ---- storage ------------------------------------------------------------------------------------------------
+def save_merged(merged: Mapping[str, LoTAMerged], path: Path) -> Path:
+    """Write merged matrices as safetensors (``NAME.codes`` packed uint8, ``.scale``, ``.zero``, ``.mu``; the
+    layout in the metadata), atomically."""
+    tensors, layout = {}, {}
+    for name, m in merged.items():
+        q = m.quantized
+        tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
+                        f"{name}.mu": m.mu})
+        layout[name] = {"bits": q.bits, "group_size": q.group_size, "shape": list(q.shape),
+                        "dtype": str(q.dtype).removeprefix("torch.")}
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
+              metadata={"format": "lota-int", "layout": json.dumps(layout)})
+    partial.replace(path)
+    return path
+
+
+def load_merged(path: Path) -> dict[str, LoTAMerged]:
+    """The matrices :func:`save_merged` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != "lota-int":
+        raise ValueError(f"{path}: not a merged LoTA file (no 'lota-int' format tag)")
+    tensors = load_file(str(path))
+    merged = {}
+    for name, spec in json.loads(metadata["layout"]).items():
+        q = IntQuantized(bits=spec["bits"], group_size=spec["group_size"], shape=tuple(spec["shape"]),
+                         dtype=getattr(torch, spec["dtype"]), codes=tensors[f"{name}.codes"],
+                         scale=tensors[f"{name}.scale"], zero=tensors[f"{name}.zero"])
+        merged[name] = LoTAMerged(q, tensors[f"{name}.mu"])
+    return merged
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of a safetensors file's tensor data (the file less its 8-byte length and JSON header)."""
+    with open(path, "rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    return Path(path).stat().st_size - 8 - header
