@@ -44,6 +44,7 @@ from ..coa_model import CLASSIFIER_HEADS, has_submodule
 from ..quant import packing
 from ..quant.intk import IntQuantized, dequantize_codes, quantize_int
 from ..registry import ModuleRegistry
+from ..training import TrainConfig, lr_factor
 
 OMEGA_FRACTION = 0.75
 """Default ω = 0.75·r (the paper's main setting; it plays LoRA's α)."""
@@ -253,14 +254,16 @@ class TernarySignSGD(torch.optim.Optimizer):
 
 
 def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
-               head_lr: float = 1e-3, weight_decay: float = 0.01,
-               schedule: UpdateSchedule | None = None) -> list[float]:
+               head: TrainConfig | None = None, schedule: UpdateSchedule | None = None) -> list[float]:
     """``steps`` steps (cycling over ``batches``): t-SignSGD on the ternary factors (the paper's schedule over
-    ``steps`` unless ``schedule`` says otherwise), AdamW at ``head_lr`` on any other trainable tensor. Returns the
-    per-step losses."""
+    ``steps`` unless ``schedule`` says otherwise; no clipping), and AdamW on any other trainable tensor (the task
+    head) with ``head``'s rate, warmup, decay and clipping, as the product trains its own. Returns the per-step
+    losses."""
+    head = head or TrainConfig(total_steps=steps)
     ternary = TernarySignSGD(model.ternary_parameters(), schedule or UpdateSchedule(steps))
     dense = model.dense_parameters()
-    head = torch.optim.AdamW(dense, lr=head_lr, weight_decay=weight_decay) if dense else None
+    adamw = torch.optim.AdamW(dense, lr=head.lr, weight_decay=head.weight_decay) if dense else None
+    decay = None if adamw is None else torch.optim.lr_scheduler.LambdaLR(adamw, lambda t: lr_factor(t, head))
     losses: list[float] = []
     model.train()
     while len(losses) < steps:
@@ -269,8 +272,10 @@ def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], 
             loss = model(**batch).loss
             loss.backward()
             ternary.step()
-            if head is not None:
-                head.step()
+            if adamw is not None:
+                torch.nn.utils.clip_grad_norm_(dense, head.max_grad_norm)
+                adamw.step()
+                decay.step()
             model.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if len(losses) >= steps:

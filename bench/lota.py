@@ -1,0 +1,223 @@
+"""LoTA-QAF against a LoRA on the same INTk base (issue 17): what ternary adapters merged into the integer codes cost
+or buy, on the product's data, examples and data order.
+
+Job: MiniLM + the packaged review snippets, read exactly as a ``coalora run`` of ``JOB`` reads them (the same
+training examples in the driver's seeded batch order, the same 1,000 validation examples). At each bit-width k the
+target matrices are quantized once to asymmetric INTk (round to nearest, groups of ``--group`` input columns, fp32
+scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
+
+- **lota**: LoTA-QAF (``workers/adapters/lota.py``): ternary factors by t-SignSGD with the paper's schedule, ω =
+  0.75·r, evaluated as the **merged** INTk model (codes moved by ±1, μ beside the zero-points; no adapter);
+- **lora**: PEFT's LoRA (rank r, α = 2r) on the same quantized weights, AdamW, unmerged (an INTk base plus an fp32
+  adapter at run time): the paper's "GPTQ + LoRA" column, with round-to-nearest instead of GPTQ;
+- **head-only**: the same base with only the classification head trained: what any adapter adds beyond the head;
+- and once per seed, **lora-fp**: LoRA on the unquantized base (the ceiling).
+
+The task head trains with AdamW at the job's rate, warmup, cosine decay and clipping in every method (LoTA's
+ternary factors take no learning rate). Every method sees ``steps`` batches.
+
+Statistics: every method's per-example correctness on the same validation examples. For each pair the
+difference is averaged over seeds per example, and the 95% interval is mean ± 1.96·sd/√n over examples: it
+measures the examples' noise, not the seeds'; the per-seed means are printed beside it so the seeds' spread shows.
+Each finished (method, k, seed) is appended to ``<out>/runs.jsonl`` at once and skipped on a rerun. Last line: one
+JSON object.
+
+    .venv/bin/python bench/lota.py --seeds 0 1 --bits 4 3 2 --out docs/lota
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+JOB: dict[str, Any] = {
+    "model": {"name": "minilm", "task": "classification"},
+    "data": {"dataset": "reviews", "max_length": 48, "train_examples": 2048, "val_examples": 1000,
+             "score_examples": 128, "batch_size": 32},
+    "adapter": {"rank": 8, "alpha": 16},
+    "training": {"steps_per_round": 30, "lr": 0.003, "warmup_steps": 5},
+    "search": {"rounds": 2},
+}
+"""bench/theta.py's job: the same examples, rank, rate and 60 steps as its CoA-LoRA runs."""
+METHODS = ("lota", "lora", "head-only")
+
+
+class Job:
+    """The job's data as a coalora run reads it, and a fresh base model per method."""
+
+    def __init__(self, seed: int):
+        from orchestrator.config import build_config
+        from orchestrator.optim import train_config
+        from orchestrator.runs import worker_spec
+        from workers.models import quiet_transformers
+        from workers.worker import build_task
+
+        quiet_transformers()
+        cfg = build_config({**JOB, "run": {"seed": seed}})
+        self.seed, self.spec = seed, worker_spec(cfg)
+        self.train = train_config(cfg, configs_per_step=1)
+        torch.manual_seed(seed)
+        task = build_task(self.spec)
+        self.base, self.collate = task.model.eval(), task.train_loader.collate_fn
+        self.train_items = list(task.train_loader.dataset)
+        held_out = list(task.validation_loader.dataset)[self.spec.score_examples:]  # the run's final-evaluation set
+        bs = self.spec.batch_size
+        self.val_batches = [self.collate(held_out[i: i + bs]) for i in range(0, len(held_out), bs)]
+
+    def batches(self):
+        """The driver's batch order (``orchestrator.schedule.batch_ids``), one batch per step."""
+        from orchestrator.schedule import batch_ids
+
+        for step in range(self.train.total_steps):
+            ids = batch_ids(self.seed, len(self.train_items), self.spec.batch_size, step)
+            yield self.collate([self.train_items[i] for i in ids])
+
+
+def correctness(model: torch.nn.Module, batches) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            out.append((model(**batch).logits.argmax(-1) == batch["labels"]).numpy())
+    return np.concatenate(out)
+
+
+def train_adamw(model: torch.nn.Module, job: Job) -> None:
+    """AdamW on every trainable tensor with the job's rate, warmup, cosine decay and clipping."""
+    from workers.training import lr_factor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, job.train))
+    model.train()
+    for batch in job.batches():
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, job.train.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def run_lota(job: Job, bits: int, group: int, train_factors: bool) -> tuple[np.ndarray, dict[str, float]]:
+    from workers.adapters.lota import LoTAModel, UpdateSchedule, train_lota
+
+    model = LoTAModel(copy.deepcopy(job.base), bits=bits, rank=job.spec.rank, group_size=group, seed=job.seed)
+    steps = job.train.total_steps
+    schedule = None if train_factors else UpdateSchedule(steps, start=0.0, middle=0.0, end=0.0)
+    train_lota(model, job.batches(), steps=steps, head=job.train, schedule=schedule)
+    merged = model.merge()
+    numel = sum(layer.in_features * layer.out_features for layer in model.layers)
+    base_bits = 8 * sum(m.quantized.nbytes for m in merged.values()) / numel
+    moved = sum(int((m.quantized.int_codes() != layer.quantized.int_codes()).sum())
+                for layer, m in zip(model.layers, merged.values()))
+    extra = {"base_bits": base_bits, "deployed_bits": 8 * sum(m.nbytes for m in merged.values()) / numel,
+             "codes_moved": moved / sum(layer.codes.numel() for layer in model.layers)}
+    return correctness(model.merged_model(), job.val_batches), extra
+
+
+def run_lora(job: Job, bits: int | None, group: int) -> tuple[np.ndarray, dict[str, float]]:
+    """PEFT LoRA on the INTk-quantized base (``bits`` None: the unquantized base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from workers.quant.intk import quantize_int
+    from workers.registry import ModuleRegistry
+
+    base = copy.deepcopy(job.base)
+    registry = ModuleRegistry.from_model(base)
+    stored = numel = 0
+    for target in registry:
+        linear = registry.module(base, target)
+        numel += linear.weight.numel()
+        if bits is not None:
+            q = quantize_int(linear.weight, bits, group, name=target.name)
+            stored += q.nbytes
+            with torch.no_grad():
+                linear.weight.copy_(q.dequantize())
+    torch.manual_seed(job.seed)
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=job.spec.rank, lora_alpha=job.spec.alpha,
+                                            lora_dropout=0.0, target_modules=registry.names))
+    train_adamw(model, job)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    extra = {"adapter_bits": 32 * adapter / numel}
+    if bits is not None:
+        extra["base_bits"] = 8 * stored / numel
+        extra["deployed_bits"] = extra["base_bits"] + extra["adapter_bits"]
+    return correctness(model, job.val_batches), extra
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of a − b (per example, averaged over seeds first) in points, with its 95% interval over examples."""
+    d = (a.astype(float) - b.astype(float)).mean(0)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    return {"diff": 100 * d.mean(), "lo": 100 * (d.mean() - half), "hi": 100 * (d.mean() + half)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("docs/lota"))
+    args = parser.parse_args(argv)
+    if any(not 2 <= b <= 8 for b in args.bits):
+        parser.error("--bits: INTk needs 2 <= k <= 8")
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    done = {(r["method"], r["bits"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} \
+        if log.is_file() else {}
+    jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
+            (("lora-fp",) if b is None else METHODS)]
+    for method, bits, seed in jobs:
+        if (method, bits, seed) in done:
+            continue
+        job = Job(seed)  # a fresh base and data per training: nothing carries over between methods
+        t0 = time.perf_counter()
+        if method in ("lota", "head-only"):
+            correct, extra = run_lota(job, bits, args.group, train_factors=method == "lota")
+        else:
+            correct, extra = run_lora(job, bits, args.group)
+        row = {"method": method, "bits": bits, "seed": seed, "accuracy": float(correct.mean()),
+               "seconds": time.perf_counter() - t0, **extra, "correct": correct.astype(int).tolist()}
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[(method, bits, seed)] = row
+        print(f"{method:9s} {'fp' if bits is None else f'int{bits}':5s} seed {seed}: accuracy {row['accuracy']:.4f}"
+              f" ({row['seconds']:.0f} s)", flush=True)
+
+    def stack(method: str, bits: int | None) -> np.ndarray:
+        return np.stack([np.asarray(done[(method, bits, s)]["correct"]) for s in args.seeds])
+
+    summary: dict[str, Any] = {"bench": "lota", "seeds": args.seeds, "group": args.group,
+                               "lora_fp": 100 * float(stack("lora-fp", None).mean())}
+    for bits in args.bits:
+        row = {m: {"accuracy": 100 * float(stack(m, bits).mean()),
+                   "per_seed": [round(100 * done[(m, bits, s)]["accuracy"], 2) for s in args.seeds],
+                   "deployed_bits": round(done[(m, bits, args.seeds[0])].get("deployed_bits", math.nan), 3)}
+               for m in METHODS}
+        row["lota_codes_moved"] = done[("lota", bits, args.seeds[0])]["codes_moved"]
+        row["lota_minus_lora"] = paired(stack("lota", bits), stack("lora", bits))
+        row["lota_minus_head_only"] = paired(stack("lota", bits), stack("head-only", bits))
+        row["lora_minus_head_only"] = paired(stack("lora", bits), stack("head-only", bits))
+        summary[f"int{bits}"] = row
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bench/lota.py's paired statistic and its refusal of impossible bit-widths (the training itself is tested in
+tests/workers/adapters/test_lota.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("bench_lota", Path(__file__).resolve().parents[2] / "bench" / "lota.py")
+lota = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(lota)
+
+
+def test_paired_difference_averages_seeds_per_example():
+    a = np.array([[1, 1, 0, 1], [1, 0, 0, 1]])  # seeds × examples
+    b = np.array([[0, 1, 0, 1], [0, 1, 1, 1]])
+    d = np.array([1.0, -0.5, -0.5, 0.0])  # per example, over seeds
+    half = 1.96 * d.std(ddof=1) / 2
+    result = lota.paired(a, b)
+    assert result["diff"] == pytest.approx(0.0)
+    assert result["lo"] == pytest.approx(-100 * half) and result["hi"] == pytest.approx(100 * half)
+    same = lota.paired(a, a)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+def test_bits_out_of_range_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lota.main(["--bits", "1", "--out", str(tmp_path / "x")])
+    assert "2 <= k <= 8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
