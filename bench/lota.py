@@ -8,6 +8,7 @@ scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
 
 - **lota**: LoTA-QAF (``workers/adapters/lota.py``): ternary factors by t-SignSGD with the paper's schedule, ω =
   0.75·r, evaluated as the **merged** INTk model (codes moved by ±1, μ beside the zero-points; no adapter);
+  ``--omegas`` adds rows at smaller thresholds (``lota-ω0.25``: ω = 0.25·r), which move codes sooner;
 - **lora**: PEFT's LoRA (rank r, α = 2r) on the same quantized weights, AdamW, unmerged (an INTk base plus an fp32
   adapter at run time): the paper's "GPTQ + LoRA" column, with round-to-nearest instead of GPTQ;
 - **head-only**: the same base with only the classification head trained: what any adapter adds beyond the head;
@@ -22,7 +23,7 @@ measures the examples' noise, not the seeds'; the per-seed means are printed bes
 Each finished (method, k, seed) is appended to ``<out>/runs.jsonl`` at once and skipped on a rerun. Last line: one
 JSON object.
 
-    .venv/bin/python bench/lota.py --seeds 0 1 --bits 4 3 2 --out docs/lota
+    .venv/bin/python bench/lota.py --seeds 0 1 --bits 4 3 2 --omegas 0.25 --out docs/lota
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ def train_adamw(model: torch.nn.Module, job: Job) -> None:
     model.eval()
 
 
-def run_lota(job: Job, bits: int, group: int, train_factors: bool) -> tuple[np.ndarray, dict[str, float]]:
+def run_lota(job: Job, bits: int, group: int, train_factors: bool,
+             omega_fraction: float = 0.75) -> tuple[np.ndarray, dict[str, float]]:
     from workers.adapters.lota import LoTAModel, UpdateSchedule, train_lota
 
-    model = LoTAModel(copy.deepcopy(job.base), bits=bits, rank=job.spec.rank, group_size=group, seed=job.seed)
+    model = LoTAModel(copy.deepcopy(job.base), bits=bits, rank=job.spec.rank, group_size=group, seed=job.seed,
+                      omega=omega_fraction * job.spec.rank)
     steps = job.train.total_steps
     schedule = None if train_factors else UpdateSchedule(steps, start=0.0, middle=0.0, end=0.0)
     train_lota(model, job.batches(), steps=steps, head=job.train, schedule=schedule)
@@ -171,24 +174,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--omegas", type=float, nargs="*", default=[],
+                        help="further ω/r fractions for LoTA besides the paper's 0.75 (rows 'lota-ω<f>')")
     parser.add_argument("--out", type=Path, default=Path("docs/lota"))
     args = parser.parse_args(argv)
     if any(not 2 <= b <= 8 for b in args.bits):
         parser.error("--bits: INTk needs 2 <= k <= 8")
+    if any(not 0 < f < 1 for f in args.omegas):
+        parser.error("--omegas: ω/r must lie in (0, 1)")
+    methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = {(r["method"], r["bits"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} \
         if log.is_file() else {}
     jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
-            (("lora-fp",) if b is None else METHODS)]
+            (("lora-fp",) if b is None else methods)]
     for method, bits, seed in jobs:
         if (method, bits, seed) in done:
             continue
         job = Job(seed)  # a fresh base and data per training: nothing carries over between methods
         t0 = time.perf_counter()
-        if method in ("lota", "head-only"):
-            correct, extra = run_lota(job, bits, args.group, train_factors=method == "lota")
+        if method.startswith("lota") or method == "head-only":
+            fraction = float(method.removeprefix("lota-ω")) if method.startswith("lota-ω") else 0.75
+            correct, extra = run_lota(job, bits, args.group, method != "head-only", fraction)
         else:
             correct, extra = run_lora(job, bits, args.group)
         row = {"method": method, "bits": bits, "seed": seed, "accuracy": float(correct.mean()),
@@ -208,10 +217,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row = {m: {"accuracy": 100 * float(stack(m, bits).mean()),
                    "per_seed": [round(100 * done[(m, bits, s)]["accuracy"], 2) for s in args.seeds],
                    "deployed_bits": round(done[(m, bits, args.seeds[0])].get("deployed_bits", math.nan), 3)}
-               for m in METHODS}
-        row["lota_codes_moved"] = done[("lota", bits, args.seeds[0])]["codes_moved"]
-        row["lota_minus_lora"] = paired(stack("lota", bits), stack("lora", bits))
-        row["lota_minus_head_only"] = paired(stack("lota", bits), stack("head-only", bits))
+               for m in methods}
+        for m in methods:
+            if m.startswith("lota"):
+                row[m]["codes_moved"] = done[(m, bits, args.seeds[0])]["codes_moved"]
+                row[f"{m}_minus_lora"] = paired(stack(m, bits), stack("lora", bits))
+                row[f"{m}_minus_head_only"] = paired(stack(m, bits), stack("head-only", bits))
         row["lora_minus_head_only"] = paired(stack("lora", bits), stack("head-only", bits))
         summary[f"int{bits}"] = row
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
