@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search.space import DEFAULT_SPACE_FILE, SearchSpace, show_value
+from search.space import DEFAULT_SPACE_FILE, SearchSpace, parse_code, show_value
 from workers.data.packaged import PACKAGED_TASKS
 from workers.lora import DEFAULT_CACHE_MB
 
@@ -112,6 +112,14 @@ class AdapterSection(_Section):
                             "setting on every matrix; only differences between configurations move M) or none")
 
 
+class QuantSection(_Section):
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="how a matrix's codes are chosen for a setting: round to nearest, or GPTQ under the "
+                           "Hessian of its calibration inputs (NF/INT spaces; the scales are the same either way)")
+    calibration_examples: int = Field(128, gt=0, le=65536, description="training examples whose target-matrix "
+                                                                       "inputs give GPTQ's Hessians (gathered once)")
+
+
 class TrainingSection(_Section):
     steps_per_round: int = Field(20, gt=0)
     configs_per_step: int = Field(2, gt=0, description="K: configurations drawn per step (mean of their losses)")
@@ -198,6 +206,7 @@ class RunConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     adapter: AdapterSection = AdapterSection()
+    quant: QuantSection = QuantSection()
     training: TrainingSection = TrainingSection()
     search: SearchSection = SearchSection()
     evaluation: EvaluationSection = EvaluationSection()
@@ -236,6 +245,10 @@ class RunConfig(_Section):
             space = SearchSpace.from_yaml(_resolve_path(self.search.space))
         except ValueError as err:
             raise ConfigError(f"search.space = {self.search.space!r}: {err}") from None
+        if self.quant.method == "gptq" and parse_code(space.code[0])[0] == "gguf":
+            raise ConfigError(f"quant.method = 'gptq' chooses codes for the blockwise NF/INT settings; the space "
+                              f"{self.search.space!r} holds llama.cpp types, which ggml quantizes itself: use "
+                              "quant.method = 'rtn' with it")
         lo, hi = space.bits_range
         for t in self.evaluation.targets:
             if not lo <= t <= hi:

@@ -8,7 +8,9 @@ checkpoint) whose cost fits the budget: average bits of the target matrices ≤ 
 other parameter of the model at 16 bits. For a uniform NF4 configuration with 64-weight blocks (bitsandbytes'
 block size) a bitsandbytes 4-bit model is saved alongside (``bnb-4bit/``), so the adapter can be served on
 bitsandbytes' kernels: its codes equal coalora's on ≥ 99.99% of the weights (tests/quant); its second-level scale
-format is bitsandbytes' own. The tokenizer the run trained with is saved beside the adapter (with its chat
+format is bitsandbytes' own. Not for a ``quant.method: gptq`` run: bitsandbytes rounds to nearest, so its codes
+would not be the ones coalora trained and evaluated on; ``quantized_base.safetensors`` (every export has it) holds
+those exactly. The tokenizer the run trained with is saved beside the adapter (with its chat
 template, which an instruction-tuned adapter expects its prompts rendered with).
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.coa_model import CLASSIFIER_HEADS
-from workers.export.peft import export_adapter
+from workers.export.peft import QUANTIZED_BASE_FILE, export_adapter
 from workers.models import load_tokenizer, resolve_model
 from workers.quant.formats import packed_nbytes
 from workers.worker import Worker
@@ -109,7 +111,10 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         summary["id2label"] = dict(enumerate(cfg.data.labels))
     # the tokenizer the run trained with (pad token, and the chat template an instruction-tuned adapter expects)
     load_tokenizer(resolve_model(cfg.model.name)).save_pretrained(directory)
-    if all(s.code == "nf4" and s.block0 == 64 for s in settings):
+    summary["quantized_base"] = QUANTIZED_BASE_FILE
+    if cfg.quant.method == "gptq":  # bitsandbytes would re-round the weights: its codes would not be GPTQ's
+        summary["bitsandbytes_model"] = None
+    elif all(s.code == "nf4" and s.block0 == 64 for s in settings):
         double_quant = all(s.scale_bits == 8 for s in settings)
         save_bitsandbytes_model(cfg.model.name, cfg.model.task, directory / "bnb-4bit", double_quant)
         summary["bitsandbytes_model"] = "bnb-4bit"

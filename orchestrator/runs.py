@@ -51,7 +51,8 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
         threads=max(1, int(cfg.cluster.cpus_per_worker)), reference=cfg.adapter.reference,
         encoder_hidden=cfg.adapter.encoder_hidden, cache_mb=cfg.training.cache_mb,
-        low_memory=cfg.training.low_memory,
+        low_memory=cfg.training.low_memory, quant_method=cfg.quant.method,
+        calibration_examples=cfg.quant.calibration_examples,
     )
 
 

@@ -8,7 +8,7 @@ configurations per step cost K forward/backward passes and no model reloads (met
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -145,6 +145,11 @@ class CoAModel(nn.Module):
     def forward(self, configuration: Any | None, **batch: Any) -> Any:
         self.set_configuration(configuration)
         return self.model(**batch)
+
+    def set_calibration(self, hessians: Mapping[str, torch.Tensor] | None) -> None:
+        """GPTQ codes under each target's input statistics (:mod:`workers.calibration`), or round to nearest."""
+        for layer in self.layers:
+            layer.set_hessian(None if hessians is None else hessians[layer.name])
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:

@@ -165,6 +165,7 @@ class CoALoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=base.weight.device))
         self.setting: QuantSetting | None = None
         self.mixing: torch.Tensor | None = None
+        self.hessian: torch.Tensor | None = None  # inputs' XᵀX/N: set, codes are chosen by GPTQ (quant.method)
         self.adapter_enabled = True
         self.cache = QuantCache() if cache is None else cache  # CoAModel passes one cache to all its layers
         self.reset_lora(init, generator)
@@ -201,10 +202,16 @@ class CoALoRALinear(nn.Module):
         self.residual = residual.detach().to(self.weight.dtype).clone()
         self.cache.drop(self.name)
 
+    def set_hessian(self, hessian: torch.Tensor | None) -> None:
+        """Choose codes by GPTQ under ``hessian`` (the layer's input statistics), or by round to nearest (None)."""
+        self.hessian = hessian
+        self.cache.drop(self.name)
+
     # ---- configuration ------------------------------------------------------------------------------------
     def packed_weight(self, setting: QuantSetting) -> StoredWeight:
         """The residual quantized under ``setting``, from the cache or quantized now."""
-        return self.cache.get(self.name, setting, lambda: quantize(self.residual, setting, name=self.name))
+        return self.cache.get(self.name, setting,
+                              lambda: quantize(self.residual, setting, name=self.name, hessian=self.hessian))
 
     def quantized_weight(self, setting: QuantSetting | None = None) -> torch.Tensor:
         """Dense W_q for ``setting`` (default: the active one), a new tensor; the unquantized residual when there

@@ -22,6 +22,7 @@ from search.space import SearchSpace
 
 from .allocator import pin_mmap_threshold
 from .baselines import plain_lora
+from .calibration import input_covariances
 from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
@@ -60,6 +61,8 @@ class WorkerSpec:
     encoder_hidden: int = 128
     cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (lora.QuantCache)
     low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
+    quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
+    calibration_examples: int = 128
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -109,6 +112,12 @@ class Worker:
                                       cache_mb=spec.cache_mb)
         for model in self.models.values():
             model.eval()
+        if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
+            hessians = input_covariances(self.models["coa"], self._batches(self.train_items[: spec.calibration_examples]))
+            for model in self.models.values():
+                model.set_calibration(hessians)
+        elif spec.quant_method != "rtn":
+            raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {spec.quant_method!r}")
         self._fisher: dict[str, torch.Tensor] | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------------------------

@@ -230,3 +230,46 @@ def test_worker_spec_carries_the_memory_settings(make_config):
     spec = worker_spec(build_config(config))
     assert spec.cache_mb == 64 and spec.low_memory is True
     assert worker_spec(build_config(make_config()[0])).low_memory is False
+
+
+def test_a_gptq_run_exports_the_codes_it_trained_on(make_config, tmp_path):
+    """quant.method = gptq end to end: the run quantizes with GPTQ under its calibration statistics, and its export
+    (adapter + packed base, no bitsandbytes copy) computes, in transformers + PEFT, what coalora computed."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.state import CheckpointStore
+    from orchestrator.runs import worker_spec
+    from workers.export.peft import CONFIGURATION_FILE, QUANTIZED_BASE_FILE, configuration_from_json, load_quantized_base
+    from workers.quant.blockwise import quantize
+    from workers.worker import Worker
+
+    config, _ = make_config(quant={"method": "gptq", "calibration_examples": 16})
+    cfg = build_config(config)
+    run_dir, rows = start_run(cfg, progress=False)
+    assert {r["method"] for r in rows} >= {"coa-lora", "no-adapter"}
+    out = export_run(run_dir, bits=4.0, out=tmp_path / "export")
+    summary = read_summary(out)
+    assert summary["quantized_base"] == QUANTIZED_BASE_FILE and summary.get("bitsandbytes_model") is None
+    coa = Worker(worker_spec(cfg)).models["coa"]
+    coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
+    settings = list(configuration_from_json(json.loads((out / CONFIGURATION_FILE).read_text())).values())
+    assert any(not torch.equal(layer.packed_weight(s).codes, quantize(layer.residual, s).codes)
+               for layer, s in zip(coa.layers, settings)), "GPTQ chose the same codes as rounding: vacuous"
+    batch = {"input_ids": torch.randint(3, 100, (2, 10)),
+             "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    model = AutoModelForSequenceClassification.from_pretrained(config["model"]["name"], dtype=torch.float32)
+    served = PeftModel.from_pretrained(load_quantized_base(model, out / QUANTIZED_BASE_FILE), out).eval()
+    coa.eval()
+    with torch.no_grad():
+        ours = coa(settings, **batch).logits
+        theirs = served(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_refuses_a_llama_cpp_space(make_config):
+    from orchestrator.config import ConfigError
+
+    config, _ = make_config(quant={"method": "gptq"}, search={"space": "conf/space/gguf.yaml"})
+    with pytest.raises(ConfigError, match="quant.method = 'gptq'.*llama.cpp types"):
+        build_config(config).load_space()

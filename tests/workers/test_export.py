@@ -44,3 +44,35 @@ def test_fold_is_m_times_a(space, pool, make_model):
     folded = folded_adapter(coa, config)
     for i, layer in enumerate(coa.layers):
         torch.testing.assert_close(folded[layer.name][0], m[i] @ layer.lora_A.detach())
+
+
+def test_the_packed_base_reproduces_gptq_codes_outside_coalora_s_model(space, pool, make_model, make_batch,
+                                                                       tmp_path):
+    """A GPTQ-calibrated model's export: the fresh original model + quantized_base.safetensors + the PEFT adapter
+    compute coalora's logits, though no consumer could recompute GPTQ's codes from the configuration."""
+    from workers.calibration import input_covariances
+    from workers.export.peft import QUANTIZED_BASE_FILE, load_quantized_base
+    from workers.quant.formats import packed_nbytes
+
+    coa = CoAModel(make_model("llama"), space, rank=4, alpha=8)
+    coa.set_calibration(input_covariances(coa, [make_batch("llama", seed=s) for s in range(3)]))
+    train(coa, [make_batch("llama")], [[s] * len(coa.registry) for s in pool], TrainConfig(lr=2e-2, total_steps=2))
+    mixed = [pool[i % 3] for i in range(len(coa.registry))]
+    batch = make_batch("llama", seed=1)
+    with torch.no_grad():
+        expected = coa(mixed, **batch).logits
+    out = export_adapter(coa, mixed, tmp_path / "adapter")
+    stored = load_file(str(out / QUANTIZED_BASE_FILE))
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == sum(
+        packed_nbytes(n, s) for n, s in zip(coa.registry.numels, mixed))
+    served = PeftModel.from_pretrained(load_quantized_base(make_model("llama"), out / QUANTIZED_BASE_FILE),
+                                       str(out)).eval()
+    with torch.no_grad():
+        assert (served(**batch).logits - expected).abs().max() <= 1e-4
+    rtn = make_model("llama")
+    rtn.load_state_dict(quantized_base_weights(CoAModel(make_model("llama"), space, rank=4), mixed), strict=False)
+    assert any(not torch.equal(rtn.get_submodule(n).weight, load_quantized_base(make_model("llama"),
+                                                                                out / QUANTIZED_BASE_FILE)
+                               .get_submodule(n).weight) for n in coa.registry.names)
+    with pytest.raises(ValueError, match="not a coalora quantized base"):
+        load_quantized_base(make_model("llama"), out / "adapter_model.safetensors")

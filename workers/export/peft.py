@@ -2,9 +2,12 @@
 
 M is folded into A (A' = M·A), so the served model is ordinary LoRA with no θ at run time. The directory holds
 ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's key names, any trained head as
-``modules_to_save``, and ``quant_configuration.json`` (target name → setting). The matching base is the original
-model with each target weight replaced by :func:`quantized_base_weights` (quant_c of W, or of W − L1·L2 after an
-SVD/LQ init).
+``modules_to_save``, ``quant_configuration.json`` (target name → setting) and ``quantized_base.safetensors``: the
+target matrices exactly as coalora evaluated them, in their packed storage form (codes, scale codes, second-level
+scales, offset: the configuration's bytes), which :func:`load_quantized_base` decodes into the original model.
+That file is what makes the export self-contained: the codes depend on how they were chosen (round to nearest, or
+GPTQ under the run's calibration statistics, ``quant.method``) and on the init (quant_c of W, or of W − L1·L2
+after an SVD/LQ init), none of which a consumer could redo from the configuration alone.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
+from torch import nn
 
 from search.space import QuantSetting
 
 from ..coa_model import CoAModel
+from ..quant.blockwise import PackedWeight, dequantize
 
 CONFIGURATION_FILE = "quant_configuration.json"
+QUANTIZED_BASE_FILE = "quantized_base.safetensors"
+PACKED_FORMAT = "coalora-packed"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -45,6 +52,45 @@ def quantized_base_weights(coa: CoAModel, configuration: Any) -> dict[str, torch
     return {
         f"{layer.name}.weight": layer.quantized_weight(s).detach().clone() for layer, s in zip(coa.layers, settings)
     }
+
+
+def save_quantized_base(coa: CoAModel, configuration: Any, path: str | Path) -> Path:
+    """The configuration's target matrices in packed form (``NAME.codes``, ``.scale_codes``, ``.scale2``,
+    ``.offset``; settings, shapes and dtypes in the metadata), written atomically."""
+    tensors, layout = {}, {}
+    for layer, setting in zip(coa.layers, coa.resolve(configuration)):
+        packed = layer.packed_weight(setting)
+        if not isinstance(packed, PackedWeight):
+            raise ValueError(f"{layer.name}: {setting.code} is a llama.cpp type; export it with --format gguf")
+        tensors.update({f"{layer.name}.{part}": t.contiguous() for part, t in packed.tensors().items()})
+        layout[layer.name] = {"setting": setting.fields(), "shape": list(packed.shape),
+                              "dtype": str(packed.dtype).removeprefix("torch.")}
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"format": PACKED_FORMAT, "layout": json.dumps(layout)})
+    partial.replace(path)
+    return path
+
+
+@torch.no_grad()
+def load_quantized_base(model: nn.Module, path: str | Path) -> nn.Module:
+    """Decode :func:`save_quantized_base`'s file into ``model``'s target weights (in place; returned)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != PACKED_FORMAT:
+            raise ValueError(f"{path}: not a coalora quantized base (no {PACKED_FORMAT!r} format tag)")
+        for name, spec in json.loads(metadata["layout"]).items():
+            packed = PackedWeight(setting=QuantSetting(**spec["setting"]), shape=tuple(spec["shape"]),
+                                  dtype=getattr(torch, spec["dtype"]),
+                                  **{part: f.get_tensor(f"{name}.{part}")
+                                     for part in ("codes", "scale_codes", "scale2", "offset")})
+            weight = model.get_submodule(name).weight
+            if tuple(weight.shape) != packed.shape:
+                raise ValueError(f"{path}: {name} is {packed.shape} there, {tuple(weight.shape)} in the model")
+            weight.copy_(dequantize(packed).to(weight.dtype))
+    return model
 
 
 def configuration_to_json(coa: CoAModel, configuration: Any) -> dict[str, dict[str, Any]]:
@@ -77,6 +123,7 @@ def export_adapter(coa: CoAModel, configuration: Any, directory: str | Path) -> 
         bias="none",
     ).save_pretrained(str(directory))
     (directory / CONFIGURATION_FILE).write_text(json.dumps(configuration_to_json(coa, configuration), indent=1))
+    save_quantized_base(coa, configuration, directory / QUANTIZED_BASE_FILE)
     return directory
 
 

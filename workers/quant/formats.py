@@ -11,15 +11,22 @@ import torch
 
 from search.space import QuantSetting
 
-from . import blockwise, ggml
+from . import blockwise, ggml, gptq
 
 StoredWeight = Union[blockwise.PackedWeight, ggml.GGMLWeight]
 
 
-def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight") -> StoredWeight:
-    """``weight`` in the storage form of ``setting``'s family."""
+def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight",
+             hessian: torch.Tensor | None = None) -> StoredWeight:
+    """``weight`` in the storage form of ``setting``'s family; with ``hessian`` (the input statistics XᵀX/N of the
+    matrix) its codes are chosen by GPTQ (:mod:`.gptq`, blockwise families only) instead of round to nearest."""
     if setting.family == "gguf":
+        if hessian is not None:
+            raise ValueError(f"{name}: {setting.code} is a llama.cpp type, quantized by ggml itself; GPTQ covers "
+                             "the NF/INT settings")
         return ggml.quantize(weight, setting, name=name)
+    if hessian is not None:
+        return gptq.gptq_quantize(weight, setting, hessian, name=name)
     return blockwise.quantize(weight, setting, name=name)
 
 
