@@ -17,6 +17,9 @@ scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
 The task head trains with AdamW at the job's rate, warmup, cosine decay and clipping in every method (LoTA's
 ternary factors take no learning rate). Every method sees ``steps`` batches.
 
+``--quant gptq`` chooses the INTk base's codes by GPTQ (the paper's quantizer) under each matrix's input statistics
+on the first ``--calibration-examples`` training examples, for every method at once (rows ``<method>+gptq``).
+
 Statistics: every method's per-example correctness on the same validation examples. For each pair the
 difference is averaged over seeds per example, and the 95% interval is mean ± 1.96·sd/√n over examples: it
 measures the examples' noise, not the seeds'; the per-seed means are printed beside it so the seeds' spread shows.
@@ -79,6 +82,16 @@ class Job:
         bs = self.spec.batch_size
         self.val_batches = [self.collate(held_out[i: i + bs]) for i in range(0, len(held_out), bs)]
 
+    def hessians(self, examples: int):
+        """Σ of every target's inputs on the first ``examples`` training examples (the run's calibration)."""
+        from workers.calibration import input_covariances
+        from workers.registry import ModuleRegistry
+
+        items = self.train_items[:examples]
+        bs = self.spec.batch_size
+        return input_covariances(self.base, ModuleRegistry.from_model(self.base).names,
+                                 [self.collate(items[i: i + bs]) for i in range(0, len(items), bs)])
+
     def batches(self):
         """The driver's batch order (``orchestrator.schedule.batch_ids``), one batch per step."""
         from orchestrator.schedule import batch_ids
@@ -113,12 +126,12 @@ def train_adamw(model: torch.nn.Module, job: Job) -> None:
     model.eval()
 
 
-def run_lota(job: Job, bits: int, group: int, train_factors: bool,
-             omega_fraction: float = 0.75) -> tuple[np.ndarray, dict[str, float]]:
+def run_lota(job: Job, bits: int, group: int, train_factors: bool, omega_fraction: float = 0.75,
+             hessians=None) -> tuple[np.ndarray, dict[str, float]]:
     from workers.adapters.lota import LoTAModel, UpdateSchedule, train_lota
 
     model = LoTAModel(copy.deepcopy(job.base), bits=bits, rank=job.spec.rank, group_size=group, seed=job.seed,
-                      omega=omega_fraction * job.spec.rank)
+                      omega=omega_fraction * job.spec.rank, hessians=hessians)
     steps = job.train.total_steps
     schedule = None if train_factors else UpdateSchedule(steps, start=0.0, middle=0.0, end=0.0)
     train_lota(model, job.batches(), steps=steps, head=job.train, schedule=schedule)
@@ -132,7 +145,7 @@ def run_lota(job: Job, bits: int, group: int, train_factors: bool,
     return correctness(model.merged_model(), job.val_batches), extra
 
 
-def run_lora(job: Job, bits: int | None, group: int) -> tuple[np.ndarray, dict[str, float]]:
+def run_lora(job: Job, bits: int | None, group: int, hessians=None) -> tuple[np.ndarray, dict[str, float]]:
     """PEFT LoRA on the INTk-quantized base (``bits`` None: the unquantized base)."""
     from peft import LoraConfig, get_peft_model
 
@@ -146,7 +159,8 @@ def run_lora(job: Job, bits: int | None, group: int) -> tuple[np.ndarray, dict[s
         linear = registry.module(base, target)
         numel += linear.weight.numel()
         if bits is not None:
-            q = quantize_int(linear.weight, bits, group, name=target.name)
+            q = quantize_int(linear.weight, bits, group, name=target.name,
+                             hessian=None if hessians is None else hessians[target.name])
             stored += q.nbytes
             with torch.no_grad():
                 linear.weight.copy_(q.dequantize())
@@ -174,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--quant", choices=("rtn", "gptq"), default="rtn",
+                        help="how the INTk base's codes are chosen (gptq: the paper's; rows '<method>+gptq')")
+    parser.add_argument("--calibration-examples", type=int, default=128)
     parser.add_argument("--omegas", type=float, nargs="*", default=[],
                         help="further ω/r fractions for LoTA besides the paper's 0.75 (rows 'lota-ω<f>')")
     parser.add_argument("--out", type=Path, default=Path("docs/lota"))
@@ -183,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if any(not 0 < f < 1 for f in args.omegas):
         parser.error("--omegas: ω/r must lie in (0, 1)")
     methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas)
+    if args.quant == "gptq":
+        methods = tuple(f"{m}+gptq" for m in methods)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
@@ -195,11 +214,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         job = Job(seed)  # a fresh base and data per training: nothing carries over between methods
         t0 = time.perf_counter()
-        if method.startswith("lota") or method == "head-only":
-            fraction = float(method.removeprefix("lota-ω")) if method.startswith("lota-ω") else 0.75
-            correct, extra = run_lota(job, bits, args.group, method != "head-only", fraction)
+        kind = method.removesuffix("+gptq")
+        hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
+        if kind.startswith("lota") or kind == "head-only":
+            fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else 0.75
+            correct, extra = run_lota(job, bits, args.group, kind != "head-only", fraction, hessians)
         else:
-            correct, extra = run_lora(job, bits, args.group)
+            correct, extra = run_lora(job, bits, args.group, hessians)
         row = {"method": method, "bits": bits, "seed": seed, "accuracy": float(correct.mean()),
                "seconds": time.perf_counter() - t0, **extra, "correct": correct.astype(int).tolist()}
         with log.open("a") as f:
@@ -218,12 +239,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "per_seed": [round(100 * done[(m, bits, s)]["accuracy"], 2) for s in args.seeds],
                    "deployed_bits": round(done[(m, bits, args.seeds[0])].get("deployed_bits", math.nan), 3)}
                for m in methods}
+        suffix = "+gptq" if args.quant == "gptq" else ""
+        lora, head = "lora" + suffix, "head-only" + suffix
         for m in methods:
             if m.startswith("lota"):
                 row[m]["codes_moved"] = done[(m, bits, args.seeds[0])]["codes_moved"]
-                row[f"{m}_minus_lora"] = paired(stack(m, bits), stack("lora", bits))
-                row[f"{m}_minus_head_only"] = paired(stack(m, bits), stack("head-only", bits))
-        row["lora_minus_head_only"] = paired(stack("lora", bits), stack("head-only", bits))
+                row[f"{m}_minus_{lora}"] = paired(stack(m, bits), stack(lora, bits))
+                row[f"{m}_minus_{head}"] = paired(stack(m, bits), stack(head, bits))
+        row[f"{lora}_minus_{head}"] = paired(stack(lora, bits), stack(head, bits))
         summary[f"int{bits}"] = row
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

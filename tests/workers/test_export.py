@@ -50,12 +50,12 @@ def test_the_packed_base_reproduces_gptq_codes_outside_coalora_s_model(space, po
                                                                        tmp_path):
     """A GPTQ-calibrated model's export: the fresh original model + quantized_base.safetensors + the PEFT adapter
     compute coalora's logits, though no consumer could recompute GPTQ's codes from the configuration."""
-    from workers.calibration import input_covariances
+    from workers.calibration import coa_covariances
     from workers.export.peft import QUANTIZED_BASE_FILE, load_quantized_base
     from workers.quant.formats import packed_nbytes
 
     coa = CoAModel(make_model("llama"), space, rank=4, alpha=8)
-    coa.set_calibration(input_covariances(coa, [make_batch("llama", seed=s) for s in range(3)]))
+    coa.set_calibration(coa_covariances(coa, [make_batch("llama", seed=s) for s in range(3)]))
     train(coa, [make_batch("llama")], [[s] * len(coa.registry) for s in pool], TrainConfig(lr=2e-2, total_steps=2))
     mixed = [pool[i % 3] for i in range(len(coa.registry))]
     batch = make_batch("llama", seed=1)

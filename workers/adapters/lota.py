@@ -58,7 +58,7 @@ class LoTALinear(nn.Module):
     adapter (``lota_A``: r × in, ``lota_B``: out × r, entries in {−1, 0, 1}) moving its codes by ±1."""
 
     def __init__(self, base: nn.Linear, rank: int, bits: int, group_size: int, *, omega: float | None = None,
-                 name: str = "linear", generator: torch.Generator | None = None):
+                 name: str = "linear", generator: torch.Generator | None = None, hessian: torch.Tensor | None = None):
         super().__init__()
         out_features, in_features = base.weight.shape
         if rank < 1 or rank > min(out_features, in_features):
@@ -68,7 +68,7 @@ class LoTALinear(nn.Module):
             raise ValueError(f"{name}: ω must lie in (0, r) = (0, {rank}), got {omega:g}")
         self.name, self.rank, self.omega = name, rank, omega
         self.in_features, self.out_features = in_features, out_features
-        self.quantized = quantize_int(base.weight, bits, group_size, name=name)
+        self.quantized = quantize_int(base.weight, bits, group_size, name=name, hessian=hessian)
         codes = self.quantized.int_codes()
         self.register_buffer("codes", codes.float(), persistent=False)  # exact integers, the training grid
         self.register_buffer("can_up", codes < 2**bits - 1, persistent=False)
@@ -148,11 +148,14 @@ class MergedLinear(nn.Module):
 # ---- the model ----------------------------------------------------------------------------------------------
 class LoTAModel(nn.Module):
     """A Hugging Face model with every registry target wrapped in :class:`LoTALinear` at one bit-width, plus any
-    trainable head (the classification head by default). Call it like the model: ``model(**batch)``."""
+    trainable head (the classification head by default). Call it like the model: ``model(**batch)``. With
+    ``hessians`` (target name → its inputs' XᵀX/N, :func:`workers.calibration.input_covariances`) the base codes
+    come from GPTQ, as in the paper; else from round to nearest."""
 
     def __init__(self, model: nn.Module, *, bits: int, rank: int = 16, group_size: int = 64,
                  omega: float | None = None, seed: int = 0, registry: ModuleRegistry | None = None,
-                 trainable_modules: Sequence[str] | None = None):
+                 trainable_modules: Sequence[str] | None = None,
+                 hessians: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         self.registry = registry or ModuleRegistry.from_model(model)
         for p in model.parameters():
@@ -161,7 +164,8 @@ class LoTAModel(nn.Module):
         self.layers: list[LoTALinear] = []
         for target in self.registry:
             layer = LoTALinear(self.registry.module(model, target), rank, bits, group_size, omega=omega,
-                               name=target.name, generator=generator)
+                               name=target.name, generator=generator,
+                               hessian=None if hessians is None else hessians[target.name])
             _replace(model, target.name, layer)
             self.layers.append(layer)
         if trainable_modules is None:

@@ -17,6 +17,8 @@ defect ProjQ's released code has: each iteration quantized a drifted W).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from search.space import QuantSetting
@@ -43,8 +45,6 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"{name}: the Hessian must be {cols}×{cols} (the matrix's input size), "
                          f"got {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError(f"{name}: the Hessian holds NaN or Inf values")
     if damp < 0 or block < 1:
         raise ValueError(f"{name}: damp must be >= 0 and block >= 1")
 
@@ -52,8 +52,19 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
     scales = _encode_scales(flat, setting, name, use_fused=False)
     per_entry = scales.scales.repeat_interleave(setting.block0)[: rows * cols].view(rows, cols)
     safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
-    codes = _sweep(flat.view(rows, cols).clone(), per_entry, safe, setting.code,
-                   _inverse_cholesky(hessian.double(), damp), block)
+    book, mids = codebook(setting.code), midpoints(setting.code)
+
+    def nearest(j: int, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one bucketize over the midpoints: the count of thresholds strictly below the value, as
+        # codebooks.nearest_code defines it, in one op for a column this short
+        code = torch.bucketize(column / safe[:, j], mids, right=False)
+        return code, book[code] * per_entry[:, j]
+
+    try:
+        u = inverse_cholesky(hessian, damp)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    codes = sweep(flat.view(rows, cols), u, nearest, block)
     padded = torch.zeros(_padded(flat, setting).numel(), dtype=torch.uint8)
     padded[: rows * cols] = codes.reshape(-1)
     padded[rows * cols:] = nearest_code(torch.zeros(padded.numel() - rows * cols), setting.code)
@@ -63,9 +74,11 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
                         scale2=scales.scale2, offset=scales.offset.reshape(1))
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """U with UᵀU = (H + λI)⁻¹ (upper triangular), in float32 for the sweep."""
-    h = hessian.clone()
+def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """U with UᵀU = (H + λI)⁻¹ (upper triangular), λ = ``damp``·mean(diag H), in float32 for the sweep."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the Hessian holds NaN or Inf values")
+    h = hessian.double().clone()
     dead = torch.diag(h) == 0  # inputs that never fire: any code will do, so no feedback through them
     h[dead, dead] = 1.0
     h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
@@ -73,21 +86,22 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True).float()
 
 
-def _sweep(w: torch.Tensor, scale: torch.Tensor, safe: torch.Tensor, code: str, u: torch.Tensor,
-           block: int) -> torch.Tensor:
-    """Codes of ``w`` (modified in place: it is the sweep's private copy) column by column with error feedback.
-    A column's nearest codes come from one ``bucketize`` over the midpoints: the count of thresholds strictly below
-    the value, as :func:`.codebooks.nearest_code` defines it, in one op for a column this short."""
+RoundColumn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(column index j, the column's error-fed-back weights) → (its uint8 codes, their dequantized values)."""
+
+
+def sweep(weight: torch.Tensor, u: torch.Tensor, round_column: RoundColumn, block: int = 128) -> torch.Tensor:
+    """GPTQ's column sweep over ``weight`` (out × in; not modified) with ``u`` from :func:`inverse_cholesky`:
+    each column rounded by ``round_column`` in turn, its error fed forward. Returns the (out × in) uint8 codes."""
+    w = weight.detach().float().clone()
     rows, cols = w.shape
-    book, mids = codebook(code), midpoints(code)
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         errors = torch.empty(rows, end - start)
         for j in range(start, end):
-            column = torch.bucketize(w[:, j] / safe[:, j], mids, right=False)
-            codes[:, j] = column
-            error = (w[:, j] - book[column] * scale[:, j]) / u[j, j]
+            codes[:, j], values = round_column(j, w[:, j])
+            error = (w[:, j] - values) / u[j, j]
             w[:, j + 1: end] -= error.unsqueeze(1) * u[j, j + 1: end].unsqueeze(0)
             errors[:, j - start] = error
         w[:, end:] -= errors @ u[start:end, end:]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import packing
+from . import gptq, packing
 from .blockwise import ACCEPTED_DTYPES
 
 
@@ -71,9 +71,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((q - zero.unsqueeze(2)) * scale.unsqueeze(2)).view(rows, cols)
 
 
-def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str = "weight") -> IntQuantized:
-    """Round-to-nearest asymmetric INTk: scale = (max − min)/(2^k − 1), zero = round(−min/scale) per group."""
+def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str = "weight",
+                 hessian: torch.Tensor | None = None) -> IntQuantized:
+    """Asymmetric INTk: scale = (max − min)/(2^k − 1), zero = round(−min/scale) per group; codes rounded to nearest,
+    or chosen by GPTQ under ``hessian`` (the inputs' XᵀX/N, in × in) with the same scales and zero-points (fixed
+    from W up front, where GPTQ's own INT format recomputes them from the error-fed-back weights)."""
     _validate(weight, bits, group_size, name)
+    if hessian is not None and tuple(hessian.shape) != (weight.shape[1],) * 2:
+        raise ValueError(f"{name}: the Hessian must be {weight.shape[1]}×{weight.shape[1]}, got {tuple(hessian.shape)}")
     rows, cols = weight.shape
     w = weight.detach().float()
     pad = (-cols) % group_size
@@ -87,6 +92,18 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str 
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale).clamp_(0, qmax)
     codes = torch.round(groups / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp_(0, qmax).to(torch.uint8)
+    if hessian is not None:
+        codes = codes.view(rows, -1)
+
+        def nearest(j: int, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s, z = scale[:, j // group_size], zero[:, j // group_size]
+            q = torch.round(column / s + z).clamp_(0, qmax)
+            return q.to(torch.uint8), (q - z) * s  # dequantize_codes' arithmetic
+
+        try:
+            codes[:, :cols] = gptq.sweep(weight, gptq.inverse_cholesky(hessian), nearest)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     return IntQuantized(
         bits=bits,
         group_size=group_size,
