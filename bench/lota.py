@@ -248,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row[f"{m}_minus_{head}"] = paired(stack(m, bits), stack(head, bits))
         row[f"{lora}_minus_{head}"] = paired(stack(lora, bits), stack(head, bits))
         summary[f"int{bits}"] = row
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary["quant"] = args.quant
+    (args.out / ("summary.json" if args.quant == "rtn" else f"summary-{args.quant}.json")).write_text(
+        json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
 
