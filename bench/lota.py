@@ -63,7 +63,7 @@ METHODS = ("lota", "lora", "head-only")
 class Job:
     """The job's data as a coalora run reads it, and a fresh base model per method."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, steps: int | None = None):
         from orchestrator.config import build_config
         from orchestrator.optim import train_config
         from orchestrator.runs import worker_spec
@@ -71,7 +71,10 @@ class Job:
         from workers.worker import build_task
 
         quiet_transformers()
-        cfg = build_config({**JOB, "run": {"seed": seed}})
+        job = {**JOB, "run": {"seed": seed}}
+        if steps is not None:  # one round of ``steps``: the schedule (warmup, cosine) spans them all
+            job = {**job, "search": {"rounds": 1}, "training": {**JOB["training"], "steps_per_round": steps}}
+        cfg = build_config(job)
         self.seed, self.spec = seed, worker_spec(cfg)
         self.train = train_config(cfg, configs_per_step=1)
         torch.manual_seed(seed)
@@ -193,8 +196,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-examples", type=int, default=128)
     parser.add_argument("--omegas", type=float, nargs="*", default=[],
                         help="further ω/r fractions for LoTA besides the paper's 0.75 (rows 'lota-ω<f>')")
+    parser.add_argument("--steps", type=int, help="training steps of every method (default: the job's 60); use "
+                                                   "another --out, rows are keyed by method, bits and seed")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (default: all); pairs need both sides")
     parser.add_argument("--out", type=Path, default=Path("docs/lota"))
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
     if any(not 2 <= b <= 8 for b in args.bits):
         parser.error("--bits: INTk needs 2 <= k <= 8")
     if any(not 0 < f < 1 for f in args.omegas):
@@ -202,17 +210,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas)
     if args.quant == "gptq":
         methods = tuple(f"{m}+gptq" for m in methods)
+    if args.methods:
+        unknown = set(args.methods) - set(methods) - {"lora-fp"}
+        if unknown:
+            parser.error(f"--methods: unknown {sorted(unknown)}; known: lora-fp, {', '.join(methods)}")
+        methods = tuple(m for m in methods if m in args.methods)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = {(r["method"], r["bits"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} \
         if log.is_file() else {}
     jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
-            (("lora-fp",) if b is None else methods)]
+            (("lora-fp",) if b is None else methods) if not args.methods or m in args.methods]
     for method, bits, seed in jobs:
         if (method, bits, seed) in done:
             continue
-        job = Job(seed)  # a fresh base and data per training: nothing carries over between methods
+        job = Job(seed, args.steps)  # a fresh base and data per training: nothing carries over between methods
         t0 = time.perf_counter()
         kind = method.removesuffix("+gptq")
         hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
@@ -232,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def stack(method: str, bits: int | None) -> np.ndarray:
         return np.stack([np.asarray(done[(method, bits, s)]["correct"]) for s in args.seeds])
 
-    summary: dict[str, Any] = {"bench": "lota", "seeds": args.seeds, "group": args.group,
-                               "lora_fp": 100 * float(stack("lora-fp", None).mean())}
+    summary: dict[str, Any] = {"bench": "lota", "seeds": args.seeds, "group": args.group, "steps": args.steps or 60,
+                               "lora_fp": 100 * float(stack("lora-fp", None).mean())
+                               if ("lora-fp", None, args.seeds[0]) in done else None}
     for bits in args.bits:
         row = {m: {"accuracy": 100 * float(stack(m, bits).mean()),
                    "per_seed": [round(100 * done[(m, bits, s)]["accuracy"], 2) for s in args.seeds],
@@ -244,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for m in methods:
             if m.startswith("lota"):
                 row[m]["codes_moved"] = done[(m, bits, args.seeds[0])]["codes_moved"]
-                row[f"{m}_minus_{lora}"] = paired(stack(m, bits), stack(lora, bits))
-                row[f"{m}_minus_{head}"] = paired(stack(m, bits), stack(head, bits))
-        row[f"{lora}_minus_{head}"] = paired(stack(lora, bits), stack(head, bits))
+        for a, b in [(m, other) for m in methods if m.startswith("lota") for other in (lora, head)] + [(lora, head)]:
+            if a in methods and b in methods:
+                row[f"{a}_minus_{b}"] = paired(stack(a, bits), stack(b, bits))
         summary[f"int{bits}"] = row
     summary["quant"] = args.quant
     (args.out / ("summary.json" if args.quant == "rtn" else f"summary-{args.quant}.json")).write_text(
