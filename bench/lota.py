@@ -114,11 +114,10 @@ def correctness(model: torch.nn.Module, batches) -> np.ndarray:
 
 def train_adamw(model: torch.nn.Module, job: Job) -> None:
     """AdamW on every trainable tensor with the job's rate, warmup, cosine decay and clipping."""
-    from workers.training import lr_factor
+    from workers.training import scheduled_adamw
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, job.train))
+    opt, sched = scheduled_adamw(params, job.train)
     model.train()
     for batch in job.batches():
         model(**batch).loss.backward()

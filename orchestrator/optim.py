@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from workers.training import TrainConfig, lr_factor, param_groups
+from workers.training import TrainConfig, param_groups, scheduled_adamw
 
 from .config import RunConfig
 
@@ -35,11 +35,10 @@ class MasterState:
     def __init__(self, state: Mapping[str, torch.Tensor], no_decay: set[str], config: TrainConfig):
         self.config = config
         self.params = {n: torch.nn.Parameter(t.detach().clone().float()) for n, t in sorted(state.items())}
-        self.optimizer = torch.optim.AdamW(param_groups(self.params.items(), no_decay, config), lr=config.lr)
+        self.optimizer, self.scheduler = scheduled_adamw(param_groups(self.params.items(), no_decay, config), config)
         # the optimizer numbers tensors in group order, not name order: name its state slots by that order
         by_id = {id(p): n for n, p in self.params.items()}
         self._slot_names = [by_id[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}

@@ -69,12 +69,13 @@ def projq_quantize(weight: torch.Tensor, setting: QuantSetting, sigma: torch.Ten
     y, _ = whitening(sigma)
     w = weight.detach().float()
     packed = gptq_quantize(w, setting, sigma, name=name)
-    history = [uncorrectable_error(w - dequantize(packed).float(), y, rank)]
+    error = w - dequantize(packed).float()
+    history = [uncorrectable_error(error, y, rank)]
     best = (history[0], 0, packed)
     for t in range(1, iterations + 1 if rank else 1):
-        error = w - dequantize(packed).float()
         packed = gptq_quantize(w, setting, projected_hessian(error, y, rank, beta), name=name)  # from W itself
-        history.append(uncorrectable_error(w - dequantize(packed).float(), y, rank))
+        error = w - dequantize(packed).float()
+        history.append(uncorrectable_error(error, y, rank))
         if history[-1] < best[0]:
             best = (history[-1], t, packed)
         if abs(history[-1] - history[-2]) <= tol * history[-2]:

@@ -143,7 +143,15 @@ def build_optimizer(
     """AdamW over the trainable parameters (no decay on γ, LayerNorm, embeddings and biases; see
     :func:`param_groups`) with linear warmup then cosine or linear decay to 0 at ``total_steps``."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(trainable, model.no_decay_names(), config), lr=config.lr)
+    return scheduled_adamw(param_groups(trainable, model.no_decay_names(), config), config)
+
+
+def scheduled_adamw(
+    params: Iterable[Any], config: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (tensors, or groups carrying their own rate and decay) at ``config.lr`` and
+    ``config.weight_decay``, and its schedule: linear warmup, then cosine or linear decay to 0 (:func:`lr_factor`)."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
 

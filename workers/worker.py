@@ -83,6 +83,8 @@ class Worker:
     """A model replica plus its data. ``state`` arguments are trainable-state dicts (see ``CoAModel``)."""
 
     def __init__(self, spec: WorkerSpec):
+        if spec.quant_method not in ("rtn", "gptq"):
+            raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {spec.quant_method!r}")
         torch.set_num_threads(max(1, spec.threads))
         if spec.low_memory:
             pin_mmap_threshold()
@@ -113,11 +115,10 @@ class Worker:
         for model in self.models.values():
             model.eval()
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
-            hessians = coa_covariances(self.models["coa"], self._batches(self.train_items[: spec.calibration_examples]))
+            calibration = self._batches(self.train_items[: spec.calibration_examples])
+            hessians = coa_covariances(self.models["coa"], calibration)
             for model in self.models.values():
                 model.set_calibration(hessians)
-        elif spec.quant_method != "rtn":
-            raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {spec.quant_method!r}")
         self._fisher: dict[str, torch.Tensor] | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------------------------

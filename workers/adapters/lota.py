@@ -28,23 +28,21 @@ Conventions where the paper and its code differ, and what we chose:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..coa_model import CLASSIFIER_HEADS, has_submodule
 from ..quant import packing
+from ..quant.files import load_tagged, save_tagged
 from ..quant.intk import IntQuantized, dequantize_codes, quantize_int
 from ..registry import ModuleRegistry
-from ..training import TrainConfig, lr_factor
+from ..training import TrainConfig, scheduled_adamw
 
 OMEGA_FRACTION = 0.75
 """Default ω = 0.75·r (the paper's main setting; it plays LoRA's α)."""
@@ -137,7 +135,6 @@ class MergedLinear(nn.Module):
 
     def __init__(self, merged: LoTAMerged, bias: torch.Tensor | None):
         super().__init__()
-        self.merged = merged
         self.register_buffer("weight", merged.dequantize())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -266,8 +263,7 @@ def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     head = head or TrainConfig(total_steps=steps)
     ternary = TernarySignSGD(model.ternary_parameters(), schedule or UpdateSchedule(steps))
     dense = model.dense_parameters()
-    adamw = torch.optim.AdamW(dense, lr=head.lr, weight_decay=head.weight_decay) if dense else None
-    decay = None if adamw is None else torch.optim.lr_scheduler.LambdaLR(adamw, lambda t: lr_factor(t, head))
+    adamw, decay = scheduled_adamw(dense, head) if dense else (None, None)
     losses: list[float] = []
     model.train()
     while len(losses) < steps:
@@ -291,6 +287,9 @@ def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], 
 
 
 # ---- storage ------------------------------------------------------------------------------------------------
+MERGED_FORMAT = "lota-int"
+
+
 def save_merged(merged: Mapping[str, LoTAMerged], path: Path) -> Path:
     """Write merged matrices as safetensors (``NAME.codes`` packed uint8, ``.scale``, ``.zero``, ``.mu``; the
     layout in the metadata), atomically."""
@@ -301,34 +300,16 @@ def save_merged(merged: Mapping[str, LoTAMerged], path: Path) -> Path:
                         f"{name}.mu": m.mu})
         layout[name] = {"bits": q.bits, "group_size": q.group_size, "shape": list(q.shape),
                         "dtype": str(q.dtype).removeprefix("torch.")}
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={"format": "lota-int", "layout": json.dumps(layout)})
-    partial.replace(path)
-    return path
+    return save_tagged(tensors, layout, MERGED_FORMAT, path)
 
 
 def load_merged(path: Path) -> dict[str, LoTAMerged]:
     """The matrices :func:`save_merged` wrote."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != "lota-int":
-        raise ValueError(f"{path}: not a merged LoTA file (no 'lota-int' format tag)")
-    tensors = load_file(str(path))
+    layout, tensors = load_tagged(path, MERGED_FORMAT, "a merged LoTA file")
     merged = {}
-    for name, spec in json.loads(metadata["layout"]).items():
+    for name, spec in layout.items():
         q = IntQuantized(bits=spec["bits"], group_size=spec["group_size"], shape=tuple(spec["shape"]),
                          dtype=getattr(torch, spec["dtype"]), codes=tensors[f"{name}.codes"],
                          scale=tensors[f"{name}.scale"], zero=tensors[f"{name}.zero"])
         merged[name] = LoTAMerged(q, tensors[f"{name}.mu"])
     return merged
-
-
-def tensor_bytes(path: Path) -> int:
-    """Bytes of a safetensors file's tensor data (the file less its 8-byte length and JSON header)."""
-    with open(path, "rb") as f:
-        (header,) = struct.unpack("<Q", f.read(8))
-    return Path(path).stat().st_size - 8 - header

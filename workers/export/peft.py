@@ -25,6 +25,7 @@ from search.space import QuantSetting
 
 from ..coa_model import CoAModel
 from ..quant.blockwise import PackedWeight, dequantize
+from ..quant.files import load_tagged, save_tagged
 
 CONFIGURATION_FILE = "quant_configuration.json"
 QUANTIZED_BASE_FILE = "quantized_base.safetensors"
@@ -62,34 +63,24 @@ def save_quantized_base(coa: CoAModel, configuration: Any, path: str | Path) -> 
         packed = layer.packed_weight(setting)
         if not isinstance(packed, PackedWeight):
             raise ValueError(f"{layer.name}: {setting.code} is a llama.cpp type; export it with --format gguf")
-        tensors.update({f"{layer.name}.{part}": t.contiguous() for part, t in packed.tensors().items()})
+        tensors.update({f"{layer.name}.{part}": t for part, t in packed.tensors().items()})
         layout[layer.name] = {"setting": setting.fields(), "shape": list(packed.shape),
                               "dtype": str(packed.dtype).removeprefix("torch.")}
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": PACKED_FORMAT, "layout": json.dumps(layout)})
-    partial.replace(path)
-    return path
+    return save_tagged(tensors, layout, PACKED_FORMAT, path)
 
 
 @torch.no_grad()
 def load_quantized_base(model: nn.Module, path: str | Path) -> nn.Module:
     """Decode :func:`save_quantized_base`'s file into ``model``'s target weights (in place; returned)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != PACKED_FORMAT:
-            raise ValueError(f"{path}: not a coalora quantized base (no {PACKED_FORMAT!r} format tag)")
-        for name, spec in json.loads(metadata["layout"]).items():
-            packed = PackedWeight(setting=QuantSetting(**spec["setting"]), shape=tuple(spec["shape"]),
-                                  dtype=getattr(torch, spec["dtype"]),
-                                  **{part: f.get_tensor(f"{name}.{part}")
-                                     for part in ("codes", "scale_codes", "scale2", "offset")})
-            weight = model.get_submodule(name).weight
-            if tuple(weight.shape) != packed.shape:
-                raise ValueError(f"{path}: {name} is {packed.shape} there, {tuple(weight.shape)} in the model")
-            weight.copy_(dequantize(packed).to(weight.dtype))
+    layout, tensors = load_tagged(path, PACKED_FORMAT, "a coalora quantized base")
+    for name, spec in layout.items():
+        parts = {part: tensors[f"{name}.{part}"] for part in ("codes", "scale_codes", "scale2", "offset")}
+        packed = PackedWeight(setting=QuantSetting(**spec["setting"]), shape=tuple(spec["shape"]),
+                              dtype=getattr(torch, spec["dtype"]), **parts)
+        weight = model.get_submodule(name).weight
+        if tuple(weight.shape) != packed.shape:
+            raise ValueError(f"{path}: {name} is {packed.shape} there, {tuple(weight.shape)} in the model")
+        weight.copy_(dequantize(packed).to(weight.dtype))
     return model
 
 

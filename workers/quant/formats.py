@@ -20,13 +20,10 @@ def quantize(weight: torch.Tensor, setting: QuantSetting, *, name: str = "weight
              hessian: torch.Tensor | None = None) -> StoredWeight:
     """``weight`` in the storage form of ``setting``'s family; with ``hessian`` (the input statistics XᵀX/N of the
     matrix) its codes are chosen by GPTQ (:mod:`.gptq`, blockwise families only) instead of round to nearest."""
-    if setting.family == "gguf":
-        if hessian is not None:
-            raise ValueError(f"{name}: {setting.code} is a llama.cpp type, quantized by ggml itself; GPTQ covers "
-                             "the NF/INT settings")
-        return ggml.quantize(weight, setting, name=name)
-    if hessian is not None:
+    if hessian is not None:  # refuses llama.cpp types itself
         return gptq.gptq_quantize(weight, setting, hessian, name=name)
+    if setting.family == "gguf":
+        return ggml.quantize(weight, setting, name=name)
     return blockwise.quantize(weight, setting, name=name)
 
 

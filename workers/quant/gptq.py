@@ -42,11 +42,9 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
     if weight.dim() != 2:
         raise ValueError(f"{name}: GPTQ needs a 2-D matrix, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"{name}: the Hessian must be {cols}×{cols} (the matrix's input size), "
-                         f"got {tuple(hessian.shape)}")
     if damp < 0 or block < 1:
         raise ValueError(f"{name}: damp must be >= 0 and block >= 1")
+    u = inverse_cholesky(hessian, cols, damp, name=name)
 
     flat = _flat(weight)
     scales = _encode_scales(flat, setting, name, use_fused=False)
@@ -60,10 +58,6 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
         code = torch.bucketize(column / safe[:, j], mids, right=False)
         return code, book[code] * per_entry[:, j]
 
-    try:
-        u = inverse_cholesky(hessian, damp)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
     codes = sweep(flat.view(rows, cols), u, nearest, block)
     padded = torch.zeros(_padded(flat, setting).numel(), dtype=torch.uint8)
     padded[: rows * cols] = codes.reshape(-1)
@@ -74,10 +68,14 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
                         scale2=scales.scale2, offset=scales.offset.reshape(1))
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """U with UᵀU = (H + λI)⁻¹ (upper triangular), λ = ``damp``·mean(diag H), in float32 for the sweep."""
+def inverse_cholesky(hessian: torch.Tensor, cols: int, damp: float = DAMP, *, name: str = "weight") -> torch.Tensor:
+    """U with UᵀU = (H + λI)⁻¹ (upper triangular), λ = ``damp``·mean(diag H), in float32 for the sweep; a
+    ValueError naming the matrix for a Hessian that is not ``cols`` × ``cols`` or not finite."""
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{name}: the Hessian must be {cols}×{cols} (the matrix's input size), "
+                         f"got {tuple(hessian.shape)}")
     if not bool(torch.isfinite(hessian).all()):
-        raise ValueError("the Hessian holds NaN or Inf values")
+        raise ValueError(f"{name}: the Hessian holds NaN or Inf values")
     h = hessian.double().clone()
     dead = torch.diag(h) == 0  # inputs that never fire: any code will do, so no feedback through them
     h[dead, dead] = 1.0

@@ -77,8 +77,7 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str 
     or chosen by GPTQ under ``hessian`` (the inputs' XᵀX/N, in × in) with the same scales and zero-points (fixed
     from W up front, where GPTQ's own INT format recomputes them from the error-fed-back weights)."""
     _validate(weight, bits, group_size, name)
-    if hessian is not None and tuple(hessian.shape) != (weight.shape[1],) * 2:
-        raise ValueError(f"{name}: the Hessian must be {weight.shape[1]}×{weight.shape[1]}, got {tuple(hessian.shape)}")
+    u = None if hessian is None else gptq.inverse_cholesky(hessian, weight.shape[1], name=name)
     rows, cols = weight.shape
     w = weight.detach().float()
     pad = (-cols) % group_size
@@ -92,7 +91,7 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str 
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale).clamp_(0, qmax)
     codes = torch.round(groups / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp_(0, qmax).to(torch.uint8)
-    if hessian is not None:
+    if u is not None:
         codes = codes.view(rows, -1)
 
         def nearest(j: int, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +99,7 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, *, name: str 
             q = torch.round(column / s + z).clamp_(0, qmax)
             return q.to(torch.uint8), (q - z) * s  # dequantize_codes' arithmetic
 
-        try:
-            codes[:, :cols] = gptq.sweep(weight, gptq.inverse_cholesky(hessian), nearest)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+        codes[:, :cols] = gptq.sweep(weight, u, nearest)
     return IntQuantized(
         bits=bits,
         group_size=group_size,

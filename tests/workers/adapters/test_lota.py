@@ -16,9 +16,9 @@ from workers.adapters.lota import (
     UpdateSchedule,
     load_merged,
     save_merged,
-    tensor_bytes,
     train_lota,
 )
+from workers.quant.files import tensor_bytes
 from workers.quant.intk import quantize_int
 from workers.registry import ModuleRegistry
 
