@@ -48,15 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.theta import BASE  # noqa: E402
+
 JOB: dict[str, Any] = {
-    "model": {"name": "minilm", "task": "classification"},
-    "data": {"dataset": "reviews", "max_length": 48, "train_examples": 2048, "val_examples": 1000,
-             "score_examples": 128, "batch_size": 32},
-    "adapter": {"rank": 8, "alpha": 16},
-    "training": {"steps_per_round": 30, "lr": 0.003, "warmup_steps": 5},
-    "search": {"rounds": 2},
+    **copy.deepcopy({section: BASE[section] for section in ("model", "data", "adapter")}),
+    "training": {k: BASE["training"][k] for k in ("steps_per_round", "lr", "warmup_steps")},
+    "search": {"rounds": BASE["search"]["rounds"]},
 }
-"""bench/theta.py's job: the same examples, rank, rate and 60 steps as its CoA-LoRA runs."""
+"""bench/theta.py's job, taken from it: the same examples, rank, rate and 60 steps as its CoA-LoRA runs."""
 METHODS = ("lota", "lora", "head-only")
 
 
