@@ -14,6 +14,10 @@ Variants (``--variants``, each a list of ``section.key=value`` overrides on the 
   selected   reference, plus one of the K configurations per step from each bit stratum and the initial ILP budgets
              over [2.25, 4.5] bits (where the targets are)
   defaults   the product's current defaults (selected, with 6 segments so that selection selects)
+  projq-shared  defaults with adapter.init = projq-shared (B, A from the initial pool's shared whitened-error
+             subspace, θ fitted to each configuration's correction; docs/projq.md), so unanchored (reference none).
+             Its baselines start from the same init; its CoA-LoRA is also compared with the defaults' CoA-LoRA on
+             the targets (the same configurations: the ILP solves them from the same seed's cost table)
 Each finished run's rows are written to ``<out>/runs.jsonl`` at once; a rerun skips what is there, so a run cut
 short is continued. Reported per variant and configuration kind (targets, unseen): the mean paired difference in
 accuracy (percentage points) of CoA-LoRA vs each other method over seeds × configurations, with a 95% interval
@@ -62,6 +66,7 @@ VARIANTS: dict[str, list[str]] = {
     "selected": [*BEFORE, "training.encoder_lr=0.00015", "adapter.reference=most_precise",
                  "training.config_sampling=stratified", "search.budget_max=4.5"],
     "defaults": [],  # the product's defaults as they are now
+    "projq-shared": ["adapter.init=projq-shared", "adapter.reference=none"],  # defaults, ProjQ's shared init
 }
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -70,13 +75,16 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 def run_one(variant: str, seed: int, out: Path) -> dict[str, Any]:
     from orchestrator.config import build_config
     from orchestrator.runs import start_run
+    from orchestrator.state import Ledger
 
     name = f"{variant}-seed{seed}"
     config = {**BASE, "run": {"name": name, "root": str(out / "runs"), "seed": seed},
               "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "coalora-bench-theta"}}
     started = time.perf_counter()
-    _, rows = start_run(build_config(config, VARIANTS[variant]), progress=False)
-    return {"variant": variant, "seed": seed, "minutes": (time.perf_counter() - started) / 60, "rows": rows}
+    run_dir, rows = start_run(build_config(config, VARIANTS[variant]), progress=False)
+    init = [e for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "init"]
+    return {"variant": variant, "seed": seed, "minutes": (time.perf_counter() - started) / 60, "rows": rows,
+            "init": init[0] if init else None}
 
 
 def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, Any]:
@@ -87,12 +95,32 @@ def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, An
         diffs = [100 * (acc - by[(other, c)]) for (m, c), acc in by.items()
                  if m == "coa-lora" and c.startswith(kind) and (other, c) in by]
         per_seed.append(statistics.fmean(diffs))
+    return over_seeds(per_seed)
+
+
+def over_seeds(per_seed: list[float]) -> dict[str, Any]:
+    """Mean of per-seed differences with a Student-t 95% interval across seeds (none from one seed)."""
     mean = statistics.fmean(per_seed)
     ci = None
-    if len(per_seed) > 1:  # one seed has no interval
+    if len(per_seed) > 1:
         half = T95[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
         ci = [round(mean - half, 2), round(mean + half, 2)]
     return {"mean": round(mean, 2), "ci95": ci, "per_seed": [round(x, 2) for x in per_seed]}
+
+
+def across(records: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """CoA-LoRA of ``records`` − CoA-LoRA of ``others`` (another variant) in accuracy points on the targets, paired
+    by seed and target; None without a shared seed."""
+    per_seed = []
+    for rec in records:
+        twin = [o for o in others if o["seed"] == rec["seed"]]
+        if not twin:
+            continue
+        mine, theirs = ({r["configuration"]: r["accuracy"] for r in x["rows"]
+                         if r["method"] == "coa-lora" and r["configuration"].startswith("target")}
+                        for x in (rec, twin[0]))
+        per_seed.append(statistics.fmean(100 * (mine[c] - theirs[c]) for c in mine))
+    return over_seeds(per_seed) if per_seed else None
 
 
 def mean_accuracy(records: list[dict[str, Any]], method: str, kind: str) -> float:
@@ -134,6 +162,18 @@ def main() -> None:
                 ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
                 print(f"{variant:10s} {kind:6s} coa-lora − {other:12s} {p['mean']:+6.2f} points, 95% CI {ci}, "
                       f"per seed {p['per_seed']}")
+    defaults = [d for d in done if d["variant"] == "defaults" and d["seed"] in args.seeds]
+    for variant in summary:
+        records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]
+        if variant != "defaults" and (vs := across(records, defaults)) is not None:
+            summary[variant]["coa_vs_defaults_coa"] = vs
+            print(f"{variant:10s} target coa-lora − defaults' coa-lora {vs['mean']:+6.2f} points, per seed "
+                  f"{vs['per_seed']}")
+        inits = [d["init"] for d in records if d.get("init")]
+        if inits:
+            summary[variant]["init"] = {k: round(statistics.fmean(i[k] for i in inits), 4)
+                                        for k in inits[0] if k.startswith("init_error")}
+            print(f"{variant:10s} step-0 compensation error (relative to zero-B): {summary[variant]['init']}")
     means = {}
     for variant in summary:
         records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]

@@ -105,11 +105,30 @@ class DataSection(_Section):
 class AdapterSection(_Section):
     rank: int = Field(8, gt=0, le=4096)
     alpha: float = Field(16.0, gt=0)
-    init: Literal["zero_B", "svd_of_W"] = "zero_B"
+    init: Literal["zero_B", "svd_of_W", "projq-shared"] = Field(
+        "zero_B", description="zero_B (B = 0, base quant(W)); svd_of_W (B·A = rank-r SVD of W, base quant(W − B·A)); "
+                              "projq-shared (base quant(W); B, A span the initial pool's common quantization-error "
+                              "subspace, whitened by each matrix's inputs, and θ is fitted to each configuration's "
+                              "correction in it: docs/projq.md)")
+    prefit_steps: int = Field(300, ge=0, le=100_000, description="projq-shared: Adam steps fitting θ to the "
+                                                               "configurations' corrections (0: θ starts at M ≈ I)")
     encoder_hidden: int = Field(128, gt=0)
     reference: Literal["none", "most_precise"] = Field(
         "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
                             "setting on every matrix; only differences between configurations move M) or none")
+
+    @model_validator(mode="after")
+    def _init_fits_reference(self) -> "AdapterSection":
+        if self.init == "projq-shared" and self.reference != "none":
+            raise ValueError("adapter.init = 'projq-shared' gives M = I the mean correction of the training "
+                             "configurations, which adapter.reference = 'most_precise' would force on the most precise "
+                             "configuration too (it needs almost none): set adapter.reference = 'none'")
+        return self
+
+    @property
+    def quantizes_residual(self) -> bool:
+        """Whether the quantized base is quant(W − L) rather than quant(W) (the no-adapter baseline needs quant(W))."""
+        return self.init == "svd_of_W"
 
 
 class QuantSection(_Section):

@@ -35,6 +35,7 @@ from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
 from workers.lora import merge_cache_stats
+from workers.projq import SHARED_INIT
 from workers.training import lr_factor
 
 from . import report
@@ -140,6 +141,8 @@ class Driver:
         budgets = budget_grid(cfg.search.budget_min, cfg.search.budget_max, cfg.search.initial_budgets)
         self.pool = initial_pool(self.ctx.space, self.costs, self.ctx.numels, budgets)
         self.ledger.append("initial_pool", configs=[key(x) for x in self.pool])
+        if cfg.adapter.init == SHARED_INIT:
+            self._shared_init()
         state = self.master.state()
         losses = self._score_all(self.pool, state, "score initial pool")
         self.loss_ref = float(max(losses)) * 1.1
@@ -150,6 +153,17 @@ class Driver:
         searcher.tell(zip(self.pool, losses))
         self.training_set = searcher.training_set()
         self._end_round(0, losses, train_loss=float("nan"))
+
+    def _shared_init(self) -> None:
+        """``adapter.init: projq-shared``: CoA-LoRA starts from the initial pool's shared error subspace, θ fitted
+        to each pool member's correction; the step-0 compensation errors go to the ledger and MLflow."""
+        with self._bar(1, "projq-shared init (error subspace + θ fit)") as bar:
+            initial, stats = self.ex.call("shared_init", "coa", self.pool)
+            bar.update(1)
+        self.master = MasterState(initial, self.ctx.no_decay, self.train_config)
+        self.ledger.append("init", method=SHARED_INIT, **stats)
+        if self.tracker is not None:
+            self.tracker.log_metrics(stats, step=0)
 
     # ---- round r --------------------------------------------------------------------------------------------------
     def _train(self, r: int) -> float:

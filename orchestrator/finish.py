@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from search.allocation import flat_to_encoded, solve_allocation
 from search.space import SearchSpace
+from workers.projq import SHARED_INIT
 from workers.training import TrainConfig
 
 from . import report
@@ -102,11 +103,19 @@ class Finish:
     bar: Callable[[int, str], tqdm]
     put: Callable[[Any], Any]
 
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        """The θ-free replica's start, by CoA-LoRA's init: with projq-shared, over the same initial pool (the
+        ledger's, so a resumed run rebuilds the same start)."""
+        if self.cfg.adapter.init != SHARED_INIT:
+            return self.executor.call("initial_state", "shared")
+        (entry,) = [e for e in self.ledger.entries(strict=False) if e["kind"] == "initial_pool"]
+        return self.executor.call("shared_init", "shared", [unkey(k) for k in entry["configs"]])[0]
+
     def _train_plain(self, desc: str, steps: int,
                      configurations_of: Callable[[int], list[np.ndarray]]) -> dict[str, torch.Tensor]:
         """The θ-free replica trained for ``steps`` steps on the run's data order and learning-rate schedule, with
         step ``s``'s configurations from ``configurations_of(s)``."""
-        init = self.executor.call("initial_state", "shared")
+        init = self._initial_state()
         master = MasterState(init, {n for n in init if n.endswith("bias")}, self.train_config)
         with self.bar(steps, desc) as bar:
             for step in range(steps):
@@ -147,7 +156,7 @@ class Finish:
         baselines = self.cfg.evaluation.baselines
         methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
         if "no_adapter" in baselines:  # quant(W) alone: an init that quantizes W − L has its own zero-B replica
-            methods["no-adapter"] = ("coa" if self.cfg.adapter.init == "zero_B" else "bare", None, False)
+            methods["no-adapter"] = ("bare" if self.cfg.adapter.quantizes_residual else "coa", None, False)
         if "shared_lora" in baselines:
             methods["shared-lora"] = ("shared", self.train_shared(targets), True)
         if "no_theta" in baselines:

@@ -41,7 +41,7 @@ LABELS_FILE = "labels.json"
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
     baselines = cfg.evaluation.baselines
     methods = ("coa",) + (("shared",) if {"shared_lora", "no_theta"} & set(baselines) else ())
-    if "no_adapter" in baselines and cfg.adapter.init != "zero_B":  # quant(W) itself, not the base of W − L
+    if "no_adapter" in baselines and cfg.adapter.quantizes_residual:  # quant(W) itself, not the base of W − L
         methods += ("bare",)
     return WorkerSpec(
         model=cfg.model.name, data=_data_dict(cfg), space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
@@ -52,7 +52,7 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         threads=max(1, int(cfg.cluster.cpus_per_worker)), reference=cfg.adapter.reference,
         encoder_hidden=cfg.adapter.encoder_hidden, cache_mb=cfg.training.cache_mb,
         low_memory=cfg.training.low_memory, quant_method=cfg.quant.method,
-        calibration_examples=cfg.quant.calibration_examples,
+        calibration_examples=cfg.quant.calibration_examples, prefit_steps=cfg.adapter.prefit_steps,
     )
 
 

@@ -20,6 +20,9 @@ from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay
 from .lora import DEFAULT_CACHE_MB, CoALoRALinear, Init, QuantCache
 from .registry import ModuleRegistry
 
+FIT_LR = 1e-2
+"""Adam's rate when θ is fitted to given mixing matrices (:meth:`CoAModel.fit_encoder`): a regression of a small MLP
+on a few thousand r×r targets, far from the task's rates."""
 CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")
 """Module names of sequence-classification heads in BERT/RoBERTa (``classifier``) and decoders (``score``)."""
 
@@ -145,6 +148,32 @@ class CoAModel(nn.Module):
     def forward(self, configuration: Any | None, **batch: Any) -> Any:
         self.set_configuration(configuration)
         return self.model(**batch)
+
+    def fit_encoder(self, configurations: Sequence[Any], targets: torch.Tensor, weights: torch.Tensor, *,
+                    steps: int, lr: float = FIT_LR, seed: int = 0) -> float:
+        """Start θ from ``seed``'s draw and fit it by Adam so that M(configuration k) of matrix n approaches
+        ``targets[k, n]`` (an r×r matrix), each entry's squared error weighted by ``weights[k, n]``; a warm start
+        for θ from corrections computed in closed form (``adapter.init: projq-shared``). Returns the final
+        weighted error relative to M = I's (1.0: θ learned nothing; 0: exact)."""
+        if self.encoder is None:
+            raise ValueError("this model has no configuration encoder to fit")
+        settings = [self.resolve(c) for c in configurations]
+        self.encoder.reset_parameters(torch.Generator().manual_seed(seed + 1))
+        optimizer = torch.optim.Adam(self.encoder.parameters(), lr=lr)
+        eye = torch.eye(self.rank)
+        baseline = float((weights * (targets - eye).square()).sum())
+        if baseline == 0.0:
+            return 0.0
+        loss = torch.tensor(baseline)
+        for _ in range(steps):
+            mixing = torch.stack([self.mixing_matrices(s) for s in settings])
+            loss = (weights * (mixing - targets).square()).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            mixing = torch.stack([self.mixing_matrices(s) for s in settings])
+            return float((weights * (mixing - targets).square()).sum()) / baseline
 
     def set_calibration(self, hessians: Mapping[str, torch.Tensor] | None) -> None:
         """GPTQ codes under each target's input statistics (:mod:`workers.calibration`), or round to nearest."""

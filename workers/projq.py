@@ -21,7 +21,9 @@ J_r itself (not losses under different projectors).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -29,6 +31,9 @@ from search.space import QuantSetting
 
 from .quant.blockwise import PackedWeight, dequantize
 from .quant.gptq import gptq_quantize
+
+if TYPE_CHECKING:  # a model-level helper at the end; the math above needs no model
+    from .coa_model import CoAModel
 
 EIGEN_FLOOR = 1e-6
 """Eigenvalues of Σ are clamped at this share of the largest, so Y⁻¹ exists (inputs that never vary)."""
@@ -90,3 +95,124 @@ def whitened_svd_init(weight: torch.Tensor, quantized: torch.Tensor, sigma: torc
     u, s, vh = torch.linalg.svd((weight.double() - quantized.double()) @ y, full_matrices=False)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float(), (root.unsqueeze(1) * vh[:rank] @ y_inv).float()
+
+
+# ---- one initialisation for a set of configurations (projq.md §4 b, B1) --------------------------------------
+SHARED_INIT = "projq-shared"
+"""``adapter.init`` value of :func:`apply_shared_init`: the layers are built as ``zero_B`` (base = quant(W)) and the
+factors are set once the training configurations are known."""
+HOOI_SWEEPS = 3
+"""Alternating refinements of (U, V) after V's first estimate; the shared residual stops moving after two or three."""
+CORE_FLOOR = 1e-2
+"""Singular values of the mean core are floored at this share of the largest before it is split into B and A, so
+the per-configuration targets stay finite when the configurations' errors cancel in some direction."""
+
+
+@dataclass(frozen=True)
+class SharedSubspace:
+    """One matrix's common rank-r subspace of several configurations' whitened errors Ẽ_k = (W − Q_k)·Y:
+    Ẽ_k ≈ U·M_k·Vᵀ, U (out × r) and V (in × r) orthonormal, one r×r core M_k per configuration."""
+
+    left: torch.Tensor  # U, float64
+    right: torch.Tensor  # V, float64, in the whitened input space
+    cores: torch.Tensor  # (K, r, r) float64
+    energy: torch.Tensor  # (K,) ‖Ẽ_k‖²: the step-0 error of a zero-initialised adapter
+
+    def residual(self) -> torch.Tensor:
+        """(K,) ‖Ẽ_k − U·M_k·Vᵀ‖² = ‖Ẽ_k‖² − ‖M_k‖² (U, V orthonormal): the error left with each exact core."""
+        return self.energy - self.cores.square().sum((-2, -1))
+
+
+def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    _, vectors = torch.linalg.eigh(gram)
+    return vectors[:, -rank:].flip(-1)  # largest first
+
+
+def shared_subspace(errors: list[torch.Tensor], y: torch.Tensor, rank: int,
+                    sweeps: int = HOOI_SWEEPS) -> SharedSubspace:
+    """The (U, V) maximising Σ_k w_k·‖Uᵀ·Ẽ_k·V‖² with w_k = 1/‖Ẽ_k‖² (each configuration counts by its share of
+    error removed, so the low-bit ones do not decide alone): V from Σ w_k·Ẽ_kᵀẼ_k, then ``sweeps`` alternating
+    (HOOI) refinements; the cores M_k = Uᵀ·Ẽ_k·V are each configuration's best correction inside the subspace."""
+    if not errors or rank < 1:
+        raise ValueError("a shared subspace needs at least one configuration's error and rank >= 1")
+    whitened = torch.stack([e.double() @ y for e in errors])  # (K, out, in)
+    energy = whitened.square().sum((-2, -1))
+    w = (1.0 / energy.clamp(min=torch.finfo(torch.float64).tiny)).view(-1, 1, 1)
+    right = _top_eigenvectors((w * whitened.transpose(1, 2) @ whitened).sum(0), rank)
+    left = _top_eigenvectors((w * whitened @ whitened.transpose(1, 2)).sum(0), rank)
+    for _ in range(sweeps):
+        projected = whitened @ right  # (K, out, r)
+        left = _top_eigenvectors((w * projected @ projected.transpose(1, 2)).sum(0), rank)
+        projected = whitened.transpose(1, 2) @ left  # (K, in, r)
+        right = _top_eigenvectors((w * projected @ projected.transpose(1, 2)).sum(0), rank)
+    cores = left.T @ whitened @ right
+    return SharedSubspace(left=left, right=right, cores=cores, energy=energy)
+
+
+@dataclass(frozen=True)
+class SharedInit:
+    """LoRA factors and per-configuration targets for M with s·B·T_k·A = U·M_k·Vᵀ·Y⁻¹ for every k, normalised
+    so that the mean of the T_k is I: M = I (plain shared LoRA, or θ at its start) applies the mean correction, and
+    what θ must learn is each configuration's departure from it."""
+
+    lora_B: torch.Tensor  # out × r, float32
+    lora_A: torch.Tensor  # r × in, float32
+    targets: torch.Tensor  # (K, r, r) float32
+    weights: torch.Tensor  # (r,) float32: how much each target row/column is worth in error (Λ of the mean core)
+
+
+def shared_init(subspace: SharedSubspace, y_inv: torch.Tensor, scaling: float) -> SharedInit:
+    """Split the mean core M̄ = P·Λ·Qᵀ (Λ floored at ``CORE_FLOOR``·max) between the factors:
+    B = U·P·Λ^½/√s, A = Λ^½·Qᵀ·Vᵀ·Y⁻¹/√s, T_k = Λ^-½·Pᵀ·M_k·Q·Λ^-½."""
+    w = 1.0 / subspace.energy.clamp(min=torch.finfo(torch.float64).tiny)
+    p, lam, qh = torch.linalg.svd((w.view(-1, 1, 1) * subspace.cores).sum(0) / w.sum())
+    lam = lam.clamp(min=CORE_FLOOR * float(lam.max()) if float(lam.max()) > 0 else 1e-12)
+    root, inv_root, s_root = lam.sqrt(), lam.rsqrt(), math.sqrt(scaling)
+    lora_B = subspace.left @ p * root / s_root
+    lora_A = (root.unsqueeze(1) * qh @ subspace.right.T @ y_inv) / s_root
+    targets = inv_root.view(-1, 1) * (p.T @ subspace.cores @ qh.T) * inv_root.view(1, -1)
+    return SharedInit(lora_B=lora_B.float(), lora_A=lora_A.float(), targets=targets.float(), weights=lam.float())
+
+
+def apply_shared_init(model: "CoAModel", configurations: Sequence[Any], covariances: Mapping[str, torch.Tensor], *,
+                      fit_steps: int, seed: int = 0) -> dict[str, float]:
+    """``adapter.init: projq-shared`` on a built model, for the training configurations ``configurations``: every
+    target's B and A from :func:`shared_init` over the configurations' quantization errors (under each target's
+    input statistics ``covariances``, the same Σ as GPTQ's), the base left at quant(W); θ, if the model has one,
+    fitted to the per-configuration targets (:meth:`CoAModel.fit_encoder`).
+
+    Returns the step-0 compensation error, ‖(W − Q_k − ΔW_k)·Y‖² / ‖(W − Q_k)·Y‖² averaged over matrices and
+    configurations, for a zero-initialised adapter (1.0), the exact per-configuration cores (the best this
+    subspace allows), M = I (the shared correction, what a plain LoRA starts from), and θ as fitted."""
+    settings = [model.resolve(c) for c in configurations]
+    targets, weights, exact, energy, shared_excess = [], [], [], [], []
+    for i, layer in enumerate(model.layers):
+        y, y_inv = whitening(covariances[layer.name])
+        weight = layer.weight.detach().float()
+        errors: dict[Any, torch.Tensor] = {}
+        for s in settings:  # one quantization per distinct setting of this matrix
+            if s[i] not in errors:
+                errors[s[i]] = weight - layer.quantized_weight(s[i]).float()
+        subspace = shared_subspace([errors[s[i]] for s in settings], y, layer.rank)
+        init = shared_init(subspace, y_inv, layer.scaling)
+        with torch.no_grad():
+            layer.lora_A.copy_(init.lora_A)
+            layer.lora_B.copy_(init.lora_B)
+        lam = init.weights.double()
+        w = (lam.view(-1, 1) * lam.view(1, -1)) / subspace.energy.view(-1, 1, 1)  # (K, r, r): relative error
+        eye = torch.eye(layer.rank, dtype=torch.float64)
+        targets.append(init.targets)
+        weights.append(w.float())
+        exact.append(subspace.residual() / subspace.energy)
+        shared_excess.append((w * (init.targets.double() - eye).square()).sum((-2, -1)))
+    targets_t, weights_t = torch.stack(targets, 1), torch.stack(weights, 1)  # (K, N, r, r)
+    exact_t = torch.stack(exact, 1)  # (K, N)
+    stats = {"init_error_zero": 1.0, "init_error_exact": float(exact_t.mean()),
+             "init_error_shared": float((exact_t + torch.stack(shared_excess, 1)).mean())}
+    if model.encoder is not None:
+        model.fit_encoder(configurations, targets_t, weights_t, steps=fit_steps, seed=seed)
+        with torch.no_grad():
+            mixing = torch.stack([model.mixing_matrices(s) for s in settings]).double()
+        excess = (weights_t.double() * (mixing - targets_t.double()).square()).sum((-2, -1))
+        stats["init_error_fitted"] = float((exact_t + excess).mean())
+    return stats

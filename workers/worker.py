@@ -27,6 +27,7 @@ from .coa_model import CoAModel, theta_spread
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
 from .lora import DEFAULT_CACHE_MB, merge_cache_stats
+from .projq import SHARED_INIT, apply_shared_init
 from .models import quiet_transformers
 from .tasks import Task, build_source_task, evaluate
 from .training import compute_gradients
@@ -63,6 +64,7 @@ class WorkerSpec:
     low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
+    prefit_steps: int = 300  # projq-shared: Adam steps fitting θ to the per-configuration corrections
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -104,21 +106,25 @@ class Worker:
         if unknown or "coa" not in spec.methods:
             raise ValueError(f"worker methods must include 'coa' and be among {list(METHOD_MODELS)}, got {spec.methods}")
         self.models: dict[str, CoAModel] = {}
-        for name, init in (("shared", spec.init), ("bare", "zero_B")):
+        layer_init = "zero_B" if spec.init == SHARED_INIT else spec.init  # projq-shared sets B, A later
+        for name, init in (("shared", layer_init), ("bare", "zero_B")):
             if name in spec.methods:  # its own copy of the frozen base, so the replicas never interfere
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         reference = self.space.most_precise if spec.reference == "most_precise" else None
-        self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=spec.init,
+        self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=layer_init,
                                       seed=spec.seed, reference=reference, encoder_hidden=spec.encoder_hidden,
                                       cache_mb=spec.cache_mb)
         for model in self.models.values():
             model.eval()
-        if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
+        self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
+        if spec.quant_method == "gptq" or spec.init == SHARED_INIT:
             calibration = self._batches(self.train_items[: spec.calibration_examples])
-            hessians = coa_covariances(self.models["coa"], calibration)
+            self._covariances = coa_covariances(self.models["coa"], calibration)
+        if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
             for model in self.models.values():
-                model.set_calibration(hessians)
+                model.set_calibration(self._covariances)
+        self._initial = {name: model.trainable_state() for name, model in self.models.items()}
         self._fisher: dict[str, torch.Tensor] | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
@@ -138,7 +144,24 @@ class Worker:
         return self._model(method).no_decay_names()
 
     def initial_state(self, method: str = "coa") -> dict[str, torch.Tensor]:
-        return self._model(method).trainable_state()
+        """The replica's trainable state as built from the seed (with ``adapter.init: projq-shared``, before the
+        data-dependent part, :meth:`shared_init`)."""
+        self._model(method)  # an unknown replica is refused by name
+        return {n: t.clone() for n, t in self._initial[method].items()}
+
+    def shared_init(self, method: str, configurations: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor],
+                                                                                      dict[str, float]]:
+        """``adapter.init: projq-shared`` for the training ``configurations``: the replica's built state with B and
+        A from their shared error subspace and θ (if it has one) fitted to each one's correction
+        (:func:`workers.projq.apply_shared_init`). Returns the state and its step-0 compensation errors."""
+        if self.spec.init != SHARED_INIT:
+            raise ValueError(f"shared_init is adapter.init {SHARED_INIT!r}'s; this worker was built with {self.spec.init!r}")
+        if len(configurations) == 0:
+            raise ValueError(f"adapter.init {SHARED_INIT!r} starts from the training configurations: none were given")
+        model = self._with_state(method, self.initial_state(method))
+        stats = apply_shared_init(model, [self.space.decode(np.asarray(c)) for c in configurations],
+                                  self._covariances, fit_steps=self.spec.prefit_steps, seed=self.spec.seed)
+        return model.trainable_state(), stats
 
     def n_train(self) -> int:
         return len(self.train_items)

@@ -41,7 +41,9 @@ def with_(config: dict, section: str, **values) -> dict:
     [
         ("adapter", {"rank": 0}, r"adapter\.rank = 0: Input should be greater than 0"),
         ("adapter", {"rank": -3}, r"adapter\.rank = -3"),
-        ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B' or 'svd_of_W'"),
+        ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B', 'svd_of_W' or 'projq-shared'"),
+        ("adapter", {"init": "projq-shared"}, r"adapter.*'projq-shared'.*most precise.*set adapter\.reference = 'none'"),
+        ("adapter", {"prefit_steps": -1}, r"adapter\.prefit_steps = -1"),
         ("search", {"segments": 0}, r"search\.segments = 0"),
         ("search", {"segments": -1}, r"search\.segments = -1"),
         ("search", {"budget_max": 9.0}, r"budget_max.*9\.0.*inside the space's bit range"),

@@ -145,17 +145,23 @@ def test_bitsandbytes_model_for_uniform_nf4(tmp_path):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Records every ``gradients`` call of the run's executor as (method, example ids, configuration keys), and
-    keeps the worker object (the run shuts its executor down)."""
+    """Records every ``gradients`` call of the run's executor as (method, example ids, configuration keys) and every
+    single ``call`` as (method, args), and keeps the worker object (the run shuts its executor down)."""
     import orchestrator.runs as runs
     from orchestrator.schedule import key
 
-    record = {"calls": [], "workers": []}
+    record = {"calls": [], "workers": [], "called": []}
     make_executor = runs._executor
 
     def recording(cfg, spec, address):
         ex = make_executor(cfg, spec, address)
-        plain_map = ex.map
+        plain_map, plain_call = ex.map, ex.call
+
+        def call(method, *args):
+            record["called"].append((method, args))
+            return plain_call(method, *args)
+
+        ex.call = call
 
         def map_(method, args):
             if method == "gradients":
@@ -203,6 +209,39 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     hit_rates = client.get_metric_history(parent.info.run_id, "cache_hit_rate")
     assert len(hit_rates) >= 2 and all(0 <= m.value <= 1 for m in hit_rates)
     assert parent.data.metrics["cache_misses"] > 0 and 0 < parent.data.metrics["cache_mb"] <= 3 * 0.5
+
+
+def test_projq_shared_starts_coa_lora_and_its_baselines_from_the_initial_pool_s_error_subspace(make_config, recorded):
+    """adapter.init = projq-shared: round 0's state is the worker's shared init over the ledger's initial pool, the
+    θ-free baselines start from the same init over the same pool, no-adapter is quant(W) on CoA-LoRA's own replica
+    (nothing else is quantized), and the step-0 compensation errors reach the ledger and MLflow."""
+    from safetensors.torch import load_file
+
+    from orchestrator.schedule import key, unkey
+
+    config, _ = make_config(adapter={"rank": 4, "alpha": 8, "init": "projq-shared", "reference": "none",
+                                     "prefit_steps": 60},
+                            training={"steps_per_round": 2, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1},
+                            evaluation={"targets": [2.5, 4.0], "unseen": 1,
+                                        "baselines": ["no_adapter", "shared_lora", "no_theta"]})
+    run_dir, rows = start_run(build_config(config), progress=False)
+    (worker,) = recorded["workers"]
+    entries = Ledger(run_dir / "ledger.jsonl").entries()
+    (pool,) = [e["configs"] for e in entries if e["kind"] == "initial_pool"]
+    (init,) = [e for e in entries if e["kind"] == "init"]
+    assert init["method"] == "projq-shared"
+    assert init["init_error_exact"] <= init["init_error_fitted"] < init["init_error_shared"] < 1.0, init
+    inits = [(args[0], [key(c) for c in args[1]]) for m, args in recorded["called"] if m == "shared_init"]
+    assert inits == [("coa", pool), ("shared", pool), ("shared", pool)]
+    round0 = load_file(run_dir / "checkpoints" / "round-0000" / "trainable.safetensors")
+    expected, _ = worker.shared_init("coa", [unkey(k) for k in pool])
+    assert round0.keys() == expected.keys() and all(torch.equal(round0[n], expected[n]) for n in expected)
+    assert "bare" not in worker.models
+    assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora", "coa-no-theta"}
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                   "tags.`coalora.role` = 'parent'")
+    assert parent.data.metrics["init_error_fitted"] == pytest.approx(init["init_error_fitted"])
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):
