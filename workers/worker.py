@@ -225,7 +225,8 @@ class Worker:
 
     def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the
-        ILP's (N, n_settings) cost table. The Fisher is estimated once per worker, on the quantization-free model."""
+        ILP's (N, n_settings) cost table, measured on what is quantized (W, or W − L under ``svd_of_W``). The
+        Fisher is estimated once per worker, on the quantization-free model."""
         model = self.models["coa"]
         if self._fisher is None:
             single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
@@ -234,7 +235,7 @@ class Worker:
                 self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
         sample = self.spec.cost_sample or None
         return np.stack([
-            setting_costs(layer.weight, self.space, self._fisher[layer.name], layer.name, sample)
+            setting_costs(layer.residual, self.space, self._fisher[layer.name], layer.name, sample)
             for layer in (model.layers[i] for i in rows)
         ])
 

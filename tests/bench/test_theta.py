@@ -29,3 +29,13 @@ def test_paired_difference_and_its_interval():
     assert result["ci95"] == [round(7 / 6 - half, 2), round(7 / 6 + half, 2)]
     assert theta.paired(records[:1], "target", "coa-no-theta")["ci95"] is None
     assert theta.mean_accuracy(records, "coa-lora", "target") == pytest.approx(100 * (0.75 + 0.75 + 0.71) / 3)
+
+
+def test_across_variants_pairs_coa_lora_by_seed_and_target():
+    mine = [dict(record(0, [0.80, 0.70], [0, 0]), variant="projq-shared"),
+            dict(record(1, [0.75, 0.75], [0, 0]), variant="projq-shared")]
+    defaults = [dict(record(1, [0.74, 0.70], [0, 0]), variant="defaults"),
+                dict(record(2, [0.10, 0.10], [0, 0]), variant="defaults")]
+    result = theta.across(mine, defaults)
+    assert result["per_seed"] == [3.0] and result["ci95"] is None  # seed 0 has no twin, seed 2 no run of mine
+    assert theta.across(mine[:1], defaults) is None

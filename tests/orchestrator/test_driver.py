@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -201,6 +202,15 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     bare = worker.evaluate("bare", None, target, False)
     without_l = worker.evaluate("coa", None, target, False)
     assert bare["loss"] != without_l["loss"]
+    # the ILP's costs are those of what is quantized, W − L, not of W
+    from workers.fisher import setting_costs
+
+    layer, sample = models["coa"].layers[0], worker.spec.cost_sample or None
+    fisher = worker._fisher[layer.name]
+    row = worker.cost_rows([0])[0]
+    np.testing.assert_allclose(row, setting_costs(layer.residual, worker.space, fisher, layer.name, sample))
+    on_w = setting_costs(layer.weight, worker.space, fisher, layer.name, sample)
+    assert not np.allclose(row, on_w, rtol=1e-2, atol=0), (row[:5], on_w[:5])
     client = MlflowClient(tracking_uri=config["tracking"]["uri"])
     (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                    "tags.`coalora.role` = 'parent'")
