@@ -185,7 +185,7 @@ def apply_shared_init(model: "CoAModel", configurations: Sequence[Any], covarian
     configurations, for a zero-initialised adapter (1.0), the exact per-configuration cores (the best this
     subspace allows), M = I (the shared correction, what a plain LoRA starts from), and θ as fitted."""
     settings = [model.resolve(c) for c in configurations]
-    targets, weights, exact, energy, shared_excess = [], [], [], [], []
+    targets, weights, exact, shared_excess = [], [], [], []
     for i, layer in enumerate(model.layers):
         y, y_inv = whitening(covariances[layer.name])
         weight = layer.weight.detach().float()
