@@ -185,7 +185,7 @@ class Baselines:
     def __init__(self, cfg: RunConfig, opts: Mapping[str, Any]):
         self.cfg, self.opts = cfg, opts
         self.spec = worker_spec(cfg)
-        self.worker = Worker(self.spec)  # holds "coa" and "shared" (plain LoRA, B = 0: the QLoRA starting point)
+        self.worker = Worker(self.spec)  # holds "main" and "shared" (plain LoRA, B = 0: the QLoRA starting point)
         self.train_config = train_config(cfg, configs_per_step=1)
         self.total_steps = self.train_config.total_steps
         self._base = None

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from search.space import SearchSpace  # noqa: E402
-from workers.coa_model import CoAModel  # noqa: E402
+from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.export.peft import folded_adapter  # noqa: E402
 from workers.models import load_model, resolve_model  # noqa: E402
 from workers.training import compute_gradients  # noqa: E402

@@ -121,7 +121,7 @@ def coalora_perplexity(run: Path, export: Path, ids: list[int]) -> float:
     from workers.worker import Worker
 
     cfg = load_run_config(run)
-    coa = Worker(worker_spec(cfg)).models["coa"].eval()
+    coa = Worker(worker_spec(cfg)).models["main"].eval()
     coa.load_trainable_state(CheckpointStore(run / "checkpoints").load_latest().tensors["trainable"])
     return model_perplexity(coa, exported_settings(coa, export, resolve_model(cfg.model.name)), ids)
 
@@ -139,7 +139,7 @@ def per_type_lora(run: Path, code: str, directory: Path, ids: list[int]) -> tupl
     from workers.worker import Worker
 
     cfg = load_run_config(run)
-    worker = Worker(replace(worker_spec(cfg), methods=("coa", "shared")))
+    worker = Worker(replace(worker_spec(cfg), methods=("main", "shared")))
     model, t = worker.models["shared"], cfg.training
     settings = [QuantSetting(code)] * len(model.registry)
     steps = t.steps_per_round * cfg.search.rounds

@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 from search.space import QuantSetting, SearchSpace  # noqa: E402
 from workers.calibration import coa_covariances  # noqa: E402
-from workers.coa_model import CoAModel  # noqa: E402
+from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.data.packaged import packaged_source  # noqa: E402
-from workers.lora import truncated_svd_factors  # noqa: E402
-from workers.projq import (  # noqa: E402
+from workers.adapters.lora import truncated_svd_factors  # noqa: E402
+from workers.init.projq import (  # noqa: E402
     apply_shared_init,
     projected_hessian,
     projq_quantize,

@@ -38,8 +38,8 @@ from torch import nn  # noqa: E402
 
 from search.space import SearchSpace  # noqa: E402
 from workers.allocator import pin_mmap_threshold  # noqa: E402
-from workers.coa_model import CoAModel  # noqa: E402
-from workers.lora import DEFAULT_CACHE_MB  # noqa: E402
+from workers.adapters.coa import CoAModel  # noqa: E402
+from workers.quant.cache import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
 from workers.registry import ModuleRegistry  # noqa: E402
 from workers.training import compute_gradients  # noqa: E402

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.space import DEFAULT_SPACE_FILE, SearchSpace, parse_code, show_value
 from workers.data.packaged import PACKAGED_TASKS
-from workers.lora import DEFAULT_CACHE_MB
+from workers.quant.cache import DEFAULT_CACHE_MB
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -103,6 +103,10 @@ class DataSection(_Section):
 
 
 class AdapterSection(_Section):
+    kind: Literal["coa", "lora"] = Field(
+        "coa", description="coa (CoA-LoRA: one LoRA plus θ, which gives every configuration its own r×r correction); "
+                           "lora (one plain LoRA for every configuration, M = I: no θ to train, store or run). "
+                           "LoTA-QAF is a library (workers/adapters/lota.py) and bench/lota.py, not a run kind yet")
     rank: int = Field(8, gt=0, le=4096)
     alpha: float = Field(16.0, gt=0)
     init: Literal["zero_B", "svd_of_W", "projq-shared"] = Field(
@@ -248,6 +252,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        if self.adapter.kind == "lora" and "no_theta" in self.evaluation.baselines:
+            raise ValueError("evaluation.baselines: 'no_theta' replays the run with M = I, which adapter.kind = 'lora' "
+                             "already is (the same run twice): leave it out, or use adapter.kind = 'coa'")
         if self.data.source is not None:
             return self
         if self.data.dataset is None:

@@ -34,8 +34,8 @@ from search.hypervolume import normalized_hypervolume
 from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
-from workers.lora import merge_cache_stats
-from workers.projq import SHARED_INIT
+from workers.quant.cache import merge_cache_stats
+from workers.init.projq import SHARED_INIT
 from workers.training import lr_factor
 
 from . import report
@@ -109,7 +109,7 @@ class Driver:
     def _score_all(self, configs: list[np.ndarray], state: dict[str, torch.Tensor], desc: str) -> list[float]:
         ref = self._put(state)
         with self._bar(len(configs), desc) as bar:
-            losses = [float(v) for v in self.ex.map("score", [("coa", ref, x) for x in configs])]
+            losses = [float(v) for v in self.ex.map("score", [("main", ref, x) for x in configs])]
             bar.update(len(configs))
         for x, loss in zip(configs, losses):
             if not math.isfinite(loss):
@@ -158,7 +158,7 @@ class Driver:
         """``adapter.init: projq-shared``: CoA-LoRA starts from the initial pool's shared error subspace, θ fitted
         to each pool member's correction; the step-0 compensation errors go to the ledger and MLflow."""
         with self._bar(1, "projq-shared init (error subspace + θ fit)") as bar:
-            initial, stats = self.ex.call("shared_init", "coa", self.pool)
+            initial, stats = self.ex.call("shared_init", "main", self.pool)
             bar.update(1)
         self.master = MasterState(initial, self.ctx.no_decay, self.train_config)
         self.ledger.append("init", method=SHARED_INIT, **stats)
@@ -178,7 +178,7 @@ class Driver:
                                               numels=self.ctx.numels)
                 shards = self._shards(step)
                 ref = self._put(self.master.state())
-                results = self.ex.map("gradients", [("coa", ref, s, configs) for s in shards])
+                results = self.ex.map("gradients", [("main", ref, s, configs) for s in shards])
                 loss, grads, per_config = weighted_mean(results)
                 self._check_finite(loss, grads, r, j, step, configs)
                 norm = self.master.step(grads)
@@ -349,8 +349,9 @@ class Driver:
             return
         metrics = {"hypervolume": hv, "pool_size": len(self.pool), "training_set_size": len(self.training_set),
                    "best_loss": float(loss.min()),
-                   **self.ex.call("theta_spread", self._put(self.master.state()), self.training_set),
                    **merge_cache_stats(self.ex.map("cache_stats", [()] * self.ex.n_workers))}
+        if self.cfg.adapter.kind == "coa":  # a plain LoRA has no θ to measure
+            metrics.update(self.ex.call("theta_spread", self._put(self.master.state()), self.training_set))
         if not np.isnan(train_loss):
             metrics["train_loss"] = train_loss
         self.tracker.log_metrics(metrics, step=r)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.coa_model import CLASSIFIER_HEADS
+from workers.adapters.lora import CLASSIFIER_HEADS
 from workers.export.peft import QUANTIZED_BASE_FILE, export_adapter
 from workers.models import load_tokenizer, resolve_model
 from workers.quant.formats import packed_nbytes
@@ -84,7 +84,7 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight",
                                  f"{avg.min():.4f} bits")
         label = f"bits-{bits:g}"
-    coa = Worker(worker_spec(cfg)).models["coa"]
+    coa = Worker(worker_spec(cfg)).models["main"]
     if memory_mb is not None:  # the rest of the model's bytes need the model
         other = _other_bytes(cfg, coa, numels, fmt)
         mem = np.array([_target_bytes(space.decode(x), numels) for x in pool]) + other

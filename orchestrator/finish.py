@@ -3,7 +3,8 @@ schedule, every method evaluated on the same validation examples, and the final 
 
     configurations   the targets' ILP configurations (identical for every method) + seeded unseen ones
     baselines        Shared-LoRA (one target per step) and coa-no-theta (CoA-LoRA's steps replayed with M = I)
-    evaluate         CoA-LoRA, the baselines and no-adapter on every configuration → ledger "final" entries
+    evaluate         the run's adapter (CoA-LoRA, or one plain LoRA with adapter.kind = lora), the baselines and
+                     no-adapter on every configuration → ledger "final" entries
     write            final/evaluation.json and .md, and one MLflow child run per method
 """
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from search.allocation import flat_to_encoded, solve_allocation
 from search.space import SearchSpace
-from workers.projq import SHARED_INIT
+from workers.init.projq import SHARED_INIT
 from workers.training import TrainConfig
 
 from . import report
@@ -32,6 +33,8 @@ from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, key, seeded, step_configur
 from .state import Ledger, finite_or_none, write_json_atomic
 from .tracking import Tracker
 
+RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora"}
+"""The final table's name for the run's own adapter, by ``adapter.kind``."""
 MAX_NEAR_MISSES = 1000
 """Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
 
@@ -154,9 +157,9 @@ class Finish:
         configs = evaluation_configurations(self.cfg, self.space, costs, self.numels, self.allowed, pool)
         targets = [x for name, x in configs if name.startswith("target")]
         baselines = self.cfg.evaluation.baselines
-        methods: dict[str, tuple[str, Any, bool]] = {"coa-lora": ("coa", state, True)}
+        methods: dict[str, tuple[str, Any, bool]] = {RUN_METHOD[self.cfg.adapter.kind]: ("main", state, True)}
         if "no_adapter" in baselines:  # quant(W) alone: an init that quantizes W − L has its own zero-B replica
-            methods["no-adapter"] = ("bare" if self.cfg.adapter.quantizes_residual else "coa", None, False)
+            methods["no-adapter"] = ("bare" if self.cfg.adapter.quantizes_residual else "main", None, False)
         if "shared_lora" in baselines:
             methods["shared-lora"] = ("shared", self.train_shared(targets), True)
         if "no_theta" in baselines:

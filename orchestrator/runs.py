@@ -40,12 +40,13 @@ LABELS_FILE = "labels.json"
 # ---- workers and tracking ------------------------------------------------------------------------------------------
 def worker_spec(cfg: RunConfig) -> WorkerSpec:
     baselines = cfg.evaluation.baselines
-    methods = ("coa",) + (("shared",) if {"shared_lora", "no_theta"} & set(baselines) else ())
+    methods = ("main",) + (("shared",) if {"shared_lora", "no_theta"} & set(baselines) else ())
     if "no_adapter" in baselines and cfg.adapter.quantizes_residual:  # quant(W) itself, not the base of W − L
         methods += ("bare",)
     return WorkerSpec(
         model=cfg.model.name, data=_data_dict(cfg), space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
-        alpha=cfg.adapter.alpha, init=cfg.adapter.init, seed=cfg.run.seed, max_length=cfg.data.max_length,
+        alpha=cfg.adapter.alpha, init=cfg.adapter.init, kind=cfg.adapter.kind, seed=cfg.run.seed,
+        max_length=cfg.data.max_length,
         train_examples=cfg.data.train_examples, val_examples=cfg.data.val_examples,
         score_examples=cfg.data.score_examples, batch_size=cfg.data.batch_size,
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
@@ -131,7 +132,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
                          executor.call("no_decay_names"), n_train)
         driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)
         ready = time.perf_counter()
-        rows = driver.run(executor.call("initial_state", "coa"))
+        rows = driver.run(executor.call("initial_state", "main"))
         finished = time.perf_counter()
         # Wall times live outside the ledger, which must stay identical between runs with the same seed.
         write_json_atomic(run_dir / "timing.json", {"startup_s": ready - started, "loop_s": finished - ready,

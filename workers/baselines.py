@@ -2,7 +2,7 @@
 evaluation, so only the method differs.
 
 - QLoRA: one plain LoRA (B = 0) per configuration, trained on that configuration only.
-- LQ-LoRA: one LoRA per configuration initialised by the faithful LQ decomposition (lq.py: T ≤ 100, best
+- LQ-LoRA: one LoRA per configuration initialised by the faithful LQ decomposition (workers/init/lq.py: T ≤ 100, best
   iterate, randomized SVD, optional Fisher); its base is Q = quant_c(W − L1·L2) and A, B = L2/√s, L1/√s.
 - Shared-LoRA: one plain LoRA (θ disabled, M = I) trained over the training configurations, one drawn per step.
 - No adapter: the quantized base alone (``evaluate(..., adapter=False)``).
@@ -17,9 +17,10 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from .coa_model import CoAModel
-from .lora import DEFAULT_CACHE_MB, Init
-from .lq import lq_decompose
+from .adapters.coa import CoAModel
+from .adapters.lora import Init, LoRAModel
+from .quant.cache import DEFAULT_CACHE_MB
+from .init.lq import lq_decompose
 from .tasks import evaluate
 from .training import TrainConfig, train
 
@@ -29,10 +30,10 @@ METHODS: tuple[str, ...] = ("coa-lora", "qlora", "lq-lora", "shared-lora", "no-a
 
 
 def plain_lora(model: nn.Module, space: SearchSpace, *, rank: int, alpha: float, seed: int = 0,
-               init: Init = "zero_B", cache_mb: float = DEFAULT_CACHE_MB) -> CoAModel:
+               init: Init = "zero_B", cache_mb: float = DEFAULT_CACHE_MB) -> LoRAModel:
     """The wrapped model with θ disabled (M = I); B = 0 by default (QLoRA). Shared-LoRA and coa-no-theta take
     CoA-LoRA's own ``init``, so the comparison isolates θ."""
-    return CoAModel(model, space, rank=rank, alpha=alpha, init=init, use_encoder=False, seed=seed, cache_mb=cache_mb)
+    return LoRAModel(model, space, rank=rank, alpha=alpha, init=init, seed=seed, cache_mb=cache_mb)
 
 
 def lq_lora(
@@ -45,7 +46,7 @@ def lq_lora(
     iterations: int = 100,
     fisher: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-) -> CoAModel:
+) -> LoRAModel:
     """A plain LoRA model bound to ``configuration`` whose every layer starts from its LQ decomposition."""
     coa = plain_lora(model, space, rank=rank, alpha=alpha, seed=seed)
     settings = coa.resolve(configuration)
@@ -57,14 +58,14 @@ def lq_lora(
 
 
 def train_per_configuration(
-    coa: CoAModel, configuration: Configuration, batches: Iterable[Batch], config: TrainConfig
+    coa: LoRAModel, configuration: Configuration, batches: Iterable[Batch], config: TrainConfig
 ) -> list[float]:
     """Train ``coa`` on one configuration only (QLoRA, LQ-LoRA)."""
     return train(coa, batches, [list(configuration)], _with_k(config, 1))
 
 
 def train_shared(
-    coa: CoAModel, configurations: Sequence[Configuration], batches: Iterable[Batch], config: TrainConfig
+    coa: LoRAModel, configurations: Sequence[Configuration], batches: Iterable[Batch], config: TrainConfig
 ) -> list[float]:
     """Shared-LoRA: one configuration drawn uniformly per step (method.md §5.2)."""
     return train(coa, batches, [list(c) for c in configurations], _with_k(config, 1))

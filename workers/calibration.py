@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .coa_model import CoAModel
+from .adapters.lora import LoRAModel
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def input_covariances(model: nn.Module, names: Sequence[str],
     return {name: (sums[name] / counts[name]).float() for name in names}
 
 
-def coa_covariances(model: CoAModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def coa_covariances(model: LoRAModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Σ of every target of a CoA-LoRA model, in full precision with its adapters off (the original model's
     inputs), keyed by registry name."""
     with model.adapters_disabled():

@@ -72,7 +72,7 @@ def diagonal_fisher(
 
 
 def layer_fisher(coa: Any, examples: Iterable[Mapping[str, torch.Tensor]], n_examples: int = 128) -> dict[str, torch.Tensor]:
-    """:func:`diagonal_fisher` of an already wrapped :class:`~workers.coa_model.CoAModel`, without unwrapping it.
+    """:func:`diagonal_fisher` of an already wrapped :class:`~workers.adapters.lora.LoRAModel`, without unwrapping it.
 
     With no active configuration and adapters off, each wrapped layer computes x·Wᵀ from its ``residual`` buffer;
     substituting the full-precision weight for that buffer (``functional_call``) gives exactly the original

@@ -168,7 +168,7 @@ def evaluate(
     model: nn.Module, configuration: Any | None, loader: Iterable[Mapping[str, torch.Tensor]], *, adapter: bool = True
 ) -> dict[str, float]:
     """Mean loss, perplexity = exp(mean loss), and accuracy and macro-F1 for classification batches (1-D labels), of a
-    :class:`~workers.coa_model.CoAModel` under ``configuration`` (None: unquantized). ``adapter=False`` is the
+    :class:`~workers.adapters.lora.LoRAModel` under ``configuration`` (None: unquantized). ``adapter=False`` is the
     no-adapter baseline on the same quantized base. Batches are weighted by their size."""
     was_training = model.training
     model.eval()

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from search.space import QuantSetting
 
-from .coa_model import CoAModel
+from .adapters.lora import LoRAModel
 
 Configuration = Sequence[QuantSetting]
 Batch = Mapping[str, torch.Tensor]
@@ -80,7 +80,7 @@ def sample_configurations(
 
 
 def compute_gradients(
-    model: CoAModel,
+    model: LoRAModel,
     state: Mapping[str, torch.Tensor],
     batch: Batch,
     configurations: Sequence[Configuration],
@@ -138,7 +138,7 @@ def param_groups(
 
 
 def build_optimizer(
-    model: CoAModel, config: TrainConfig
+    model: LoRAModel, config: TrainConfig
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters (no decay on γ, LayerNorm, embeddings and biases; see
     :func:`param_groups`) with linear warmup then cosine or linear decay to 0 at ``total_steps``."""
@@ -164,7 +164,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def apply_gradients(
-    model: CoAModel,
+    model: LoRAModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     grads: Mapping[str, torch.Tensor],
@@ -193,7 +193,7 @@ def average_gradients(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str,
 
 
 def train(
-    model: CoAModel,
+    model: LoRAModel,
     batches: Iterable[Batch],
     pool: Sequence[Configuration],
     config: TrainConfig,
@@ -221,6 +221,6 @@ def train(
     return losses
 
 
-def _state_view(model: CoAModel) -> dict[str, Any]:
+def _state_view(model: LoRAModel) -> dict[str, Any]:
     """The trainable tensors without a copy: ``compute_gradients`` detaches them, so the step stays pure."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -23,19 +23,24 @@ from search.space import SearchSpace
 from .allocator import pin_mmap_threshold
 from .baselines import plain_lora
 from .calibration import coa_covariances
-from .coa_model import CoAModel, theta_spread
+from .adapters.coa import CoAModel, theta_spread
+from .adapters.lora import LoRAModel
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
-from .lora import DEFAULT_CACHE_MB, merge_cache_stats
-from .projq import SHARED_INIT, apply_shared_init
+from .quant.cache import DEFAULT_CACHE_MB, merge_cache_stats
+from .init.projq import SHARED_INIT, apply_shared_init
 from .models import quiet_transformers
 from .tasks import Task, build_source_task, evaluate
 from .training import compute_gradients
 
-METHOD_MODELS = ("coa", "shared", "bare")
-"""Replicas a worker holds, over one frozen base each: CoA-LoRA (with θ); plain LoRA with θ disabled and CoA-LoRA's
-init (Shared-LoRA and the coa-no-theta ablation); and, when the init changes what is quantized (``svd_of_W``
-quantizes W − L), a zero-B replica whose base is quant(W) itself, for the no-adapter baseline."""
+METHOD_MODELS = ("main", "shared", "bare")
+"""Replicas a worker holds, over one frozen base each: the run's own adapter (``adapter.kind``: CoA-LoRA with θ, or
+a plain LoRA); plain LoRA with the run's init (Shared-LoRA and the coa-no-theta ablation); and, when the init
+changes what is quantized (``svd_of_W`` quantizes W − L), a zero-B replica whose base is quant(W) itself, for the
+no-adapter baseline."""
+ADAPTER_KINDS: tuple[str, ...] = ("coa", "lora")
+"""``adapter.kind``: the configuration-aware LoRA (:mod:`workers.adapters.coa`) or one plain LoRA for every
+configuration (:mod:`workers.adapters.lora`)."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,12 @@ class WorkerSpec:
     batch_size: int
     fisher_examples: int
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
-    methods: tuple[str, ...] = ("coa",)
+    methods: tuple[str, ...] = ("main",)
+    kind: str = "coa"  # adapter.kind of the main replica (ADAPTER_KINDS)
     threads: int = 1
     reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
     encoder_hidden: int = 128
-    cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (lora.QuantCache)
+    cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (workers.quant.cache.QuantCache)
     low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
@@ -82,11 +88,13 @@ def build_task(spec: WorkerSpec) -> Task:
 
 
 class Worker:
-    """A model replica plus its data. ``state`` arguments are trainable-state dicts (see ``CoAModel``)."""
+    """A model replica plus its data. ``state`` arguments are trainable-state dicts (see :class:`~workers.adapters.lora.LoRAModel`)."""
 
     def __init__(self, spec: WorkerSpec):
         if spec.quant_method not in ("rtn", "gptq"):
             raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {spec.quant_method!r}")
+        if spec.kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter kind must be one of {list(ADAPTER_KINDS)}, got {spec.kind!r}")
         torch.set_num_threads(max(1, spec.threads))
         if spec.low_memory:
             pin_mmap_threshold()
@@ -103,24 +111,21 @@ class Worker:
         self.score_batches = self._batches(held_out[: spec.score_examples])
         self.val_batches = self._batches(held_out[spec.score_examples :])
         unknown = set(spec.methods) - set(METHOD_MODELS)
-        if unknown or "coa" not in spec.methods:
-            raise ValueError(f"worker methods must include 'coa' and be among {list(METHOD_MODELS)}, got {spec.methods}")
-        self.models: dict[str, CoAModel] = {}
+        if unknown or "main" not in spec.methods:
+            raise ValueError(f"worker methods must include 'main' and be among {list(METHOD_MODELS)}, got {spec.methods}")
+        self.models: dict[str, LoRAModel] = {}
         layer_init = "zero_B" if spec.init == SHARED_INIT else spec.init  # projq-shared sets B, A later
         for name, init in (("shared", layer_init), ("bare", "zero_B")):
             if name in spec.methods:  # its own copy of the frozen base, so the replicas never interfere
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
-        reference = self.space.most_precise if spec.reference == "most_precise" else None
-        self.models["coa"] = CoAModel(task.model, self.space, rank=spec.rank, alpha=spec.alpha, init=layer_init,
-                                      seed=spec.seed, reference=reference, encoder_hidden=spec.encoder_hidden,
-                                      cache_mb=spec.cache_mb)
+        self.models["main"] = self._main_model(task.model, layer_init)
         for model in self.models.values():
             model.eval()
         self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
         if spec.quant_method == "gptq" or spec.init == SHARED_INIT:
             calibration = self._batches(self.train_items[: spec.calibration_examples])
-            self._covariances = coa_covariances(self.models["coa"], calibration)
+            self._covariances = coa_covariances(self.models["main"], calibration)
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
             for model in self.models.values():
                 model.set_calibration(self._covariances)
@@ -132,18 +137,18 @@ class Worker:
         return os.getpid()
 
     def numels(self) -> list[int]:
-        return self.models["coa"].registry.numels
+        return self.models["main"].registry.numels
 
     def row_lengths(self) -> list[int]:
-        return self.models["coa"].registry.row_lengths
+        return self.models["main"].registry.row_lengths
 
     def registry(self) -> list[dict[str, Any]]:
-        return self.models["coa"].registry.to_dict()
+        return self.models["main"].registry.to_dict()
 
-    def no_decay_names(self, method: str = "coa") -> set[str]:
+    def no_decay_names(self, method: str = "main") -> set[str]:
         return self._model(method).no_decay_names()
 
-    def initial_state(self, method: str = "coa") -> dict[str, torch.Tensor]:
+    def initial_state(self, method: str = "main") -> dict[str, torch.Tensor]:
         """The replica's trainable state as built from the seed (with ``adapter.init: projq-shared``, before the
         data-dependent part, :meth:`shared_init`)."""
         self._model(method)  # an unknown replica is refused by name
@@ -153,7 +158,7 @@ class Worker:
                                                                                       dict[str, float]]:
         """``adapter.init: projq-shared`` for the training ``configurations``: the replica's built state with B and
         A from their shared error subspace and θ (if it has one) fitted to each one's correction
-        (:func:`workers.projq.apply_shared_init`). Returns the state and its step-0 compensation errors."""
+        (:func:`workers.init.projq.apply_shared_init`). Returns the state and its step-0 compensation errors."""
         if self.spec.init != SHARED_INIT:
             raise ValueError(f"shared_init is adapter.init {SHARED_INIT!r}'s; this worker was built with {self.spec.init!r}")
         if len(configurations) == 0:
@@ -170,12 +175,22 @@ class Worker:
         bs = self.spec.batch_size
         return [self.collate(items[i : i + bs]) for i in range(0, len(items), bs)]
 
-    def _model(self, method: str) -> CoAModel:
+    def _main_model(self, model: torch.nn.Module, init: str) -> LoRAModel:
+        """The run's own replica over the task's model: CoA-LoRA (θ, anchored at ``reference``) or a plain LoRA."""
+        spec = self.spec
+        if spec.kind == "lora":
+            return LoRAModel(model, self.space, rank=spec.rank, alpha=spec.alpha, init=init, seed=spec.seed,
+                             cache_mb=spec.cache_mb)
+        reference = self.space.most_precise if spec.reference == "most_precise" else None
+        return CoAModel(model, self.space, rank=spec.rank, alpha=spec.alpha, init=init, seed=spec.seed,
+                        reference=reference, encoder_hidden=spec.encoder_hidden, cache_mb=spec.cache_mb)
+
+    def _model(self, method: str) -> LoRAModel:
         if method not in self.models:
             raise ValueError(f"this worker holds no {method!r} model; it holds {sorted(self.models)}")
         return self.models[method]
 
-    def _with_state(self, method: str, state: Mapping[str, torch.Tensor] | None) -> CoAModel:
+    def _with_state(self, method: str, state: Mapping[str, torch.Tensor] | None) -> LoRAModel:
         model = self._model(method)
         if state is not None:
             model.load_trainable_state(dict(state))
@@ -219,15 +234,15 @@ class Worker:
         return stats
 
     def theta_spread(self, state: Mapping[str, torch.Tensor], configurations: Sequence[np.ndarray]) -> dict[str, float]:
-        """θ's common and configuration-specific output over ``configurations`` (``coa_model.theta_spread``)."""
-        model = self._with_state("coa", state)
+        """θ's common and configuration-specific output over ``configurations`` (``workers.adapters.coa.theta_spread``)."""
+        model = self._with_state("main", state)
         return theta_spread(model, [self.space.decode(np.asarray(c)) for c in configurations])
 
     def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the
         ILP's (N, n_settings) cost table, measured on what is quantized (W, or W − L under ``svd_of_W``). The
         Fisher is estimated once per worker, on the quantization-free model."""
-        model = self.models["coa"]
+        model = self.models["main"]
         if self._fisher is None:
             single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
             with model.adapters_disabled():

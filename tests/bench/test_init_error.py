@@ -11,7 +11,7 @@ import torch
 
 from search.space import SearchSpace
 from workers.calibration import coa_covariances
-from workers.coa_model import CoAModel
+from workers.adapters.coa import CoAModel
 
 SPEC = importlib.util.spec_from_file_location("bench_init_error",
                                               Path(__file__).resolve().parents[2] / "bench" / "init_error.py")

@@ -44,6 +44,7 @@ def with_(config: dict, section: str, **values) -> dict:
         ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B', 'svd_of_W' or 'projq-shared'"),
         ("adapter", {"init": "projq-shared"}, r"adapter.*'projq-shared'.*most precise.*set adapter\.reference = 'none'"),
         ("adapter", {"prefit_steps": -1}, r"adapter\.prefit_steps = -1"),
+        ("adapter", {"kind": "lota"}, r"adapter\.kind = 'lota'.*'coa' or 'lora'"),
         ("search", {"segments": 0}, r"search\.segments = 0"),
         ("search", {"segments": -1}, r"search\.segments = -1"),
         ("search", {"budget_max": 9.0}, r"budget_max.*9\.0.*inside the space's bit range"),
@@ -66,6 +67,11 @@ def with_(config: dict, section: str, **values) -> dict:
 )
 def test_invalid_fields(base, tmp_path, section, values, match):
     expect_error(with_(base, section, **values), match, tmp_path)
+
+
+def test_a_plain_lora_run_refuses_the_no_theta_ablation(base, tmp_path):
+    config = with_(with_(base, "adapter", kind="lora"), "evaluation", baselines=["no_adapter", "no_theta"])
+    expect_error(config, r"'no_theta' replays the run with M = I, which adapter\.kind = 'lora' already is", tmp_path)
 
 
 def test_unknown_section_and_field(base, tmp_path):

@@ -191,21 +191,21 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     run_dir, rows = start_run(build_config(config), progress=False)
     (worker,) = recorded["workers"]
     calls = recorded["calls"]
-    coa = [(ids, cs) for m, ids, cs in calls if m == "coa"]
+    coa = [(ids, cs) for m, ids, cs in calls if m == "main"]
     shared = [(ids, cs) for m, ids, cs in calls if m == "shared"]
     assert len(coa) == 4 and len(shared) == 8 and shared[4:] == coa  # Shared-LoRA's 4 steps, then the replay
     assert all(len(cs) == 1 for _, cs in shared[:4])
     models = worker.models
-    assert models["shared"].init == models["coa"].init == "svd_of_W" and models["bare"].init == "zero_B"
+    assert models["shared"].init == models["main"].init == "svd_of_W" and models["bare"].init == "zero_B"
     assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora", "coa-no-theta"}
-    target = worker.space.encode([worker.space.most_precise] * len(models["coa"].registry))
+    target = worker.space.encode([worker.space.most_precise] * len(models["main"].registry))
     bare = worker.evaluate("bare", None, target, False)
-    without_l = worker.evaluate("coa", None, target, False)
+    without_l = worker.evaluate("main", None, target, False)
     assert bare["loss"] != without_l["loss"]
     # the ILP's costs are those of what is quantized, W − L, not of W
     from workers.fisher import setting_costs
 
-    layer, sample = models["coa"].layers[0], worker.spec.cost_sample or None
+    layer, sample = models["main"].layers[0], worker.spec.cost_sample or None
     fisher = worker._fisher[layer.name]
     row = worker.cost_rows([0])[0]
     np.testing.assert_allclose(row, setting_costs(layer.residual, worker.space, fisher, layer.name, sample))
@@ -242,9 +242,9 @@ def test_projq_shared_starts_coa_lora_and_its_baselines_from_the_initial_pool_s_
     assert init["method"] == "projq-shared"
     assert init["init_error_exact"] <= init["init_error_fitted"] < init["init_error_shared"] < 1.0, init
     inits = [(args[0], [key(c) for c in args[1]]) for m, args in recorded["called"] if m == "shared_init"]
-    assert inits == [("coa", pool), ("shared", pool), ("shared", pool)]
+    assert inits == [("main", pool), ("shared", pool), ("shared", pool)]
     round0 = load_file(run_dir / "checkpoints" / "round-0000" / "trainable.safetensors")
-    expected, _ = worker.shared_init("coa", [unkey(k) for k in pool])
+    expected, _ = worker.shared_init("main", [unkey(k) for k in pool])
     assert round0.keys() == expected.keys() and all(torch.equal(round0[n], expected[n]) for n in expected)
     assert "bare" not in worker.models
     assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora", "coa-no-theta"}
@@ -252,6 +252,45 @@ def test_projq_shared_starts_coa_lora_and_its_baselines_from_the_initial_pool_s_
     (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                    "tags.`coalora.role` = 'parent'")
     assert parent.data.metrics["init_error_fitted"] == pytest.approx(init["init_error_fitted"])
+
+
+def test_adapter_kind_lora_runs_the_search_with_one_plain_lora_and_exports_it(make_config, recorded, tmp_path):
+    """adapter.kind = lora: the run's replica is a plain LoRA (no θ in it, its checkpoints or MLflow), trained and
+    scored through the same driver calls, reported as "lora", and exported through the same PEFT path, which
+    transformers + PEFT load to coalora's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.runs import worker_spec
+    from orchestrator.state import CheckpointStore
+    from workers.adapters.coa import CoAModel
+    from workers.export.peft import CONFIGURATION_FILE, QUANTIZED_BASE_FILE, configuration_from_json, load_quantized_base
+    from workers.worker import Worker
+
+    config, _ = make_config(adapter={"kind": "lora", "rank": 4, "alpha": 8},
+                            training={"steps_per_round": 2, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1})
+    cfg = build_config(config)
+    run_dir, rows = start_run(cfg, progress=False)
+    (worker,) = recorded["workers"]
+    assert not isinstance(worker.models["main"], CoAModel)
+    assert len([cs for m, _, cs in recorded["calls"] if m == "main"]) == 4
+    assert {r["method"] for r in rows} == {"lora", "no-adapter"}
+    state = CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"]
+    assert state and not any(n.startswith("encoder.") for n in state)
+    assert any(n.endswith("lora_B") and float(t.abs().sum()) > 0 for n, t in state.items())  # it trained
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                   "tags.`coalora.role` = 'parent'")
+    assert "theta_spread" not in parent.data.metrics and parent.data.params["adapter.kind"] == "lora"
+    out = export_run(run_dir, bits=4.0, out=tmp_path / "export")
+    lora = Worker(worker_spec(cfg)).models["main"].eval()
+    lora.load_trainable_state(state)
+    settings = list(configuration_from_json(json.loads((out / CONFIGURATION_FILE).read_text())).values())
+    batch = {"input_ids": torch.randint(3, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    model = AutoModelForSequenceClassification.from_pretrained(config["model"]["name"], dtype=torch.float32)
+    served = PeftModel.from_pretrained(load_quantized_base(model, out / QUANTIZED_BASE_FILE), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, lora(settings, **batch).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):
@@ -264,7 +303,7 @@ def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config
     numels = worker.numels()
     bits = {}
     sets = {e["round"]: e["training_set"] for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "round_end"}
-    steps = [cs for m, _, cs in recorded["calls"] if m == "coa"]
+    steps = [cs for m, _, cs in recorded["calls"] if m == "main"]
     assert len(steps) == 6
     for step, configs in enumerate(steps):
         ranked = sorted(sets[step // 3], key=lambda k: bits.setdefault(k, float(worker.space.encoded_average_bits(unkey(k), numels))))
@@ -300,7 +339,7 @@ def test_a_gptq_run_exports_the_codes_it_trained_on(make_config, tmp_path):
     out = export_run(run_dir, bits=4.0, out=tmp_path / "export")
     summary = read_summary(out)
     assert summary["quantized_base"] == QUANTIZED_BASE_FILE and summary.get("bitsandbytes_model") is None
-    coa = Worker(worker_spec(cfg)).models["coa"]
+    coa = Worker(worker_spec(cfg)).models["main"]
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
     settings = list(configuration_from_json(json.loads((out / CONFIGURATION_FILE).read_text())).values())
     assert any(not torch.equal(layer.packed_weight(s).codes, quantize(layer.residual, s).codes)

@@ -65,7 +65,7 @@ def trained(exported):
     from workers.worker import Worker
 
     run_dir, _ = exported
-    coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"]
+    coa = Worker(worker_spec(load_run_config(run_dir))).models["main"]
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
     reader, arch = open_base(base_file(resolve_model("smollm2")))
     return coa.eval(), tensor_names(coa, arch, reader)

@@ -78,7 +78,7 @@ def test_a_3_5_bit_export_in_k_quants_runs_in_llama_cpp_with_coaloras_logits(exp
     from workers.worker import Worker
 
     run_dir, out = exported
-    coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"].eval()
+    coa = Worker(worker_spec(load_run_config(run_dir))).models["main"].eval()
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
     names = tensor_names(coa, *reversed(open_base(widened)))
     summary = json.loads((out / "coalora_export.json").read_text())

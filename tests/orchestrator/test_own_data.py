@@ -136,7 +136,7 @@ def check_instruction_export(run_dir: Path, export: Path, base: Path) -> None:
     assert tokenizer.chat_template, "the chat template travels with the adapter"
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 plus 7?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    coa = Worker(worker_spec(load_run_config(run_dir))).models["coa"]
+    coa = Worker(worker_spec(load_run_config(run_dir))).models["main"]
     coa.load_trainable_state(CheckpointStore(run_dir / "checkpoints").load_latest().tensors["trainable"])
     settings = configuration_from_json(json.loads((export / CONFIGURATION_FILE).read_text()))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

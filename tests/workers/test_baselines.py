@@ -4,7 +4,7 @@ import torch
 
 from search.space import QuantSetting
 from workers.baselines import compare, lq_lora
-from workers.lq import low_rank_factors, lq_decompose
+from workers.init.lq import low_rank_factors, lq_decompose
 from workers.quant.blockwise import fake_quantize
 from workers.training import TrainConfig
 

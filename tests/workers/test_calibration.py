@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.calibration import coa_covariances
-from workers.coa_model import CoAModel
+from workers.adapters.coa import CoAModel
 from workers.quant import blockwise
 from workers.quant.gptq import gptq_quantize
 

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from workers.coa_model import CoAModel
+from workers.adapters.coa import CoAModel
 from workers.export.peft import configuration_from_json, export_adapter, folded_adapter, quantized_base_weights
 from workers.training import TrainConfig, train
 

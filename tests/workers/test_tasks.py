@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from search.space import QuantSetting, SearchSpace
 from workers import data
-from workers.coa_model import CoAModel
+from workers.adapters.coa import CoAModel
 from workers.fisher import cost_table, diagonal_fisher, layer_fisher
 from workers.models import load_tokenizer, resolve_model
 from workers.quant.blockwise import fake_quantize

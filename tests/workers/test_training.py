@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers.baselines import plain_lora
-from workers.coa_model import CoAModel
+from workers.adapters.coa import CoAModel
 from workers.training import (
     TrainConfig,
     apply_gradients,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..coa_model import CLASSIFIER_HEADS, has_submodule
+from .lora import CLASSIFIER_HEADS, has_submodule
 from ..quant import packing
 from ..quant.files import load_tagged, save_tagged
 from ..quant.intk import IntQuantized, dequantize_codes, quantize_int

@@ -33,7 +33,7 @@ import torch
 
 from search.space import GGUF_TYPES, QuantSetting
 
-from ..coa_model import CoAModel
+from ..adapters.lora import LoRAModel
 from ..models import ModelSource
 from ..quant import ggml
 from ..quant.ggml import GGMLWeight
@@ -74,7 +74,7 @@ def open_base(path: Path) -> tuple[gguf.GGUFReader, str]:
     return reader, arch
 
 
-def tensor_names(coa: CoAModel, arch: str, reader: gguf.GGUFReader) -> dict[str, str]:
+def tensor_names(coa: LoRAModel, arch: str, reader: gguf.GGUFReader) -> dict[str, str]:
     """Target name (e.g. ``model.layers.0.self_attn.q_proj``) → GGUF tensor name (``blk.0.attn_q.weight``)."""
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     mapping = gguf.get_tensor_name_map(by_name[arch], coa.registry.n_blocks)
@@ -88,7 +88,7 @@ def tensor_names(coa: CoAModel, arch: str, reader: gguf.GGUFReader) -> dict[str,
     return out
 
 
-def exported_settings(coa: CoAModel, directory: str | Path, source: ModelSource) -> list[QuantSetting]:
+def exported_settings(coa: LoRAModel, directory: str | Path, source: ModelSource) -> list[QuantSetting]:
     """The configuration an export wrote (the tensor types in its ``coalora_export.json``), in ``coa``'s registry
     order: what to configure coalora's own model with to compare it against the exported files."""
     names = tensor_names(coa, *reversed(open_base(base_file(source))))
@@ -141,7 +141,7 @@ def _write(writer: gguf.GGUFWriter, path: Path) -> None:
 
 
 @torch.no_grad()
-def _targets(coa: CoAModel, settings: list[QuantSetting], merge: bool) -> dict[str, GGMLWeight]:
+def _targets(coa: LoRAModel, settings: list[QuantSetting], merge: bool) -> dict[str, GGMLWeight]:
     """Target name → its stored form: the run's own quantized residual, or (merge) residual + scaled folded
     adapter quantized now."""
     if not merge:
@@ -159,7 +159,7 @@ def _targets(coa: CoAModel, settings: list[QuantSetting], merge: bool) -> dict[s
     return stored
 
 
-def write_model(coa: CoAModel, settings: list[QuantSetting], reader: gguf.GGUFReader, arch: str,
+def write_model(coa: LoRAModel, settings: list[QuantSetting], reader: gguf.GGUFReader, arch: str,
                 names: dict[str, str], path: Path, extra: dict[str, Any],
                 merge: bool = False) -> tuple[dict[str, str], int]:
     """model.gguf: the base with each target in its configuration's type (merge: with the adapter folded into
@@ -186,7 +186,7 @@ def write_model(coa: CoAModel, settings: list[QuantSetting], reader: gguf.GGUFRe
             sum(int(w.data.nbytes) for w in replaced.values()))
 
 
-def write_adapter(coa: CoAModel, configuration: list[QuantSetting], reader: gguf.GGUFReader, arch: str,
+def write_adapter(coa: LoRAModel, configuration: list[QuantSetting], reader: gguf.GGUFReader, arch: str,
                   names: dict[str, str], path: Path) -> None:
     """adapter.gguf: the configuration's folded LoRA pairs in llama.cpp's adapter layout, float32."""
     writer = gguf.GGUFWriter(None, arch)
@@ -202,7 +202,7 @@ def write_adapter(coa: CoAModel, configuration: list[QuantSetting], reader: gguf
     _write(writer, path)
 
 
-def export_gguf(coa: CoAModel, configuration: Any, source: ModelSource, directory: str | Path,
+def export_gguf(coa: LoRAModel, configuration: Any, source: ModelSource, directory: str | Path,
                 extra: dict[str, Any] | None = None, merge: bool = False) -> GGUFExport:
     """Write ``model.gguf`` and ``adapter.gguf`` for ``configuration`` (llama.cpp types) into ``directory``; with
     ``merge``, ``model.gguf`` alone with the adapter merged before quantization."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from search.space import QuantSetting
 
-from ..coa_model import CoAModel
+from ..adapters.lora import LoRAModel
 from ..quant.blockwise import PackedWeight, dequantize
 from ..quant.files import load_tagged, save_tagged
 
@@ -34,7 +34,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 @torch.no_grad()
-def folded_adapter(coa: CoAModel, configuration: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def folded_adapter(coa: LoRAModel, configuration: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Target name → (A' = M(C)·A, B) for ``configuration``: one batched θ call, then one r×r matmul per
     matrix. This is all it takes to serve a new configuration."""
     settings = coa.resolve(configuration)
@@ -47,7 +47,7 @@ def folded_adapter(coa: CoAModel, configuration: Any) -> dict[str, tuple[torch.T
 
 
 @torch.no_grad()
-def quantized_base_weights(coa: CoAModel, configuration: Any) -> dict[str, torch.Tensor]:
+def quantized_base_weights(coa: LoRAModel, configuration: Any) -> dict[str, torch.Tensor]:
     """``<target>.weight`` → its fake-quantized base under ``configuration``, to load into the original model."""
     settings = coa.resolve(configuration)
     return {
@@ -55,7 +55,7 @@ def quantized_base_weights(coa: CoAModel, configuration: Any) -> dict[str, torch
     }
 
 
-def save_quantized_base(coa: CoAModel, configuration: Any, path: str | Path) -> Path:
+def save_quantized_base(coa: LoRAModel, configuration: Any, path: str | Path) -> Path:
     """The configuration's target matrices in packed form (``NAME.codes``, ``.scale_codes``, ``.scale2``,
     ``.offset``; settings, shapes and dtypes in the metadata), written atomically."""
     tensors, layout = {}, {}
@@ -84,7 +84,7 @@ def load_quantized_base(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def configuration_to_json(coa: CoAModel, configuration: Any) -> dict[str, dict[str, Any]]:
+def configuration_to_json(coa: LoRAModel, configuration: Any) -> dict[str, dict[str, Any]]:
     return {name: s.fields() for name, s in zip(coa.registry.names, coa.resolve(configuration))}
 
 
@@ -92,7 +92,7 @@ def configuration_from_json(data: dict[str, dict[str, Any]]) -> dict[str, QuantS
     return {name: QuantSetting(**fields) for name, fields in data.items()}
 
 
-def export_adapter(coa: CoAModel, configuration: Any, directory: str | Path) -> Path:
+def export_adapter(coa: LoRAModel, configuration: Any, directory: str | Path) -> Path:
     """Write the PEFT adapter of ``configuration`` to ``directory`` and return it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def export_adapter(coa: CoAModel, configuration: Any, directory: str | Path) -> 
     return directory
 
 
-def _task_type(coa: CoAModel) -> str | None:
+def _task_type(coa: LoRAModel) -> str | None:
     name = type(coa.model).__name__
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"

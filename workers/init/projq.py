@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from search.space import QuantSetting
 
-from .quant.blockwise import PackedWeight, dequantize
-from .quant.gptq import gptq_quantize
-
-if TYPE_CHECKING:  # a model-level helper at the end; the math above needs no model
-    from .coa_model import CoAModel
+from ..adapters.coa import CoAModel
+from ..adapters.lora import LoRAModel
+from ..quant.blockwise import PackedWeight, dequantize
+from ..quant.gptq import gptq_quantize
 
 EIGEN_FLOOR = 1e-6
 """Eigenvalues of Σ are clamped at this share of the largest, so Y⁻¹ exists (inputs that never vary)."""
@@ -174,7 +173,7 @@ def shared_init(subspace: SharedSubspace, y_inv: torch.Tensor, scaling: float) -
     return SharedInit(lora_B=lora_B.float(), lora_A=lora_A.float(), targets=targets.float(), weights=lam.float())
 
 
-def apply_shared_init(model: "CoAModel", configurations: Sequence[Any], covariances: Mapping[str, torch.Tensor], *,
+def apply_shared_init(model: LoRAModel, configurations: Sequence[Any], covariances: Mapping[str, torch.Tensor], *,
                       fit_steps: int, seed: int = 0) -> dict[str, float]:
     """``adapter.init: projq-shared`` on a built model, for the training configurations ``configurations``: every
     target's B and A from :func:`shared_init` over the configurations' quantization errors (under each target's
@@ -209,7 +208,7 @@ def apply_shared_init(model: "CoAModel", configurations: Sequence[Any], covarian
     exact_t = torch.stack(exact, 1)  # (K, N)
     stats = {"init_error_zero": 1.0, "init_error_exact": float(exact_t.mean()),
              "init_error_shared": float((exact_t + torch.stack(shared_excess, 1)).mean())}
-    if model.encoder is not None:
+    if isinstance(model, CoAModel):
         model.fit_encoder(configurations, targets_t, weights_t, steps=fit_steps, seed=seed)
         with torch.no_grad():
             mixing = torch.stack([model.mixing_matrices(s) for s in settings]).double()

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.space import QuantSetting
-from workers.coa_model import CoAModel, wrap_targets
-from workers.lora import CoALoRALinear, QuantCache
+from workers.adapters.coa import CoAModel
+from workers.adapters.lora import CoALoRALinear, wrap_targets
+from workers.quant.cache import QuantCache
 from workers.quant.blockwise import fake_quantize, quantize
 from workers.registry import ModuleRegistry
 

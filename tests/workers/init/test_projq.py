@@ -1,4 +1,4 @@
-"""ProjQ (workers/projq.py): the checks issue 17 and projq.md §5 ask for, on a real MiniLM matrix with real
+"""ProjQ (workers/init/projq.py): the checks issue 17 and projq.md §5 ask for, on a real MiniLM matrix with real
 calibration inputs where they are about real behaviour, and in fp64 where they are about the algebra."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 from search.space import QuantSetting
 from workers.calibration import coa_covariances
-from workers.coa_model import CoAModel
-from workers.projq import (
+from workers.adapters.coa import CoAModel
+from workers.init.projq import (
     apply_shared_init,
     projected_hessian,
     projq_quantize,
@@ -182,9 +182,3 @@ def test_apply_shared_init_sets_the_factors_fits_theta_and_reports_what_it_measu
     again, stats_again, _ = build()
     assert stats_again == stats
     assert all(torch.equal(a, b) for a, b in zip(model.trainable_state().values(), again.trainable_state().values()))
-
-
-def test_fit_encoder_needs_an_encoder(space, make_model):
-    plain = CoAModel(make_model("bert"), space, rank=4, use_encoder=False)
-    with pytest.raises(ValueError, match="no configuration encoder"):
-        plain.fit_encoder([[space.most_precise] * 12], torch.zeros(1, 12, 4, 4), torch.ones(1, 12, 4, 4), steps=1)

@@ -14,7 +14,7 @@ from torch import nn
 
 from search.space import FIELDS, QuantSetting, SearchSpace
 
-from .registry import ModuleRegistry
+from ..registry import ModuleRegistry
 
 EMBEDDING_DIM = 8
 HIDDEN_DIM = 128

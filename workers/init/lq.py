@@ -14,7 +14,7 @@ import torch
 
 from search.space import QuantSetting
 
-from .quant.formats import fake_quantize
+from ..quant.formats import fake_quantize
 
 OVERSAMPLING = 10
 EPS = 1e-12

@@ -2,8 +2,9 @@
 
 import torch
 
-from workers.coa_model import CoAModel
-from workers.encoder import ConfigurationEncoder, encode_settings
+from workers.adapters.coa import CoAModel
+from workers.adapters.lora import LoRAModel
+from workers.adapters.encoder import ConfigurationEncoder, encode_settings
 
 
 def test_parameter_count_matches_reference_tables():
@@ -61,7 +62,7 @@ def test_distinct_inputs_give_distinct_matrices(space, pool, make_model):
 def test_step0_logits_equal_plain_lora(space, pool, make_model, make_batch):
     for init in ("zero_B", "svd_of_W"):
         coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, init=init)
-        plain = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, init=init, use_encoder=False)
+        plain = LoRAModel(make_model("bert"), space, rank=4, alpha=8.0, init=init)
         plain.load_trainable_state({k: v for k, v in coa.trainable_state().items() if not k.startswith("encoder.")})
         batch = make_batch("bert")
         config = [pool[1]] * len(coa.registry)
@@ -79,7 +80,7 @@ def test_step0_logits_equal_plain_lora(space, pool, make_model, make_batch):
 def test_the_reference_configuration_maps_to_identity_exactly(space, pool, make_model, make_batch):
     """M(C) = I + γ·(U(C) − U(reference)): I exactly on the reference's settings, θ's constant part cancels (a
     shifted output bias changes nothing), and θ still gets gradients from every other configuration."""
-    from workers.coa_model import theta_spread
+    from workers.adapters.coa import theta_spread
 
     coa = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, reference=space.most_precise)
     n, eye = len(coa.registry), torch.eye(4)
@@ -102,7 +103,7 @@ def test_the_reference_configuration_maps_to_identity_exactly(space, pool, make_
     assert coa.encoder.out.weight.grad.abs().sum() > 0
     spread = theta_spread(coa, [[pool[0]] * n, [pool[2]] * n])
     assert spread["theta_spread"] > 0 and theta_spread(coa, [[pool[0]] * n] * 2)["theta_spread"] == 0.0
-    plain = CoAModel(make_model("bert"), space, rank=4, alpha=8.0, use_encoder=False)
+    plain = LoRAModel(make_model("bert"), space, rank=4, alpha=8.0)
     assert theta_spread(plain, [[pool[0]] * n]) == {"theta_common": 0.0, "theta_spread": 0.0}
 
 

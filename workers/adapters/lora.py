@@ -1,101 +1,40 @@
-"""The configuration-aware LoRA layer (method.md §3.1): our own module, not PEFT's.
+"""The plain-LoRA adapter kind (``adapter.kind: lora``) and the layer every LoRA-family kind is built on
+(method.md §3.1): our own module, not PEFT's.
 
     y = x · W_q(C)ᵀ + bias + s · B · M · A · x,    M = I + γ·U_θ(C),   s = alpha / r
 
 W_q(C) is the active setting's quantized copy of the layer's frozen full-precision weight (of the residual
 W − L1·L2 for the SVD/LQ inits, method.md §2.5), produced on demand, so switching configurations re-quantizes
 instead of reloading pickled models from disk (method.md §6 B15). What is kept is what a quantized model stores:
-packed codes and scales, in a byte-bounded LRU (:class:`QuantCache`) that one model's layers share. The dense W_q
+packed codes and scales, in a byte-bounded LRU (:class:`~workers.quant.cache.QuantCache`) that one model's layers share. The dense W_q
 lives only inside the matmul: decoded into a scratch buffer for the forward and decoded again for the backward
 (QLoRA's recompute), so memory grows with the quantized size of the cached settings, not with fp32 copies.
 A and B are shared by every configuration; the bias is kept (method.md §6 A7).
+
+:class:`LoRAModel` wraps every registry target of a Hugging Face model in that layer with M = I: one LoRA for
+every configuration (Shared-LoRA, coa-no-theta) or for one (QLoRA). CoA-LoRA (:mod:`.coa`) is this model plus θ.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Any, Callable, Iterable, Literal, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.space import QuantSetting
+from search.space import QuantSetting, SearchSpace
 
-from .quant.formats import StoredWeight, dequantize, quantize
+from ..apply import check_space_fits, resolve_configuration
+from ..quant.cache import DEFAULT_CACHE_MB, QuantCache
+from ..quant.formats import StoredWeight, dequantize, quantize
+from ..registry import ModuleRegistry
 
 Init = Literal["zero_B", "svd_of_W"]
-DEFAULT_CACHE_MB = 256.0
-"""Default ``training.cache_mb``: about four 4-bit configurations of SmolLM2-135M's 210 matrices."""
-
-
-class QuantCache:
-    """LRU of quantized matrices in storage form (:data:`~workers.quant.formats.StoredWeight`), keyed by (matrix name, setting) and
-    bounded in bytes. Two configurations that give a matrix the same setting share its entry. It also owns the
-    scratch buffer dense weights are decoded into, one per device, grown to the largest matrix seen."""
-
-    def __init__(self, capacity_mb: float = DEFAULT_CACHE_MB):
-        if not (isinstance(capacity_mb, (int, float)) and math.isfinite(capacity_mb) and capacity_mb >= 0):
-            raise ValueError(f"cache capacity must be a finite number of MB >= 0, got {capacity_mb!r}")
-        self.capacity_bytes = int(capacity_mb * 2**20)
-        self._entries: OrderedDict[tuple[str, QuantSetting], StoredWeight] = OrderedDict()
-        self._scratch: dict[torch.device, torch.Tensor] = {}
-        self.nbytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def get(self, name: str, setting: QuantSetting, compute: Callable[[], StoredWeight]) -> StoredWeight:
-        key = (name, setting)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return self._entries[key]
-        self.misses += 1
-        value = compute()
-        if value.nbytes <= self.capacity_bytes:  # a matrix larger than the whole budget is used, not kept
-            self._entries[key] = value
-            self.nbytes += value.nbytes
-            while self.nbytes > self.capacity_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= old.nbytes
-                self.evictions += 1
-        return value
-
-    def drop(self, name: str) -> None:
-        """Forget every setting of matrix ``name`` (its residual changed)."""
-        for key in [k for k in self._entries if k[0] == name]:
-            self.nbytes -= self._entries.pop(key).nbytes
-
-    def scratch(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A float32 buffer of at least ``numel`` entries on ``device``, reused by every decode there."""
-        buffer = self._scratch.get(device)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
-        return buffer
-
-    def stats(self) -> dict[str, float]:
-        """Counters since the last :meth:`reset_counters`, and what is held now."""
-        lookups = self.hits + self.misses
-        return {"cache_hits": self.hits, "cache_misses": self.misses, "cache_evictions": self.evictions,
-                "cache_hit_rate": self.hits / lookups if lookups else 0.0, "cache_mb": self.nbytes / 2**20,
-                "cache_entries": len(self._entries)}
-
-    def reset_counters(self) -> None:
-        self.hits = self.misses = self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def merge_cache_stats(stats: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Several caches' :meth:`QuantCache.stats` as one: counts and bytes add up, the hit rate is recomputed."""
-    total: dict[str, float] = {}
-    for one in stats:
-        for name, value in one.items():
-            total[name] = total.get(name, 0) + value
-    lookups = total.get("cache_hits", 0) + total.get("cache_misses", 0)
-    total["cache_hit_rate"] = total.get("cache_hits", 0) / lookups if lookups else 0.0
-    return total
+CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")
+"""Module names of sequence-classification heads in BERT/RoBERTa (``classifier``) and decoders (``score``)."""
 
 
 class _QuantizedLinear(torch.autograd.Function):
@@ -241,3 +180,137 @@ class CoALoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: in={self.in_features}, out={self.out_features}, r={self.rank}, s={self.scaling:g}"
+
+
+def wrap_targets(
+    model: nn.Module,
+    registry: ModuleRegistry,
+    rank: int,
+    alpha: float,
+    *,
+    init: Init = "zero_B",
+    cache: QuantCache | None = None,
+    seed: int = 0,
+) -> list[CoALoRALinear]:
+    """Replace every registry target of ``model`` in place by a :class:`CoALoRALinear` (registry order), all
+    sharing ``cache`` (a new default-size one if None). A's random init comes from one generator seeded with
+    ``seed``, drawn in registry order."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = QuantCache() if cache is None else cache
+    layers = []
+    for target in registry:
+        base = registry.module(model, target)
+        layer = CoALoRALinear(
+            base, rank, alpha, init=init, name=target.name, cache=cache, generator=generator,
+        )
+        parent_name, _, child = target.name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers.append(layer)
+    return layers
+
+
+class LoRAModel(nn.Module):
+    """A whole model with every registry target wrapped in :class:`CoALoRALinear` and M = I: the frozen base, the
+    LoRA pairs and trainable extra modules such as the classification head.
+
+    Call ``model(configuration, **batch)``: it activates ``configuration`` (list of settings in registry order, or
+    None for the unquantized base) on every layer and runs the wrapped model; switching configurations costs no
+    model reload (method.md §3.5, §6 B15)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        space: SearchSpace,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        init: Init = "zero_B",
+        trainable_modules: Sequence[str] | None = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
+        seed: int = 0,
+        registry: ModuleRegistry | None = None,
+    ):
+        super().__init__()
+        self.registry = registry or ModuleRegistry.from_model(model)
+        check_space_fits(self.registry, space)
+        self.space = space
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.init = init
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.cache = QuantCache(cache_mb)  # the quantized weights of every layer, in one byte budget
+        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache=self.cache, seed=seed)
+        if trainable_modules is None:
+            trainable_modules = [n for n in CLASSIFIER_HEADS if has_submodule(model, n)]
+        self.trainable_modules = list(trainable_modules)
+        for name in self.trainable_modules:
+            model.get_submodule(name).requires_grad_(True)
+        self.configuration: list[QuantSetting] | None = None
+
+    # ---- configuration ------------------------------------------------------------------------------------
+    def resolve(self, configuration: Any) -> list[QuantSetting]:
+        return resolve_configuration(self.registry, configuration, self.space)
+
+    def mixing_matrices(self, configuration: Sequence[QuantSetting]) -> torch.Tensor | None:
+        """(N, r, r) M matrices of ``configuration``; None here (M = I), θ's output in :class:`~.coa.CoAModel`."""
+        return None
+
+    def set_configuration(self, configuration: Any | None, mixing: torch.Tensor | None = None) -> None:
+        """Activate ``configuration`` on every wrapped layer (None: unquantized) with the given M matrices (None:
+        :meth:`mixing_matrices`'s)."""
+        settings = None if configuration is None else self.resolve(configuration)
+        if mixing is None and settings is not None:
+            mixing = self.mixing_matrices(settings)
+        for i, layer in enumerate(self.layers):
+            layer.setting = None if settings is None else settings[i]
+            layer.mixing = None if mixing is None else mixing[i]
+        self.configuration = settings
+
+    def forward(self, configuration: Any | None, **batch: Any) -> Any:
+        self.set_configuration(configuration)
+        return self.model(**batch)
+
+    def set_calibration(self, hessians: Mapping[str, torch.Tensor] | None) -> None:
+        """GPTQ codes under each target's input statistics (:mod:`workers.calibration`), or round to nearest."""
+        for layer in self.layers:
+            layer.set_hessian(None if hessians is None else hessians[layer.name])
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Within the block every layer is its quantized base alone: the no-adapter baseline."""
+        for layer in self.layers:
+            layer.adapter_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.adapter_enabled = True
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of every trainable tensor (LoRA pairs, θ, heads), keyed by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict: a missing or unexpected key is an error (method.md §6 B22)."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    def no_decay_names(self) -> set[str]:
+        """Trainable parameters that take no weight decay: every bias."""
+        return {n for n, p in self.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+
+def has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
