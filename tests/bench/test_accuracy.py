@@ -1,4 +1,4 @@
-"""bench/accuracy.py --quick end to end on a tiny random model with tiny data, so the benchmark cannot rot: outputs
+"""bench/accuracy --quick end to end on a tiny random model with tiny data, so the benchmark cannot rot: outputs
 exist and have the right structure, the last stdout line is the headline JSON, MLflow holds one parent with one
 child per method, and a second run gives identical metrics (the documented tolerance is 0 on one machine)."""
 
@@ -38,7 +38,7 @@ def _run(tmp: Path, model_dir: Path, uri: str) -> tuple[dict, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--quick", "--config", str(config), "--out", str(tmp),
+        [sys.executable, "-m", "bench.accuracy", "--quick", "--config", str(config), "--out", str(tmp),
          "--tracking-uri", uri, *_overrides(model_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -1,0 +1,126 @@
+"""``python -m bench.accuracy``: run the jobs of a bench YAML (or re-render saved results); the last stdout line is
+one JSON object with the headline figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # also run as `python bench/accuracy`
+
+import torch  # noqa: E402
+
+from bench.accuracy import __doc__ as DOC  # noqa: E402
+from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, load_bench, run_job  # noqa: E402
+from bench.accuracy.report import TOLERANCE, describe_processes, log_mlflow, plot, write_markdown  # noqa: E402
+from bench.accuracy.stats import METHODS, headline  # noqa: E402
+from orchestrator import report  # noqa: E402
+from orchestrator.state import write_json_atomic  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=DOC.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="conf/bench/quick.yaml: MiniLM + reviews, < 15 min on 2 CPUs")
+    ap.add_argument("--config", type=Path, help="bench YAML (default conf/bench/full.yaml, or quick.yaml with --quick)")
+    ap.add_argument("--out", type=Path, help="output directory (default docs/, or docs/quick/ with --quick)")
+    ap.add_argument("--tracking-uri", help="MLflow URI (default MLFLOW_TRACKING_URI, else sqlite under --out)")
+    ap.add_argument("--override", action="append", default=[], metavar="section.key=value",
+                    help="applied to every job's run configuration (repeatable)")
+    ap.add_argument("--jobs", help="comma-separated job names to run (default: all of the file)")
+    ap.add_argument("--render-only", type=Path, metavar="ACCURACY_JSON",
+                    help="re-write results.md and the plots from a saved accuracy.json (no compute, no MLflow)")
+    ap.add_argument("--notes", type=Path, metavar="MARKDOWN",
+                    help="with --render-only: a hand-written discussion, kept in accuracy.json and rendered last")
+    ap.add_argument("--reproduced", metavar="TEXT",
+                    help="with --render-only: how a repeat run compared, kept in accuracy.json and rendered")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    if args.out is None:
+        args.out = ROOT / "docs" / ("quick" if args.quick else "")
+    if (args.notes or args.reproduced) and not args.render_only:
+        ap.error("--notes and --reproduced go with --render-only")
+    if args.render_only:
+        saved = json.loads(args.render_only.read_text())
+        if args.notes:
+            saved["meta"]["notes"] = args.notes.read_text()
+        if args.reproduced:
+            saved["meta"]["reproduced"] = args.reproduced
+        if args.notes or args.reproduced:
+            write_json_atomic(args.render_only, saved)
+        out = args.out.resolve()
+        pngs = [plot(r, out / "results" / f"accuracy-{r['job']}.png") for r in saved["jobs"]]
+        write_markdown(saved["jobs"], saved["meta"], out / "results.md", [str(p.relative_to(out)) for p in pngs])
+        head = headline(saved["jobs"], saved["meta"]["mode"], saved["meta"]["total_minutes"])
+        print(json.dumps(head, sort_keys=True))
+        return head
+
+    mode = "quick" if args.quick else "full"
+    path = args.config or BENCH_DIR / f"{mode}.yaml"
+    bench = load_bench(path)
+    jobs = bench["jobs"]
+    if args.jobs:
+        wanted = args.jobs.split(",")
+        jobs = [j for j in jobs if j["name"] in wanted]
+        if not jobs:
+            raise SystemExit(f"--jobs {args.jobs}: none of {[j['name'] for j in bench['jobs']]}")
+    out = args.out.resolve()
+    res_dir = out / "results"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = res_dir / "work" / f"{mode}-{stamp}"
+    work.mkdir(parents=True, exist_ok=True)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{res_dir / 'work' / 'mlflow.db'}"
+    for job in jobs:  # validate every job before any compute
+        job_config(job, args.override, work, uri)
+
+    def log(msg: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    t0 = time.perf_counter()
+    results = [run_job(job, args.override, work, uri, log) for job in jobs]
+    total = (time.perf_counter() - t0) / 60
+    cmd_args = [a for a in (sys.argv[1:] if argv is None else list(argv))]
+    meta = {
+        "mode": mode, "stamp": stamp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([".venv/bin/python -m bench.accuracy", *cmd_args]),
+        "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+                   f"{describe_processes(results)}, 1 torch thread each, no GPU",
+        "total_minutes": total, "tolerance": TOLERANCE, "config_file": str(path),
+    }
+    pngs = [plot(r, res_dir / f"accuracy-{r['job']}.png") for r in results]
+    raw = res_dir / "accuracy.json"
+    raw.write_text(json.dumps({"meta": meta, "jobs": results}, indent=1, default=str) + "\n")
+    md = out / "results.md"
+    write_markdown(results, meta, md, [str(p.relative_to(out)) for p in pngs])
+    parent = log_mlflow(uri, results, meta, [md, raw, *pngs])
+    for r in results:
+        print()
+        print(f"== {r['job']} ({r['metric']}) ==")
+        tnames = r["targets"]
+        table = []
+        for m in METHODS:
+            by = {x["configuration"]: x[r["metric"]] for x in r["rows"] if x["method"] == m}
+            row = {"method": m, **{n.split()[1]: by.get(n, float("nan")) for n in tnames}, "mean": r["mean_target"][m],
+                   "unseen": r["unseen_mean"].get(m, float("nan")), "HV": r["hypervolume_targets"][m],
+                   "train_min": r["minutes"][m]}
+            table.append(row)
+        print(report.text_table(table, ["method", *[n.split()[1] for n in tnames], "mean", "unseen", "HV", "train_min"]))
+    print(f"\nwrote {md}, {raw}, {', '.join(str(p) for p in pngs)}; MLflow {uri} parent run {parent}")
+    head = headline(results, mode, total)
+    head["mlflow_parent_run"] = parent
+    print(json.dumps(head, sort_keys=True))
+    return head
+
+
+if __name__ == "__main__":
+    main()

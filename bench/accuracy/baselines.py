@@ -1,0 +1,137 @@
+"""QLoRA and LQ-LoRA once per configuration, on one worker built from the run's own spec, in this process or spread
+over Ray actors: every training is a pure function of (method, configuration)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import warnings
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from orchestrator.config import RunConfig
+from orchestrator.executor import init_ray
+from orchestrator.optim import MasterState, train_config, weighted_mean
+from orchestrator.runs import worker_spec
+from orchestrator.schedule import batch_ids
+from workers.baselines import lq_lora
+from workers.fisher import layer_fisher
+from workers.training import TrainConfig
+from workers.worker import Worker, build_task
+
+
+class Baselines:
+    """QLoRA and LQ-LoRA on one worker built from the run's own spec: same data, same validation batches, same
+    gradient code, same optimizer and data order as the driver's Shared-LoRA loop."""
+
+    def __init__(self, cfg: RunConfig, opts: Mapping[str, Any]):
+        self.cfg, self.opts = cfg, opts
+        self.spec = worker_spec(cfg)
+        self.worker = Worker(self.spec)  # holds "main" and "shared" (plain LoRA, B = 0: the QLoRA starting point)
+        self.train_config = train_config(cfg, configs_per_step=1)
+        self.total_steps = self.train_config.total_steps
+        self._base = None
+        self._fisher = None
+        self._qlora_init = self.worker.initial_state("shared")  # before any evaluate() loads a trained state
+        self._fisher_weights()  # likewise: the Fisher of the untrained model, as the worker's cost table uses
+
+    def _train(self, method: str, init: Mapping[str, torch.Tensor], x: np.ndarray,
+               config: TrainConfig | None = None) -> dict[str, torch.Tensor]:
+        """``total_steps`` AdamW steps on configuration ``x`` alone from ``init``; the driver's batch order."""
+        w, cfg = self.worker, self.cfg
+        master = MasterState(init, w.models[method].no_decay_names(), config or self.train_config)
+        for step in range(self.total_steps):
+            ids = batch_ids(cfg.run.seed, w.n_train(), cfg.data.batch_size, step)
+            _, grads, _ = weighted_mean([w.gradients(method, master.state(), ids, [x])])
+            master.step(grads)
+        return master.state()
+
+    def qlora(self, x: np.ndarray) -> tuple[dict[str, float], float]:
+        t0 = time.perf_counter()
+        state = self._train("shared", self._qlora_init, x)
+        seconds = time.perf_counter() - t0
+        return self.worker.evaluate("shared", state, x), seconds
+
+    def _fisher_weights(self) -> dict[str, torch.Tensor] | None:
+        if not self.opts["lq_fisher"]:
+            return None
+        if self._fisher is None:  # the same estimate the worker's cost table uses (quantization-free model)
+            w = self.worker
+            single = [w.collate([item]) for item in w.train_items[: self.spec.fisher_examples]]
+            model = w.models["shared"]
+            with model.adapters_disabled():
+                model.set_configuration(None)
+                self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
+        return self._fisher
+
+    def lq_lora(self, x: np.ndarray) -> tuple[dict[str, float], float]:
+        fisher = self._fisher_weights()
+        t0 = time.perf_counter()
+        if self._base is None:  # a fresh, unwrapped copy of the base, built exactly as the worker built its own
+            torch.manual_seed(self.spec.seed)
+            self._base = build_task(self.spec).model
+        model = lq_lora(copy.deepcopy(self._base), self.worker.space, self.worker.space.decode(x),
+                        rank=self.spec.rank, alpha=self.spec.alpha, iterations=int(self.opts["lq_iterations"]),
+                        fisher=fisher, seed=self.spec.seed)
+        model.eval()
+        self.worker.models["lq"] = model
+        try:
+            lr = self.opts.get("lq_lora_lr")
+            config = None if lr is None else replace(self.train_config, lora_lr=float(lr))
+            state = self._train("lq", model.trainable_state(), x, config)
+            seconds = time.perf_counter() - t0
+            return self.worker.evaluate("lq", state, x), seconds
+        finally:
+            del self.worker.models["lq"]
+
+
+
+class BaselineReplica:
+    """One process's :class:`Baselines`; ``run`` trains and evaluates one (method, configuration) pair and returns
+    (metrics, training seconds, evaluation seconds)."""
+
+    def __init__(self, cfg_json: Mapping[str, Any], opts: Mapping[str, Any]):
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        self.baselines = Baselines(RunConfig.model_validate(cfg_json), opts)
+
+    def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], float, float]:
+        t0 = time.perf_counter()
+        metrics, seconds = self.baselines.qlora(x) if method == "qlora" else self.baselines.lq_lora(x)
+        return metrics, seconds, time.perf_counter() - t0 - seconds
+
+
+
+def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray]],
+                  log) -> list[tuple[dict[str, float], float, float]]:
+    """Every per-configuration training, in ``calls`` order. With ``cluster.executor = ray`` they spread over
+    ``cluster.workers`` Ray actors (``cpus_per_worker`` CPUs each, the same processes budget as the CoA-LoRA run);
+    else they run here one after another. Each training is a pure function of (method, configuration): seeded data
+    order and initialisation, fixed base; so the numbers do not depend on where or with how many replicas it ran."""
+    if cfg.cluster.executor == "local" or cfg.cluster.workers == 1:
+        replica = BaselineReplica(cfg.model_dump(mode="json"), opts)
+        out = []
+        for method, cname, x in calls:
+            log(f"[{cfg.run.name}] {method} on {cname}")
+            out.append(replica.run(method, x))
+        return out
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # bench/ is not installed: ship it by value
+    init_ray(cfg.cluster.address, None)  # started by the CoA-LoRA run already unless it ran in-process
+    actor = ray.remote(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=cfg.cluster.gpus_per_worker)(BaselineReplica)
+    replicas = [actor.remote(cfg.model_dump(mode="json"), dict(opts)) for _ in range(cfg.cluster.workers)]
+    try:
+        refs = [replicas[i % len(replicas)].run.remote(method, x) for i, (method, _, x) in enumerate(calls)]
+        out = []
+        for (method, cname, _), ref in zip(calls, refs):
+            out.append(ray.get(ref))
+            log(f"[{cfg.run.name}] {method} on {cname}: done")
+        return out
+    finally:
+        for r in replicas:
+            ray.kill(r)

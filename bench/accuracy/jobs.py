@@ -1,0 +1,147 @@
+"""The protocol: a bench YAML's jobs, each one CoA-LoRA run through the product path (which also trains Shared-LoRA
+and evaluates no-adapter) and then the per-configuration trainings on exactly the configurations it evaluated."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from orchestrator.config import ConfigError, RunConfig, build_config
+from orchestrator.driver import Driver
+from orchestrator.finish import Finish
+from orchestrator.optim import train_config
+from orchestrator.runs import start_run
+from orchestrator.schedule import unkey
+from orchestrator.state import Ledger
+
+from .baselines import run_baselines
+from .stats import summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_DIR = ROOT / "conf" / "bench"
+
+PRODUCT_EXPERIMENT = "coalora-bench-product"
+
+BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None}
+
+
+
+def load_bench(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    jobs = data.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        raise ConfigError(f"{path}: needs a non-empty 'jobs' list")
+    names = [j.get("name") for j in jobs]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"{path}: every job needs a unique 'name', got {names}")
+    for j in jobs:
+        unknown = set(j.get("bench", {})) - set(BENCH_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"{path}: job {j['name']}: unknown bench option(s) {sorted(unknown)}; allowed {list(BENCH_DEFAULTS)}")
+    return data
+
+
+
+def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str) -> tuple[RunConfig, dict[str, Any]]:
+    """The product run configuration of one job (validated), with the bench's fixed parts forced."""
+    run = copy.deepcopy(dict(job.get("run", {})))
+    forced = {
+        "run": {"name": str(job["name"]), "root": str(work / "runs")},
+        "evaluation": {"baselines": ["no_adapter", "shared_lora"]},
+        "tracking": {"uri": uri, "experiment": PRODUCT_EXPERIMENT},
+    }
+    for section, values in forced.items():
+        run.setdefault(section, {}).update(values)
+    run.setdefault("cluster", {}).setdefault("executor", "local")
+    cfg = build_config(run, overrides)
+    # overrides may not undo the forced parts
+    cfg = build_config(cfg.model_dump(mode="json"), [f"{s}.{k}={json.dumps(v)}" for s, d in forced.items() for k, v in d.items()])
+    opts = {**BENCH_DEFAULTS, **job.get("bench", {})}
+    if opts["hv_reference"] is None:
+        opts["hv_reference"] = 0.5 if cfg.model.task == "classification" else 1000.0
+    return cfg, opts
+
+
+
+@contextlib.contextmanager
+def timed_driver(times: dict[str, float]) -> Iterator[None]:
+    """Measure the driver's Shared-LoRA training and final evaluation (the driver does not time itself). The wrapped
+    methods are called unchanged; only their durations are recorded."""
+    originals = {"_train_shared": (Finish, Finish.train_shared), "final_evaluation": (Driver, Driver.final_evaluation)}
+
+    def wrap(name: str):
+        fn = originals[name][1]
+
+        def inner(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+        return inner
+
+    for name, (owner, fn) in originals.items():
+        setattr(owner, fn.__name__, wrap(name))
+    try:
+        yield
+    finally:
+        for owner, fn in originals.values():
+            setattr(owner, fn.__name__, fn)
+
+
+
+def evaluated_configurations(run_dir: Path) -> list[tuple[str, np.ndarray]]:
+    """(name, encoding) of every configuration the driver evaluated, in its order (from the ledger)."""
+    out, seen = [], set()
+    for e in Ledger(run_dir / "ledger.jsonl").entries():
+        if e["kind"] == "final" and e["method"] == "coa-lora" and e["configuration"] not in seen:
+            seen.add(e["configuration"])
+            out.append((e["configuration"], unkey(e["config"])))
+    return out
+
+
+
+def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str, log) -> dict[str, Any]:
+    cfg, opts = job_config(job, overrides, work, uri)
+    name = cfg.run.name
+    torch.set_num_threads(1)
+    times: dict[str, float] = {}
+    log(f"[{name}] CoA-LoRA run (product path: start_run, {cfg.search.rounds} rounds x "
+        f"{cfg.training.steps_per_round} steps, K = {cfg.training.configs_per_step}) + Shared-LoRA + no-adapter")
+    t0 = time.perf_counter()
+    with timed_driver(times):
+        run_dir, driver_rows = start_run(cfg, progress=False)
+    run_s = time.perf_counter() - t0
+    final_s, shared_s = times.get("final_evaluation", 0.0), times.get("_train_shared", 0.0)
+    minutes = {"coa-lora": (run_s - final_s) / 60, "shared-lora": shared_s / 60, "no-adapter": 0.0}
+    eval_minutes = {"driver (coa-lora, shared-lora, no-adapter)": (final_s - shared_s) / 60}
+
+    configs = evaluated_configurations(run_dir)
+    targets = [(n, x) for n, x in configs if n.startswith("target")]
+    unseen = [(n, x) for n, x in configs if n.startswith("unseen")]
+    bits_of = {r["configuration"]: r["avg_bits"] for r in driver_rows}
+    rows = [dict(r) for r in driver_rows]
+
+    per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
+    per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+    steps = train_config(cfg).total_steps
+    log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
+        f"(qlora / lq-lora on {len(targets)} targets, qlora on {len(per_config) - 2 * len(targets)} unseen)")
+    train_s = {"qlora": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
+    eval_s = 0.0
+    for (method, cname, _), (metrics, seconds, evaluation) in zip(per_config, run_baselines(cfg, opts, per_config, log)):
+        eval_s += evaluation
+        train_s[method if cname.startswith("target") else "qlora (unseen)"] += seconds
+        rows.append({"method": method, "configuration": cname, "avg_bits": bits_of[cname], **metrics})
+    minutes.update({k: v / 60 for k, v in train_s.items()})
+    eval_minutes["baselines (qlora, lq-lora)"] = eval_s / 60
+    return summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs)

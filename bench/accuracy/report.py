@@ -1,0 +1,221 @@
+"""The outputs: results.md (protocol, tables, wall times, discussion), a metric-vs-bits plot per job, and the MLflow
+parent run with one child per method."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from orchestrator.tracking import Tracker
+
+from .stats import METHODS
+
+BENCH_EXPERIMENT = "coalora-bench"
+
+TOLERANCE = "0 (identical) on the same machine and torch build; across machines 1/val_examples accuracy, 1e-3 relative perplexity"
+
+
+
+def plot(result: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, rows = result["metric"], result["rows"]
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
+    styles = {"coa-lora": ("C3", "o"), "qlora": ("C0", "s"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"),
+              "no-adapter": ("0.5", "v")}
+    for m, (color, marker) in styles.items():
+        t = sorted((r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("target"))
+        u = [(r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("unseen")]
+        if t:
+            ax.plot(*zip(*t), marker=marker, color=color, lw=1.5, ms=6, label=f"{m} (targets)")
+        if u:
+            ax.scatter(*zip(*u), marker=marker, facecolors="none", edgecolors=color, s=28, label=f"{m} (unseen)")
+    ax.set_xlabel("average bits per weight (target matrices)")
+    ax.set_ylabel(metric + (" (higher is better)" if metric == "accuracy" else " (lower is better)"))
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.set_title(f"{result['job']}: {metric} vs average bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+
+def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
+    metric, by = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}
+    tnames = r["targets"]
+    better = "higher" if r["higher_is_better"] else "lower"
+    out = [f"## {r['job']}: {r['model']} + {r['dataset']} ({metric}, {better} is better)", ""]
+    head = ["method"] + [f"{n.split()[1]} bits" for n in tnames] + ["mean", "HV (targets)", "train min", "served"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in METHODS:
+        cells = [m] + [_f(by[(m, n)][metric]) if (m, n) in by else "–" for n in tnames]
+        cells += [_f(r["mean_target"][m]), _f(r["hypervolume_targets"][m]), _f(r["minutes"][m], 2),
+                  str(r["served_configurations"][m])]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Average bits of the target configurations (the ILP allocation at each budget, identical for every "
+            "method): " + ", ".join(f"{n.split()[1]} → {by[('coa-lora', n)]['avg_bits']:.3f}" for n in tnames) + ".", ""]
+    gaps = (f"Gap CoA-LoRA − QLoRA (mean over targets): **{r['gap_coa_minus_qlora']:+.4f}**; − LQ-LoRA: "
+            f"{r['gap_coa_minus_lq_lora']:+.4f}; − Shared-LoRA: {r['gap_coa_minus_shared_lora']:+.4f}. "
+            f"CoA-LoRA is better on {r['coa_wins_on_targets']['qlora']}/{len(tnames)} targets vs QLoRA, "
+            f"{r['coa_wins_on_targets']['lq-lora']}/{len(tnames)} vs LQ-LoRA, "
+            f"{r['coa_wins_on_targets']['shared-lora']}/{len(tnames)} vs Shared-LoRA.")
+    if not r["higher_is_better"]:
+        gaps += (" (Perplexity: means are geometric means, exp of the mean log-perplexity; a negative gap means "
+                 "CoA-LoRA is better.)")
+    out += [gaps, ""]
+    if r["higher_is_better"]:
+        n_val = r["config"]["data"]["val_examples"]
+        p = min(max(r["mean_target"]["coa-lora"], 0.01), 0.99)
+        se = math.sqrt(p * (1 - p) / n_val)
+        out += [f"Resolution: {n_val} validation examples, so one example = {1 / n_val:.4f} and the binomial standard "
+                f"error of one accuracy is ≈ {se:.3f}: a difference between two methods at one configuration below ≈ "
+                f"{2 * math.sqrt(2) * se:.3f}, or between two means over the four targets below ≈ "
+                f"{math.sqrt(2) * se:.3f} (two standard errors, unpaired), is within noise. The no-adapter model keeps the untrained "
+                "classification head, so it predicts one class.", ""]
+    flat = [m for m in ("qlora", "lq-lora", "shared-lora", "coa-lora")
+            if abs(r["mean_target"][m] - r["mean_target"]["no-adapter"]) < 1e-9 + (1 / r["config"]["data"]["val_examples"]
+                                                                               if r["higher_is_better"] else 0)]
+    if flat:
+        out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
+                "every method by design; see `bench.lq_lora_lr` to give LQ-LoRA's factors their own).", ""]
+    out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
+    out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
+            "|---|---|---|---|"]
+    for m in ("coa-lora", "shared-lora", "no-adapter", "qlora"):
+        all_u = r["unseen_mean"].get(m, float("nan"))
+        out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
+                   f"{_f(r['unseen_qlora_subset_mean'][m])} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
+    out += ["", "Per unseen configuration:", ""]
+    head = ["configuration", "avg bits", "coa-lora", "shared-lora", "no-adapter", "qlora (trained on it)"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in r["unseen"]:
+        cells = [n, _f(by[("coa-lora", n)]["avg_bits"], 3)]
+        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in ("coa-lora", "shared-lora", "no-adapter", "qlora")]
+        out.append("| " + " | ".join(cells) + " |")
+    ev = "; ".join(f"{k}: {v:.2f} min" for k, v in r["evaluation_minutes"].items())
+    out += ["", "### Wall time (minutes, training only; evaluation excluded)", "",
+            "| method | minutes | what it covers |", "|---|---|---|",
+            f"| coa-lora | {r['minutes']['coa-lora']:.2f} | model load, Fisher cost table, ILP pool, "
+            f"{r['coa_steps']} steps x K = {r['coa_configs_per_step']}, search; serves any configuration |",
+            f"| shared-lora | {r['minutes']['shared-lora']:.2f} | {r['coa_steps']} steps, one target drawn per step |",
+            f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} steps "
+            f"(targets only) |",
+            f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
+            f"{r['baseline_steps_per_configuration']} steps) |",
+            f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
+            f"{r['baseline_steps_per_configuration']} steps |",
+            "", f"Evaluation time: {ev}.", "", f"![{metric} vs average bits]({png_rel})", ""]
+    return "\n".join(out)
+
+
+
+def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], path: Path, pngs: Sequence[str]) -> None:
+    r0 = results[0]
+    c = r0["config"]
+    lines = [
+        f"# CoA-LoRA vs per-configuration fine-tuning at CPU scale ({meta['mode']} mode)", "",
+        f"Produced by `{meta['command']}` on {meta['machine']}, {meta['date']} "
+        f"(total {meta['total_minutes']:.1f} min). Generated by `bench/accuracy/`; do not edit by hand.", "",
+        "**Protocol.** CoA-LoRA runs once through the product path (`orchestrator.runs.start_run`: Fisher cost table → "
+        "ILP initial pool → rounds of training + BoTorch Pareto search); the same run trains Shared-LoRA once and "
+        "evaluates the quantized base without adapters (no-adapter). QLoRA and LQ-LoRA (faithful LQ init: T ≤ "
+        f"{r0['bench_options']['lq_iterations']}, best iterate, randomized SVD, Fisher weighting "
+        f"{'on' if r0['bench_options']['lq_fisher'] else 'off'}) are trained once per target configuration. "
+        "Every method is evaluated on the same configurations: the ILP allocation at each target budget "
+        f"({', '.join(n.split()[1] for n in r0['targets'])} bits) and {len(r0['unseen'])} seeded unseen "
+        "configurations between 2.5 and 6 bits (CoA-LoRA and Shared-LoRA without retraining; QLoRA retrained on "
+        f"{len(r0['qlora_unseen'])} of them to show the gap).", "",
+        "**Fairness: the strongest fair baseline.** Each QLoRA / LQ-LoRA configuration is trained for as many optimizer "
+        "steps as CoA-LoRA's whole run (search.rounds × training.steps_per_round = "
+        f"{r0['baseline_steps_per_configuration']} here), with the same learning rate, warmup + cosine schedule, weight "
+        "decay, clipping, batch size, rank, data order and gradient code, and evaluated on the same validation "
+        "batches. Per-configuration baselines therefore cost (number of targets) × CoA-LoRA's steps. The Fisher cost "
+        "table that yields the ILP configurations is charged to CoA-LoRA only. One exception, in LQ-LoRA's favour: "
+        "its SVD-initialised LoRA factors train at their own rate (`bench.lq_lora_lr`: "
+        + ", ".join(f"{r['job']} {r['bench_options'].get('lq_lora_lr') or r['config']['training']['lr']:g}" for r in results)
+        + "; its head at the shared rate), as its recipe does: at the shared rate it fell to the no-adapter level on "
+        "MiniLM (measured, see conf/bench/quick.yaml).", "",
+        "**Hypervolume.** Of each method's (average bits, metric) points with a fixed reference independent of the "
+        f"data: bits normalised over the space's range [{r0['hv_reference']['bits'][0]:.4f}, "
+        f"{r0['hv_reference']['bits'][1]:.4f}]; accuracy as the error 1 − acc over [0, 1 − acc_ref] with acc_ref = 0.5 "
+        "(chance on the two-class task); perplexity as log(ppl) over [0, log(ppl_ref)] (ppl_ref in the job's "
+        "`bench.hv_reference`). Both minimised, reference point (1, 1), best possible value 1. \"HV (targets)\" uses the "
+        "four target points of every method, so it compares methods on identical configurations.", "",
+        f"**Reproducibility.** Seeds fixed (run.seed = {c['run']['seed']}), one torch thread per process. The per-configuration baselines do not depend on the number of worker processes; the CoA-LoRA run does, through the float summation order of its gradient shards, so repeats must keep cluster.workers. Tolerance "
+        f"between two runs of the same command: {TOLERANCE}. Wall times vary with the machine's other load."
+        + (f" Checked: {meta['reproduced']}." if meta.get("reproduced") else ""), "",
+        "**Settings.** " + ", ".join(f"{k} = {v}" for k, v in [
+            ("train examples", c["data"]["train_examples"]), ("validation examples", c["data"]["val_examples"]),
+            ("scoring examples", c["data"]["score_examples"]), ("batch", c["data"]["batch_size"]),
+            ("max length", c["data"]["max_length"]), ("rank", c["adapter"]["rank"]), ("alpha", c["adapter"]["alpha"]),
+            ("lr", c["training"]["lr"]), ("rounds", c["search"]["rounds"]),
+            ("steps per round", c["training"]["steps_per_round"]), ("K", c["training"]["configs_per_step"]),
+            ("initial budgets", c["search"]["initial_budgets"]), ("proposals per round", c["search"]["proposals_per_round"]),
+        ]) + " (first job; every job's resolved configuration is in `results/accuracy.json`).", "",
+    ]
+    for r, png in zip(results, pngs):
+        lines.append(job_markdown(r, png))
+    if meta.get("notes"):
+        lines += ["## Discussion", "", meta["notes"].strip(), ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+
+def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], files: Sequence[Path]) -> str:
+    stamp = meta["stamp"]
+    tracker = Tracker(uri, BENCH_EXPERIMENT, run_key=f"bench-accuracy-{meta['mode']}-{stamp}",
+                      run_name=f"bench accuracy ({meta['mode']})")
+    client = tracker.client
+    try:
+        tracker.log_params_once({"mode": meta["mode"], "command": meta["command"], "machine": meta["machine"],
+                                 "jobs": ",".join(r["job"] for r in results)})
+        for r in results:
+            prefix = "" if len(results) == 1 else f"{r['job']}."
+            tracker.log_metrics({f"{prefix}gap_coa_minus_qlora": r["gap_coa_minus_qlora"],
+                                 f"{prefix}gap_coa_minus_lq_lora": r["gap_coa_minus_lq_lora"]}, step=0)
+            for m in METHODS:
+                name = m if len(results) == 1 else f"{r['job']}/{m}"
+                child = tracker.child(name)
+                client.set_tag(child, "bench.job", r["job"])
+                client.set_tag(child, "bench.method", m)
+                metric = r["metric"]
+                vals = {f"{n.replace(' ', '_')}.{metric}": x[metric] for n in r["targets"] + r["unseen"]
+                        for x in r["rows"] if x["method"] == m and x["configuration"] == n}
+                vals.update({f"mean_target_{metric}": r["mean_target"][m], "hypervolume_targets": r["hypervolume_targets"][m],
+                             "train_minutes": r["minutes"][m]})
+                if m in r["unseen_mean"]:
+                    vals[f"mean_unseen_{metric}"] = r["unseen_mean"][m]
+                    vals["hypervolume_all"] = r["hypervolume_all_evaluated"][m]
+                tracker.log_metrics(vals, step=0, child=name)
+                client.set_terminated(child)
+        for f in files:
+            tracker.log_artifact(f)
+        tracker.finish()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return tracker.parent_id
+
+
+
+def describe_processes(results: Sequence[Mapping[str, Any]]) -> str:
+    """How the jobs ran, for the report: in-process or on N Ray workers (from their resolved configurations)."""
+    def one(cluster: Mapping[str, Any]) -> str:
+        return "in one process" if cluster["executor"] == "local" else f"{cluster['workers']} Ray worker process(es)"
+    return " / ".join(sorted({one(r["config"]["cluster"]) for r in results}))

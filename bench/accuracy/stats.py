@@ -1,0 +1,92 @@
+"""What a job's rows say: each method's mean over the targets and the unseen configurations, CoA-LoRA's gaps and wins,
+hypervolumes with a fixed reference, and the one-line headline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from orchestrator.config import RunConfig
+from search.hypervolume import normalized_hypervolume
+
+METHODS = ("coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter")
+
+DRIVER_METHODS = ("coa-lora", "shared-lora", "no-adapter")
+
+
+
+def _hv(points: Sequence[tuple[float, float]], metric: str, ref: float, bits_range: tuple[float, float]) -> float:
+    if not points:
+        return float("nan")
+    bits = np.asarray([p[0] for p in points])
+    vals = np.asarray([p[1] for p in points], dtype=np.float64)
+    if metric == "accuracy":
+        return normalized_hypervolume(bits, 1.0 - vals, bits_range, (0.0, 1.0 - ref))
+    return normalized_hypervolume(bits, np.log(np.maximum(vals, 1.0)), bits_range, (0.0, math.log(ref)))
+
+
+
+def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]], minutes: dict[str, float],
+              eval_minutes: dict[str, float], run_dir: Path, steps: int, configs) -> dict[str, Any]:
+    metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    bits_range = cfg.load_space().bits_range
+    target_names = [f"target {t:g}" for t in cfg.evaluation.targets]
+    unseen_names = [n for n, _ in configs if n.startswith("unseen")]
+    qlora_unseen = [r["configuration"] for r in rows if r["method"] == "qlora" and r["configuration"].startswith("unseen")]
+    by = {(r["method"], r["configuration"]): r for r in rows}
+
+    def mean(method: str, names: Sequence[str]) -> float:
+        """Arithmetic for accuracy; geometric for perplexity (exp of the mean loss), so one collapsed
+        configuration (perplexity 1e9 at 2.5 bits) does not swamp the others."""
+        vals = np.asarray([by[(method, n)][metric] for n in names if (method, n) in by], dtype=np.float64)
+        if not vals.size:
+            return float("nan")
+        return float(np.mean(vals)) if metric == "accuracy" else float(np.exp(np.mean(np.log(vals))))
+
+    mean_target = {m: mean(m, target_names) for m in METHODS}
+    unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
+    unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "shared-lora", "qlora", "no-adapter")}
+    ref = float(opts["hv_reference"])
+    hv_targets = {m: _hv([(by[(m, n)]["avg_bits"], by[(m, n)][metric]) for n in target_names if (m, n) in by],
+                         metric, ref, bits_range) for m in METHODS}
+    hv_all = {m: _hv([(r["avg_bits"], r[metric]) for r in rows if r["method"] == m], metric, ref, bits_range)
+              for m in DRIVER_METHODS}
+    sign = 1.0 if metric == "accuracy" else -1.0  # gap > 0: CoA-LoRA is better
+    wins = {b: sum(sign * (by[("coa-lora", n)][metric] - by[(b, n)][metric]) > 0 for n in target_names)
+            for b in ("qlora", "lq-lora", "shared-lora")}
+    return {
+        "job": cfg.run.name, "model": cfg.model.name, "task": cfg.model.task, "dataset": cfg.data.dataset,
+        "metric": metric, "higher_is_better": metric == "accuracy", "baseline_steps_per_configuration": steps,
+        "coa_steps": steps, "coa_configs_per_step": cfg.training.configs_per_step,
+        "targets": target_names, "unseen": unseen_names, "qlora_unseen": qlora_unseen,
+        "mean_target": mean_target, "unseen_mean": unseen_mean, "unseen_qlora_subset_mean": unseen_q,
+        "gap_coa_minus_qlora": mean_target["coa-lora"] - mean_target["qlora"],
+        "gap_coa_minus_lq_lora": mean_target["coa-lora"] - mean_target["lq-lora"],
+        "gap_coa_minus_shared_lora": mean_target["coa-lora"] - mean_target["shared-lora"],
+        "coa_wins_on_targets": wins,
+        "hv_reference": {"bits": list(bits_range), metric: ref}, "hypervolume_targets": hv_targets,
+        "hypervolume_all_evaluated": hv_all, "minutes": minutes, "evaluation_minutes": eval_minutes,
+        "served_configurations": {"coa-lora": "any", "shared-lora": "any (one adapter)", "qlora": len(target_names),
+                                  "lq-lora": len(target_names), "no-adapter": "any"},
+        "rows": rows, "run_dir": str(run_dir), "config": cfg.model_dump(mode="json"), "bench_options": dict(opts),
+        "configurations": {n: x.tolist() for n, x in configs},
+    }
+
+
+
+def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"bench": "accuracy", "mode": mode, "total_minutes": round(total_minutes, 2)}
+    for r in results:
+        out[r["job"]] = {
+            "metric": r["metric"],
+            "mean_target": {m: round(v, 4) for m, v in r["mean_target"].items()},
+            "gap_coa_minus_qlora": round(r["gap_coa_minus_qlora"], 4),
+            "gap_coa_minus_lq_lora": round(r["gap_coa_minus_lq_lora"], 4),
+            "unseen_mean": {m: round(v, 4) for m, v in r["unseen_mean"].items()},
+            "hv_targets": {m: round(v, 4) for m, v in r["hypervolume_targets"].items()},
+            "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
+        }
+    return out
