@@ -42,7 +42,7 @@ from . import report
 from .config import RunConfig
 from .executor import Executor
 from .faults import commit_point
-from .finish import Finish, write_final
+from .finish import EXAMPLES_FILE, Finish, write_final
 from .optim import MasterState, train_config, weighted_mean
 from .schedule import data_shards, key, step_configurations
 from .state import LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, write_atomic
@@ -362,7 +362,8 @@ class Driver:
     # ---- final evaluation -----------------------------------------------------------------------------------------
     def final_evaluation(self) -> list[dict[str, Any]]:
         finish = Finish(self.cfg, self.ctx.space, self.ctx.numels, self.ctx.allowed, self.ex, self.ledger,
-                        self.train_config, self._shards, self._bar, self._put)
+                        self.train_config, self._shards, self._bar, self._put,
+                        self.ctx.run_dir / "final" / EXAMPLES_FILE)
         return finish.evaluate(self.master.state(), self.costs, self.pool)
 
     # ---- the whole run --------------------------------------------------------------------------------------------

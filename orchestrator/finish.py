@@ -4,8 +4,10 @@ schedule, every method evaluated on the same validation examples, and the final 
     configurations   the targets' ILP configurations (identical for every method) + seeded unseen ones
     baselines        Shared-LoRA (one target per step) and coa-no-theta (CoA-LoRA's steps replayed with M = I)
     evaluate         the run's adapter (CoA-LoRA, or one plain LoRA with adapter.kind = lora), the baselines and
-                     no-adapter on every configuration → ledger "final" entries
-    write            final/evaluation.json and .md, and one MLflow child run per method
+                     no-adapter on every configuration → ledger "final" entries, and every example's scores
+                     (final/examples.safetensors)
+    write            final/evaluation.json and .md with the paired differences (final/paired.json), and one MLflow
+                     child run per method
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 from tqdm import tqdm
 
 from search.allocation import flat_to_encoded, solve_allocation
@@ -24,17 +27,19 @@ from search.space import SearchSpace
 from workers.init.projq import SHARED_INIT
 from workers.training import TrainConfig
 
-from . import report
+from . import paired, report
 from .config import ConfigError, RunConfig
 from .executor import Executor
 from .faults import commit_point
 from .optim import MasterState, weighted_mean
 from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, key, seeded, step_configurations, unkey
-from .state import Ledger, finite_or_none, write_json_atomic
+from .state import Ledger, finite_or_none, write_atomic, write_json_atomic
 from .tracking import Tracker
 
 RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora"}
 """The final table's name for the run's own adapter, by ``adapter.kind``."""
+EXAMPLES_FILE = "examples.safetensors"
+"""Per-example scores of every (method, configuration) in final/, keyed "method|configuration"."""
 MAX_NEAR_MISSES = 1000
 """Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
 
@@ -105,6 +110,7 @@ class Finish:
     shards: Callable[[int], list[list[int]]]  # a step's training examples, one shard per worker (the run's order)
     bar: Callable[[int, str], tqdm]
     put: Callable[[Any], Any]
+    examples_path: Path  # where every example's scores go (final/examples.safetensors)
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         """The θ-free replica's start, by CoA-LoRA's init: with projq-shared, over the same initial pool (the
@@ -171,10 +177,12 @@ class Finish:
                 calls.append((replica, ref, x, adapter))
                 labels.append((method, name, x))
         with self.bar(len(calls), "final evaluation") as bar:
-            results = self.executor.map("evaluate", calls)
+            results = self.executor.map("evaluate_examples", calls)
             bar.update(len(calls))
+        examples = {f"{method}|{name}": scores.contiguous() for (method, name, _), (_, scores) in zip(labels, results)}
+        write_atomic(self.examples_path, save(examples))
         rows = []
-        for (method, name, x), metrics in zip(labels, results):
+        for (method, name, x), (metrics, _) in zip(labels, results):
             bits = float(self.space.encoded_average_bits(x, self.numels))
             metrics = finite_or_none(dict(metrics))  # a collapsed configuration's perplexity may overflow
             rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
@@ -188,14 +196,17 @@ def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: 
     """final/evaluation.json, .md and .png under ``out``; in MLflow, those and one child run per method."""
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     write_json_atomic(out / "evaluation.json", rows)
+    scores = {tuple(k.split("|", 1)): v.numpy() for k, v in load((out / EXAMPLES_FILE).read_bytes()).items()}
+    differences = paired.paired_table(scores, RUN_METHOD[cfg.adapter.kind],
+                                      "classification" if metric == "accuracy" else "causal-lm")
+    write_json_atomic(out / "paired.json", differences)
     columns = ["method", "configuration", "avg_bits", metric, "loss"]
-    (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n")
+    (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n\n" + paired.markdown(differences))
     report.evaluation_plot(rows, metric, out / "evaluation.png")
     if tracker is None:
         return
-    tracker.log_artifact(out / "evaluation.png", "final")
-    tracker.log_artifact(out / "evaluation.md", "final")
-    tracker.log_artifact(out / "evaluation.json", "final")
+    for name in ("evaluation.png", "evaluation.md", "evaluation.json", "paired.json"):
+        tracker.log_artifact(out / name, "final")
     by_method: dict[str, dict[str, float]] = {}
     for row in rows:
         tag = row["configuration"].replace(" ", "_")

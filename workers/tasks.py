@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -163,18 +164,52 @@ def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> f
     return sum(f1) / n_classes
 
 
-@torch.no_grad()
+EXAMPLE_COLUMNS: dict[str, tuple[str, str]] = {"classification": ("loss", "correct"), "causal-lm": ("nll", "tokens"),
+                                              "instruction": ("nll", "tokens")}
+"""What :func:`evaluate_examples` returns per validation example: a classification example's cross-entropy and
+whether it was predicted right; a language-modelling example's summed next-token NLL and its number of target
+tokens. Enough to pair two methods example by example (accuracy; per-token loss = Σ nll / Σ tokens)."""
+
+
+def example_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch, 2) per-example scores (:data:`EXAMPLE_COLUMNS`) from a batch's logits and labels: 1-D labels are
+    classes; 2-D labels are next-token targets (shifted by one, ``IGNORE_INDEX`` left out), as Hugging Face's
+    causal-LM loss reads them."""
+    logits = logits.float()
+    if labels.dim() == 1:
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return torch.stack([loss, (logits.argmax(-1) == labels).float()], 1)
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=data.IGNORE_INDEX, reduction="none")
+    return torch.stack([nll.sum(1), (target != data.IGNORE_INDEX).sum(1).float()], 1)
+
+
+def evaluate_examples(
+    model: nn.Module, configuration: Any | None, loader: Iterable[Mapping[str, torch.Tensor]], *, adapter: bool = True
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate`'s metrics and, in the same pass, each example's scores ((n, 2), :func:`example_scores`), so
+    that two methods evaluated on the same examples can be compared example by example."""
+    metrics, scores = _evaluate(model, configuration, loader, adapter, keep_examples=True)
+    return metrics, torch.cat(scores)
+
+
 def evaluate(
     model: nn.Module, configuration: Any | None, loader: Iterable[Mapping[str, torch.Tensor]], *, adapter: bool = True
 ) -> dict[str, float]:
     """Mean loss, perplexity = exp(mean loss), and accuracy and macro-F1 for classification batches (1-D labels), of a
     :class:`~workers.adapters.lora.LoRAModel` under ``configuration`` (None: unquantized). ``adapter=False`` is the
     no-adapter baseline on the same quantized base. Batches are weighted by their size."""
+    return _evaluate(model, configuration, loader, adapter, keep_examples=False)[0]
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, configuration: Any | None, loader: Iterable[Mapping[str, torch.Tensor]], adapter: bool,
+              keep_examples: bool) -> tuple[dict[str, float], list[torch.Tensor]]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, n, correct, is_classification = 0.0, 0, 0, False
-    predicted, gold, n_classes = [], [], 0
+    predicted, gold, n_classes, scores = [], [], 0, []
     try:
         model.set_configuration(configuration)
         for batch in loader:
@@ -185,6 +220,8 @@ def evaluate(
                 with model.adapters_disabled():
                     out = model.model(**batch)
             labels = batch["labels"]
+            if keep_examples:  # not while scoring the search's candidates: a second pass over LM logits
+                scores.append(example_scores(out.logits, labels).cpu())
             # token-weighted for language modelling (the loss is a mean over the batch's target tokens)
             size = labels.shape[0] if labels.dim() == 1 else int((labels[:, 1:] != data.IGNORE_INDEX).sum())
             loss_sum += float(out.loss) * size
@@ -204,4 +241,4 @@ def evaluate(
     if is_classification:
         metrics["accuracy"] = correct / n
         metrics["macro_f1"] = macro_f1(torch.cat(predicted), torch.cat(gold), n_classes)
-    return metrics
+    return metrics, scores

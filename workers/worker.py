@@ -30,7 +30,7 @@ from .fisher import layer_fisher, setting_costs
 from .quant.cache import DEFAULT_CACHE_MB, merge_cache_stats
 from .init.projq import SHARED_INIT, apply_shared_init
 from .models import quiet_transformers
-from .tasks import Task, build_source_task, evaluate
+from .tasks import Task, build_source_task, evaluate, evaluate_examples
 from .training import compute_gradients
 
 METHOD_MODELS = ("main", "shared", "bare")
@@ -225,6 +225,16 @@ class Worker:
         model = self._with_state(method, state)
         config = None if configuration is None else self.space.decode(np.asarray(configuration))
         return evaluate(model, config, self.val_batches, adapter=adapter)
+
+    def evaluate_examples(
+        self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray | None,
+        adapter: bool = True,
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """:meth:`evaluate`'s metrics and each validation example's scores (``workers.tasks.evaluate_examples``),
+        in validation order: the same examples for every method, so differences can be paired."""
+        model = self._with_state(method, state)
+        config = None if configuration is None else self.space.decode(np.asarray(configuration))
+        return evaluate_examples(model, config, self.val_batches, adapter=adapter)
 
     def cache_stats(self) -> dict[str, float]:
         """Quantized-weight cache counters of every replica since the last call (then reset), and bytes held."""

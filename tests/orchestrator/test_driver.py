@@ -47,6 +47,25 @@ def test_run_produces_ledger_checkpoints_and_final_table(finished_run):
             assert r["avg_bits"] <= float(r["configuration"].split()[1]) + 1e-9  # ILP solution within budget
         assert 0.0 <= r["accuracy"] <= 1.0
     assert json.loads((run_dir / "final" / "evaluation.json").read_text()) == rows
+    # every example's scores, paired: a difference in the table is the difference of the two rows' accuracies
+    from safetensors.torch import load_file
+
+    examples = load_file(run_dir / "final" / "examples.safetensors")
+    n_val = config["data"]["val_examples"]
+    assert sorted(examples) == sorted(f"{r['method']}|{r['configuration']}" for r in rows)
+    for r in rows:
+        scores = examples[f"{r['method']}|{r['configuration']}"]
+        assert scores.shape == (n_val, 2) and float(scores[:, 1].mean()) == pytest.approx(r["accuracy"], abs=1e-12)
+    differences = json.loads((run_dir / "final" / "paired.json").read_text())
+    acc = {(r["method"], r["configuration"]): r["accuracy"] for r in rows}
+    for d in differences:
+        assert d["method"] == "coa-lora" and d["other"] == "no-adapter" and d["examples"] == n_val
+        if d["configuration"] in ("target 2.5", "target 4", "unseen 1"):
+            c = d["configuration"]
+            assert d["difference"] == pytest.approx(acc[("coa-lora", c)] - acc[("no-adapter", c)], abs=1e-12)
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert [d["configuration"] for d in differences] == ["target 2.5", "target 4", "unseen 1", "all targets"]
+    assert "Paired differences, coa-lora − other" in (run_dir / "final" / "evaluation.md").read_text()
     assert (run_dir / "artifacts" / "round-0002" / "pareto.png").stat().st_size > 1000
     assert (run_dir / "artifacts" / "hypervolume.png").stat().st_size > 1000  # rounds 0..2 of the search
     assert (run_dir / "final" / "evaluation.png").stat().st_size > 1000

@@ -17,7 +17,7 @@ from workers.fisher import cost_table, diagonal_fisher, layer_fisher
 from workers.models import load_tokenizer, resolve_model
 from workers.quant.blockwise import fake_quantize
 from workers.registry import ModuleRegistry
-from workers.tasks import _held_out, _held_out_documents, build_source_task, evaluate
+from workers.tasks import _held_out, _held_out_documents, build_source_task, evaluate, evaluate_examples
 from workers.training import TrainConfig, train
 
 SMALL_SPACE = SearchSpace.from_dict(
@@ -101,6 +101,10 @@ def test_classification_task_from_local_tiny_bert(tmp_path, minilm_tokenizer, sp
     assert set(metrics) == {"loss", "perplexity", "accuracy", "macro_f1"} and 0 <= metrics["accuracy"] <= 1
     bare = evaluate(coa, config3, task.validation_loader, adapter=False)
     assert bare == metrics  # B = 0 at init: the adapter adds nothing yet
+    same, scores = evaluate_examples(coa, config3, task.validation_loader)
+    assert same == metrics and scores.shape == (32, 2)  # one row per validation example: (loss, correct)
+    assert float(scores[:, 1].mean()) == metrics["accuracy"]
+    assert math.isclose(float(scores[:, 0].mean()), metrics["loss"], rel_tol=1e-5)
 
 
 def test_causal_lm_task_from_local_tiny_llama(tmp_path, minilm_tokenizer, space, pool):
@@ -114,6 +118,9 @@ def test_causal_lm_task_from_local_tiny_llama(tmp_path, minilm_tokenizer, space,
     before = evaluate(coa, configs[2], task.validation_loader)
     assert math.isclose(before["perplexity"], math.exp(before["loss"]))
     assert before["perplexity"] > 1000  # a random model over a 30k vocabulary
+    same, scores = evaluate_examples(coa, configs[2], task.validation_loader)
+    assert same == before and scores.shape == (8, 2)  # (summed NLL, target tokens) per sequence
+    assert math.isclose(float(scores[:, 0].sum() / scores[:, 1].sum()), before["loss"], rel_tol=1e-5)
     train(coa, task.train_loader, configs, TrainConfig(lr=2e-2, total_steps=6))
     assert evaluate(coa, configs[2], task.validation_loader)["loss"] < before["loss"]
 
