@@ -21,8 +21,9 @@ Variants (``--variants``, each a list of ``section.key=value`` overrides on the 
 Each finished run's rows are written to ``<out>/runs.jsonl`` at once; a rerun skips what is there, so a run cut
 short is continued. Reported per variant and configuration kind (targets, unseen): the mean paired difference in
 accuracy (percentage points) of CoA-LoRA vs each other method over seeds × configurations, with a 95% interval
-across seeds (Student t on the per-seed means; with 3 seeds the interval is wide, and it says so). The last line
-is one JSON object.
+across seeds (Student t on the per-seed means; with 3 seeds the interval is wide, and it says so) and, per seed, the
+95% interval over its validation examples from the run's paired differences (final/paired.json: what the draw of
+examples allows, not training noise). The last line is one JSON object.
 
     .venv/bin/python bench/theta.py --seeds 0 1 2 --out /tmp/theta
 """
@@ -69,6 +70,8 @@ VARIANTS: dict[str, list[str]] = {
     "projq-shared": ["adapter.init=projq-shared", "adapter.reference=none"],  # defaults, ProjQ's shared init
 }
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
+POOLED = {"target": "all targets", "unseen": "all unseen"}
+"""The pooled rows' names in a run's final/paired.json, by configuration kind."""
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -84,18 +87,24 @@ def run_one(variant: str, seed: int, out: Path) -> dict[str, Any]:
     run_dir, rows = start_run(build_config(config, VARIANTS[variant]), progress=False)
     init = [e for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "init"]
     return {"variant": variant, "seed": seed, "minutes": (time.perf_counter() - started) / 60, "rows": rows,
-            "init": init[0] if init else None}
+            "init": init[0] if init else None,
+            "paired": json.loads((run_dir / "final" / "paired.json").read_text())}
 
 
 def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, Any]:
-    """CoA-LoRA − ``other`` in accuracy points on the configurations of ``kind``: mean, per-seed means, 95% CI."""
-    per_seed = []
+    """CoA-LoRA − ``other`` in accuracy points on the configurations of ``kind``: mean, per-seed means, 95% CI
+    across seeds, and each seed's 95% interval over its validation examples (the run's final/paired.json) where the
+    run recorded one."""
+    per_seed, per_example = [], []
     for rec in records:
         by = {(r["method"], r["configuration"]): r["accuracy"] for r in rec["rows"]}
         diffs = [100 * (acc - by[(other, c)]) for (m, c), acc in by.items()
                  if m == "coa-lora" and c.startswith(kind) and (other, c) in by]
         per_seed.append(statistics.fmean(diffs))
-    return over_seeds(per_seed)
+        pooled = [d for d in rec.get("paired") or [] if d["other"] == other and d["configuration"] == POOLED[kind]]
+        if pooled:
+            per_example.append([round(100 * x, 2) for x in pooled[0]["ci95"]])
+    return {**over_seeds(per_seed), "per_seed_example_ci95": per_example or None}
 
 
 def over_seeds(per_seed: list[float]) -> dict[str, Any]:
@@ -161,7 +170,7 @@ def main() -> None:
                 p = summary[variant][kind][other]
                 ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
                 print(f"{variant:10s} {kind:6s} coa-lora − {other:12s} {p['mean']:+6.2f} points, 95% CI {ci}, "
-                      f"per seed {p['per_seed']}")
+                      f"per seed {p['per_seed']}, over each seed's examples {p['per_seed_example_ci95']}")
     defaults = [d for d in done if d["variant"] == "defaults" and d["seed"] in args.seeds]
     for variant in summary:
         records = [d for d in done if d["variant"] == variant and d["seed"] in args.seeds]

@@ -28,6 +28,11 @@ def test_paired_difference_and_its_interval():
     half = 4.303 * sd / 3 ** 0.5
     assert result["ci95"] == [round(7 / 6 - half, 2), round(7 / 6 + half, 2)]
     assert theta.paired(records[:1], "target", "coa-no-theta")["ci95"] is None
+    assert result["per_seed_example_ci95"] is None  # these runs recorded no per-example differences
+    records[0]["paired"] = [{"other": "coa-no-theta", "configuration": "all targets", "ci95": [-0.004, 0.0212]},
+                            {"other": "shared-lora", "configuration": "all targets", "ci95": [0.5, 0.6]},
+                            {"other": "coa-no-theta", "configuration": "target 0", "ci95": [0.3, 0.4]}]
+    assert theta.paired(records, "target", "coa-no-theta")["per_seed_example_ci95"] == [[-0.4, 2.12]]
     assert theta.mean_accuracy(records, "coa-lora", "target") == pytest.approx(100 * (0.75 + 0.75 + 0.71) / 3)
 
 
