@@ -18,6 +18,8 @@ Variants (``--variants``, each a list of ``section.key=value`` overrides on the 
              subspace, θ fitted to each configuration's correction; docs/projq.md), so unanchored (reference none).
              Its baselines start from the same init; its CoA-LoRA is also compared with the defaults' CoA-LoRA on
              the targets (the same configurations: the ILP solves them from the same seed's cost table)
+  projq-shared-no-prefit  projq-shared with θ left at its initial M ≈ I (adapter.prefit_steps = 0): the same B, A
+             start, without the fitted per-configuration corrections
 Each finished run's rows are written to ``<out>/runs.jsonl`` at once; a rerun skips what is there, so a run cut
 short is continued. Reported per variant and configuration kind (targets, unseen): the mean paired difference in
 accuracy (percentage points) of CoA-LoRA vs each other method over seeds × configurations, with a 95% interval
@@ -68,6 +70,7 @@ VARIANTS: dict[str, list[str]] = {
                  "training.config_sampling=stratified", "search.budget_max=4.5"],
     "defaults": [],  # the product's defaults as they are now
     "projq-shared": ["adapter.init=projq-shared", "adapter.reference=none"],  # defaults, ProjQ's shared init
+    "projq-shared-no-prefit": ["adapter.init=projq-shared", "adapter.reference=none", "adapter.prefit_steps=0"],
 }
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
 POOLED = {"target": "all targets", "unseen": "all unseen"}
