@@ -196,7 +196,8 @@ def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: 
     """final/evaluation.json, .md and .png under ``out``; in MLflow, those and one child run per method."""
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     write_json_atomic(out / "evaluation.json", rows)
-    scores = {tuple(k.split("|", 1)): v.numpy() for k, v in load((out / EXAMPLES_FILE).read_bytes()).items()}
+    saved = load((out / EXAMPLES_FILE).read_bytes())  # keyed "method|configuration", in no particular order
+    scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}
     differences = paired.paired_table(scores, RUN_METHOD[cfg.adapter.kind],
                                       "classification" if metric == "accuracy" else "causal-lm")
     write_json_atomic(out / "paired.json", differences)

@@ -59,8 +59,8 @@ def paired_difference(main: Sequence[np.ndarray], other: Sequence[np.ndarray], k
 
 
 def paired_table(scores: Mapping[tuple[str, str], np.ndarray], main: str, kind: str) -> list[dict[str, Any]]:
-    """``main`` against every other method: per configuration both evaluated, then pooled over the targets and
-    over the unseen configurations (configuration names start with "target" / "unseen")."""
+    """``main`` against every other method (in ``scores``' order): per configuration both evaluated, then pooled
+    over the targets and over the unseen configurations (configuration names start with "target" / "unseen")."""
     configurations = list(dict.fromkeys(c for m, c in scores if m == main))
     others = list(dict.fromkeys(m for m, _ in scores if m != main))
     rows = []

@@ -14,10 +14,8 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from ..quant.cache import DEFAULT_CACHE_MB
-from ..registry import ModuleRegistry
 from .encoder import HIDDEN_DIM, ConfigurationEncoder, encode_settings, no_decay_parameter_names
-from .lora import Init, LoRAModel
+from .lora import LoRAModel
 
 FIT_LR = 1e-2
 """Adam's rate when θ is fitted to given mixing matrices (:meth:`CoAModel.fit_encoder`): a regression of a small MLP
@@ -35,25 +33,14 @@ class CoAModel(LoRAModel):
     Without it, θ's output bias and every other configuration-independent part of U rescale all adapters alike, a
     change Shared-LoRA can make as well."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        space: SearchSpace,
-        *,
-        rank: int = 8,
-        alpha: float = 16.0,
-        init: Init = "zero_B",
-        trainable_modules: Sequence[str] | None = None,
-        cache_mb: float = DEFAULT_CACHE_MB,
-        seed: int = 0,
-        registry: ModuleRegistry | None = None,
-        reference: Sequence[QuantSetting] | QuantSetting | None = None,
-        encoder_hidden: int = HIDDEN_DIM,
-    ):
-        super().__init__(model, space, rank=rank, alpha=alpha, init=init, trainable_modules=trainable_modules,
-                         cache_mb=cache_mb, seed=seed, registry=registry)
-        self.encoder = ConfigurationEncoder.for_model(space, self.registry, rank, hidden=encoder_hidden,
-                                                      generator=torch.Generator().manual_seed(seed + 1))
+    def __init__(self, model: nn.Module, space: SearchSpace, *,
+                 reference: Sequence[QuantSetting] | QuantSetting | None = None, encoder_hidden: int = HIDDEN_DIM,
+                 **options: Any):
+        """``options`` are :class:`~.lora.LoRAModel`'s (rank, alpha, init, trainable_modules, cache_mb, seed,
+        registry); θ's random init is drawn from ``seed + 1``."""
+        super().__init__(model, space, **options)
+        self.encoder = ConfigurationEncoder.for_model(space, self.registry, self.rank, hidden=encoder_hidden,
+                                                      generator=torch.Generator().manual_seed(self.seed + 1))
         self.register_buffer("block_ids", torch.tensor(self.registry.blocks(), dtype=torch.long), persistent=False)
         self.register_buffer(
             "type_ids", torch.tensor(self.registry.module_type_ids(), dtype=torch.long), persistent=False

@@ -237,6 +237,7 @@ class LoRAModel(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.init = init
+        self.seed = seed
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
