@@ -15,7 +15,8 @@ Variants (``--variants``, each a list of ``section.key=value`` overrides on the 
              over [2.25, 4.5] bits (where the targets are)
   defaults   the product's current defaults (selected, with 6 segments so that selection selects)
   projq-shared  defaults with adapter.init = projq-shared (B, A from the initial pool's shared whitened-error
-             subspace, θ fitted to each configuration's correction; docs/projq.md), so unanchored (reference none).
+             subspace, θ fitted to each configuration's correction by 300 Adam steps; docs/projq.md), so unanchored
+             (reference none).
              Its baselines start from the same init; its CoA-LoRA is also compared with the defaults' CoA-LoRA on
              the targets (the same configurations: the ILP solves them from the same seed's cost table)
   projq-shared-no-prefit  projq-shared with θ left at its initial M ≈ I (adapter.prefit_steps = 0): the same B, A
@@ -69,7 +70,7 @@ VARIANTS: dict[str, list[str]] = {
     "selected": [*BEFORE, "training.encoder_lr=0.00015", "adapter.reference=most_precise",
                  "training.config_sampling=stratified", "search.budget_max=4.5"],
     "defaults": [],  # the product's defaults as they are now
-    "projq-shared": ["adapter.init=projq-shared", "adapter.reference=none"],  # defaults, ProjQ's shared init
+    "projq-shared": ["adapter.init=projq-shared", "adapter.reference=none", "adapter.prefit_steps=300"],
     "projq-shared-no-prefit": ["adapter.init=projq-shared", "adapter.reference=none", "adapter.prefit_steps=0"],
 }
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")

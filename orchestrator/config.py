@@ -114,8 +114,9 @@ class AdapterSection(_Section):
                               "projq-shared (base quant(W); B, A span the initial pool's common quantization-error "
                               "subspace, whitened by each matrix's inputs, and θ is fitted to each configuration's "
                               "correction in it: docs/projq.md)")
-    prefit_steps: int = Field(300, ge=0, le=100_000, description="projq-shared: Adam steps fitting θ to the "
-                                                               "configurations' corrections (0: θ starts at M ≈ I)")
+    prefit_steps: int = Field(0, ge=0, le=100_000, description="projq-shared: Adam steps fitting θ to the "
+                              "configurations' corrections before training (0: θ starts at M ≈ I). Off by default: "
+                              "fitted, θ's M lie far from I and CoA-LoRA stopped learning on MiniLM (docs/projq.md)")
     encoder_hidden: int = Field(128, gt=0)
     reference: Literal["none", "most_precise"] = Field(
         "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "

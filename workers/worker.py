@@ -70,7 +70,7 @@ class WorkerSpec:
     low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
-    prefit_steps: int = 300  # projq-shared: Adam steps fitting θ to the per-configuration corrections
+    prefit_steps: int = 0  # projq-shared: Adam steps fitting θ to the per-configuration corrections (0: none)
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
