@@ -50,11 +50,12 @@ class Baselines:
             master.step(grads)
         return master.state()
 
-    def qlora(self, x: np.ndarray) -> tuple[dict[str, float], float]:
+    def qlora(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """((metrics, per-example scores) on the validation set, training seconds)."""
         t0 = time.perf_counter()
         state = self._train("shared", self._qlora_init, x)
         seconds = time.perf_counter() - t0
-        return self.worker.evaluate("shared", state, x), seconds
+        return self.worker.evaluate_examples("shared", state, x), seconds
 
     def _fisher_weights(self) -> dict[str, torch.Tensor] | None:
         if not self.opts["lq_fisher"]:
@@ -68,7 +69,7 @@ class Baselines:
                 self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
         return self._fisher
 
-    def lq_lora(self, x: np.ndarray) -> tuple[dict[str, float], float]:
+    def lq_lora(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
         fisher = self._fisher_weights()
         t0 = time.perf_counter()
         if self._base is None:  # a fresh, unwrapped copy of the base, built exactly as the worker built its own
@@ -84,7 +85,7 @@ class Baselines:
             config = None if lr is None else replace(self.train_config, lora_lr=float(lr))
             state = self._train("lq", model.trainable_state(), x, config)
             seconds = time.perf_counter() - t0
-            return self.worker.evaluate("lq", state, x), seconds
+            return self.worker.evaluate_examples("lq", state, x), seconds
         finally:
             del self.worker.models["lq"]
 
@@ -92,22 +93,22 @@ class Baselines:
 
 class BaselineReplica:
     """One process's :class:`Baselines`; ``run`` trains and evaluates one (method, configuration) pair and returns
-    (metrics, training seconds, evaluation seconds)."""
+    (metrics, per-example scores, training seconds, evaluation seconds)."""
 
     def __init__(self, cfg_json: Mapping[str, Any], opts: Mapping[str, Any]):
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore")
         self.baselines = Baselines(RunConfig.model_validate(cfg_json), opts)
 
-    def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], float, float]:
+    def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], torch.Tensor, float, float]:
         t0 = time.perf_counter()
-        metrics, seconds = self.baselines.qlora(x) if method == "qlora" else self.baselines.lq_lora(x)
-        return metrics, seconds, time.perf_counter() - t0 - seconds
+        (metrics, scores), seconds = self.baselines.qlora(x) if method == "qlora" else self.baselines.lq_lora(x)
+        return metrics, scores, seconds, time.perf_counter() - t0 - seconds
 
 
 
 def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray]],
-                  log) -> list[tuple[dict[str, float], float, float]]:
+                  log) -> list[tuple[dict[str, float], torch.Tensor, float, float]]:
     """Every per-configuration training, in ``calls`` order. With ``cluster.executor = ray`` they spread over
     ``cluster.workers`` Ray actors (``cpus_per_worker`` CPUs each, the same processes budget as the CoA-LoRA run);
     else they run here one after another. Each training is a pure function of (method, configuration): seeded data

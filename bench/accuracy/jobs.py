@@ -13,10 +13,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from orchestrator.config import ConfigError, RunConfig, build_config
+from orchestrator import paired
 from orchestrator.driver import Driver
-from orchestrator.finish import Finish
+from orchestrator.finish import EXAMPLES_FILE, Finish
 from orchestrator.optim import train_config
 from orchestrator.runs import start_run
 from orchestrator.schedule import unkey
@@ -138,10 +140,16 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
         f"(qlora / lq-lora on {len(targets)} targets, qlora on {len(per_config) - 2 * len(targets)} unseen)")
     train_s = {"qlora": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
     eval_s = 0.0
-    for (method, cname, _), (metrics, seconds, evaluation) in zip(per_config, run_baselines(cfg, opts, per_config, log)):
+    saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
+    scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}
+    results = run_baselines(cfg, opts, per_config, log)
+    for (method, cname, _), (metrics, examples, seconds, evaluation) in zip(per_config, results):
         eval_s += evaluation
         train_s[method if cname.startswith("target") else "qlora (unseen)"] += seconds
         rows.append({"method": method, "configuration": cname, "avg_bits": bits_of[cname], **metrics})
+        scores[(method, cname)] = examples.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
     eval_minutes["baselines (qlora, lq-lora)"] = eval_s / 60
-    return summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs)
+    differences = paired.paired_table(scores, "coa-lora", "classification" if cfg.model.task == "classification"
+                                      else "causal-lm")
+    return summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences)

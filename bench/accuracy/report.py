@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from orchestrator import paired
 from orchestrator.tracking import Tracker
 
 from .stats import METHODS
@@ -94,6 +95,8 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
     if flat:
         out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
                 "every method by design; see `bench.lq_lora_lr` to give LQ-LoRA's factors their own).", ""]
+    if r.get("paired"):  # saved results from before the paired protocol have none
+        out += ["### Paired differences", "", paired.markdown(r["paired"])]
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]

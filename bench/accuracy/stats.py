@@ -30,7 +30,8 @@ def _hv(points: Sequence[tuple[float, float]], metric: str, ref: float, bits_ran
 
 
 def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]], minutes: dict[str, float],
-              eval_minutes: dict[str, float], run_dir: Path, steps: int, configs) -> dict[str, Any]:
+              eval_minutes: dict[str, float], run_dir: Path, steps: int, configs,
+              differences: list[dict[str, Any]]) -> dict[str, Any]:
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     bits_range = cfg.load_space().bits_range
     target_names = [f"target {t:g}" for t in cfg.evaluation.targets]
@@ -73,6 +74,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
                                   "lq-lora": len(target_names), "no-adapter": "any"},
         "rows": rows, "run_dir": str(run_dir), "config": cfg.model_dump(mode="json"), "bench_options": dict(opts),
         "configurations": {n: x.tolist() for n, x in configs},
+        "paired": differences,
     }
 
 
@@ -88,5 +90,16 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "unseen_mean": {m: round(v, 4) for m, v in r["unseen_mean"].items()},
             "hv_targets": {m: round(v, 4) for m, v in r["hypervolume_targets"].items()},
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
+            "paired_coa_minus": paired_summary(r.get("paired") or []),
         }
+    return out
+
+
+def paired_summary(differences: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """CoA-LoRA − each other method per configuration (and pooled), as [difference, 95% low, 95% high]: the
+    paired rows of a job (``orchestrator.paired``), compact for the headline."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for d in differences:
+        out.setdefault(d["other"], {})[d["configuration"]] = [round(d["difference"], 4),
+                                                              *(round(x, 4) for x in d["ci95"])]
     return out

@@ -87,6 +87,17 @@ def test_outputs_have_the_right_structure(two_runs):
     assert h["gap_coa_minus_qlora"] == pytest.approx(h["mean_target"]["coa-lora"] - h["mean_target"]["qlora"], abs=1e-3)
     assert all(0.0 <= v <= 1.0 for v in h["hv_targets"].values())
     assert "coa-lora" in stdout and "lq-lora" in stdout
+    # paired: CoA-LoRA minus every other method on the same validation examples, per target and pooled
+    acc = {(r["method"], r["configuration"]): r["accuracy"] for r in job["rows"]}
+    paired = h["paired_coa_minus"]
+    assert set(paired) == METHODS - {"coa-lora"}
+    for other in ("qlora", "lq-lora", "shared-lora", "no-adapter"):
+        assert "all targets" in paired[other]
+        for t in TARGETS:
+            diff, low, high = paired[other][t]
+            assert diff == pytest.approx(acc[("coa-lora", t)] - acc[(other, t)], abs=1e-4) and low <= diff <= high
+    assert set(paired["qlora"]) == set(TARGETS) | set(unseen[:QLORA_UNSEEN]) | {"all targets", "all unseen"}
+    assert "### Paired differences" in md
 
 
 def test_mlflow_parent_with_one_child_per_method(two_runs):
