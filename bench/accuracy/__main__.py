@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from bench.accuracy import __doc__ as DOC  # noqa: E402
 from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, load_bench, run_job  # noqa: E402
 from bench.accuracy.report import TOLERANCE, describe_processes, log_mlflow, plot, write_markdown  # noqa: E402
-from bench.accuracy.stats import METHODS, headline  # noqa: E402
+from bench.accuracy.stats import headline, methods_of  # noqa: E402
 from orchestrator import report  # noqa: E402
 from orchestrator.state import write_json_atomic  # noqa: E402
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"== {r['job']} ({r['metric']}) ==")
         tnames = r["targets"]
         table = []
-        for m in METHODS:
+        for m in methods_of(r):
             by = {x["configuration"]: x[r["metric"]] for x in r["rows"] if x["method"] == m}
             row = {"method": m, **{n.split()[1]: by.get(n, float("nan")) for n in tnames}, "mean": r["mean_target"][m],
                    "unseen": r["unseen_mean"].get(m, float("nan")), "HV": r["hypervolume_targets"][m],

@@ -26,7 +26,8 @@ from workers.worker import Worker, build_task
 
 class Baselines:
     """QLoRA and LQ-LoRA on one worker built from the run's own spec: same data, same validation batches, same
-    gradient code, same optimizer and data order as the driver's Shared-LoRA loop."""
+    gradient code, same optimizer and data order as the driver's Shared-LoRA loop. QLoRA on GPTQ codes runs on a
+    second worker, built the same way with ``quant.method = gptq`` (its Σ from the run's calibration examples)."""
 
     def __init__(self, cfg: RunConfig, opts: Mapping[str, Any]):
         self.cfg, self.opts = cfg, opts
@@ -38,11 +39,12 @@ class Baselines:
         self._fisher = None
         self._qlora_init = self.worker.initial_state("shared")  # before any evaluate() loads a trained state
         self._fisher_weights()  # likewise: the Fisher of the untrained model, as the worker's cost table uses
+        self._gptq_worker: Worker | None = None
 
     def _train(self, method: str, init: Mapping[str, torch.Tensor], x: np.ndarray,
-               config: TrainConfig | None = None) -> dict[str, torch.Tensor]:
+               config: TrainConfig | None = None, worker: Worker | None = None) -> dict[str, torch.Tensor]:
         """``total_steps`` AdamW steps on configuration ``x`` alone from ``init``; the driver's batch order."""
-        w, cfg = self.worker, self.cfg
+        w, cfg = worker or self.worker, self.cfg
         master = MasterState(init, w.models[method].no_decay_names(), config or self.train_config)
         for step in range(self.total_steps):
             ids = batch_ids(cfg.run.seed, w.n_train(), cfg.data.batch_size, step)
@@ -56,6 +58,17 @@ class Baselines:
         state = self._train("shared", self._qlora_init, x)
         seconds = time.perf_counter() - t0
         return self.worker.evaluate_examples("shared", state, x), seconds
+
+    def qlora_gptq(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """QLoRA on configuration ``x`` with GPTQ's codes instead of rounding's: same scales and bytes, the same
+        initial adapter (same seed), the same steps and data order."""
+        t0 = time.perf_counter()
+        if self._gptq_worker is None:
+            self._gptq_worker = Worker(replace(self.spec, quant_method="gptq"))
+        w = self._gptq_worker
+        state = self._train("shared", w.initial_state("shared"), x, worker=w)
+        seconds = time.perf_counter() - t0
+        return w.evaluate_examples("shared", state, x), seconds
 
     def _fisher_weights(self) -> dict[str, torch.Tensor] | None:
         if not self.opts["lq_fisher"]:
@@ -102,7 +115,8 @@ class BaselineReplica:
 
     def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], torch.Tensor, float, float]:
         t0 = time.perf_counter()
-        (metrics, scores), seconds = self.baselines.qlora(x) if method == "qlora" else self.baselines.lq_lora(x)
+        train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq, "lq-lora": self.baselines.lq_lora}
+        (metrics, scores), seconds = train[method](x)
         return metrics, scores, seconds, time.perf_counter() - t0 - seconds
 
 

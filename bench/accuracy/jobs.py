@@ -23,6 +23,7 @@ from orchestrator.optim import train_config
 from orchestrator.runs import start_run
 from orchestrator.schedule import unkey
 from orchestrator.state import Ledger
+from search.space import parse_code
 
 from .baselines import run_baselines
 from .stats import summarize
@@ -32,7 +33,10 @@ BENCH_DIR = ROOT / "conf" / "bench"
 
 PRODUCT_EXPERIMENT = "coalora-bench-product"
 
-BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None}
+BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
+                  "qlora_gptq": True}
+"""Per-job ``bench:`` options; ``qlora_gptq``: also QLoRA on GPTQ codes at every target (NF/INT spaces with
+round-to-nearest runs only: a GPTQ run's QLoRA rows already are, and ggml's types take no GPTQ)."""
 
 
 
@@ -69,6 +73,8 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
     opts = {**BENCH_DEFAULTS, **job.get("bench", {})}
     if opts["hv_reference"] is None:
         opts["hv_reference"] = 0.5 if cfg.model.task == "classification" else 1000.0
+    if cfg.quant.method != "rtn" or parse_code(cfg.load_space().code[0])[0] == "gguf":
+        opts["qlora_gptq"] = False  # the QLoRA rows already are GPTQ's, or the space's types take no GPTQ
     return cfg, opts
 
 
@@ -134,11 +140,14 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     rows = [dict(r) for r in driver_rows]
 
     per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
+    if opts["qlora_gptq"]:
+        per_config += [("qlora-gptq", n, x) for n, x in targets]
     per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
     steps = train_config(cfg).total_steps
+    methods = sorted({m for m, _, _ in per_config})
     log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
-        f"(qlora / lq-lora on {len(targets)} targets, qlora on {len(per_config) - 2 * len(targets)} unseen)")
-    train_s = {"qlora": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
+        f"({' / '.join(methods)} on {len(targets)} targets, qlora on {min(len(unseen), int(opts['qlora_unseen']))} unseen)")
+    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
     eval_s = 0.0
     saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
     scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from orchestrator import paired
 from orchestrator.tracking import Tracker
 
-from .stats import METHODS
+from .stats import methods_of
 
 BENCH_EXPERIMENT = "coalora-bench"
 
@@ -26,7 +26,8 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 
     metric, rows = result["metric"], result["rows"]
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
-    styles = {"coa-lora": ("C3", "o"), "qlora": ("C0", "s"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"),
+    styles = {"coa-lora": ("C3", "o"), "qlora": ("C0", "s"), "qlora-gptq": ("C4", "P"), "lq-lora": ("C2", "^"),
+              "shared-lora": ("C1", "D"),
               "no-adapter": ("0.5", "v")}
     for m, (color, marker) in styles.items():
         t = sorted((r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("target"))
@@ -64,7 +65,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
     out = [f"## {r['job']}: {r['model']} + {r['dataset']} ({metric}, {better} is better)", ""]
     head = ["method"] + [f"{n.split()[1]} bits" for n in tnames] + ["mean", "HV (targets)", "train min", "served"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in METHODS:
+    for m in methods_of(r):
         cells = [m] + [_f(by[(m, n)][metric]) if (m, n) in by else "–" for n in tnames]
         cells += [_f(r["mean_target"][m]), _f(r["hypervolume_targets"][m]), _f(r["minutes"][m], 2),
                   str(r["served_configurations"][m])]
@@ -119,6 +120,8 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
             f"| shared-lora | {r['minutes']['shared-lora']:.2f} | {r['coa_steps']} steps, one target drawn per step |",
             f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} steps "
             f"(targets only) |",
+            *([f"| qlora-gptq | {r['minutes']['qlora-gptq']:.2f} | Σ of the calibration inputs + {len(tnames)} x "
+               f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r) else []),
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
@@ -139,7 +142,9 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         "ILP initial pool → rounds of training + BoTorch Pareto search); the same run trains Shared-LoRA once and "
         "evaluates the quantized base without adapters (no-adapter). QLoRA and LQ-LoRA (faithful LQ init: T ≤ "
         f"{r0['bench_options']['lq_iterations']}, best iterate, randomized SVD, Fisher weighting "
-        f"{'on' if r0['bench_options']['lq_fisher'] else 'off'}) are trained once per target configuration. "
+        f"{'on' if r0['bench_options']['lq_fisher'] else 'off'}) are trained once per target configuration; "
+        "qlora-gptq is QLoRA on GPTQ's codes for the same configurations (same scales and bytes, codes chosen "
+        "under each matrix's calibration inputs). "
         "Every method is evaluated on the same configurations: the ILP allocation at each target budget "
         f"({', '.join(n.split()[1] for n in r0['targets'])} bits) and {len(r0['unseen'])} seeded unseen "
         "configurations between 2.5 and 6 bits (CoA-LoRA and Shared-LoRA without retraining; QLoRA retrained on "
@@ -192,7 +197,7 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
             prefix = "" if len(results) == 1 else f"{r['job']}."
             tracker.log_metrics({f"{prefix}gap_coa_minus_qlora": r["gap_coa_minus_qlora"],
                                  f"{prefix}gap_coa_minus_lq_lora": r["gap_coa_minus_lq_lora"]}, step=0)
-            for m in METHODS:
+            for m in methods_of(r):
                 name = m if len(results) == 1 else f"{r['job']}/{m}"
                 child = tracker.child(name)
                 client.set_tag(child, "bench.job", r["job"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter"}
+METHODS = {"coa-lora", "qlora", "qlora-gptq", "lq-lora", "shared-lora", "no-adapter"}
 TARGETS = ["target 2.5", "target 3", "target 3.5", "target 4"]
 UNSEEN = 3
 QLORA_UNSEEN = 2
@@ -74,7 +74,9 @@ def test_outputs_have_the_right_structure(two_runs):
     for m in ("coa-lora", "shared-lora", "no-adapter"):
         assert all((m, u) in rows for u in unseen)
     assert [u for u in unseen if ("qlora", u) in rows] == unseen[:QLORA_UNSEEN]
-    assert not any(("lq-lora", u) in rows for u in unseen)
+    assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq"))
+    loss = {(r["method"], r["configuration"]): r["loss"] for r in job["rows"]}
+    assert any(loss[("qlora-gptq", t)] != loss[("qlora", t)] for t in TARGETS)  # other codes, same everything else
     assert job["baseline_steps_per_configuration"] == 1  # rounds x steps_per_round
     for r in job["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["avg_bits"] > 2.0
@@ -91,7 +93,7 @@ def test_outputs_have_the_right_structure(two_runs):
     acc = {(r["method"], r["configuration"]): r["accuracy"] for r in job["rows"]}
     paired = h["paired_coa_minus"]
     assert set(paired) == METHODS - {"coa-lora"}
-    for other in ("qlora", "lq-lora", "shared-lora", "no-adapter"):
+    for other in ("qlora", "qlora-gptq", "lq-lora", "shared-lora", "no-adapter"):
         assert "all targets" in paired[other]
         for t in TARGETS:
             diff, low, high = paired[other][t]
