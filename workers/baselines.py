@@ -19,8 +19,8 @@ from search.space import QuantSetting, SearchSpace
 
 from .adapters.coa import CoAModel
 from .adapters.lora import Init, LoRAModel
-from .quant.cache import DEFAULT_CACHE_MB
 from .init.lq import lq_decompose
+from .quant.cache import DEFAULT_CACHE_MB
 from .tasks import evaluate
 from .training import TrainConfig, train
 

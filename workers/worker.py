@@ -27,8 +27,8 @@ from .adapters.coa import CoAModel, theta_spread
 from .adapters.lora import LoRAModel
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
-from .quant.cache import DEFAULT_CACHE_MB, merge_cache_stats
 from .init.projq import SHARED_INIT, apply_shared_init
+from .quant.cache import DEFAULT_CACHE_MB, merge_cache_stats
 from .models import quiet_transformers
 from .tasks import Task, build_source_task, evaluate, evaluate_examples
 from .training import compute_gradients
@@ -88,7 +88,8 @@ def build_task(spec: WorkerSpec) -> Task:
 
 
 class Worker:
-    """A model replica plus its data. ``state`` arguments are trainable-state dicts (see :class:`~workers.adapters.lora.LoRAModel`)."""
+    """A model replica plus its data. ``state`` arguments are trainable-state dicts
+    (see :class:`~workers.adapters.lora.LoRAModel`)."""
 
     def __init__(self, spec: WorkerSpec):
         if spec.quant_method not in ("rtn", "gptq"):
@@ -179,8 +180,8 @@ class Worker:
         """The run's own replica over the task's model: CoA-LoRA (θ, anchored at ``reference``) or a plain LoRA."""
         spec = self.spec
         if spec.kind == "lora":
-            return LoRAModel(model, self.space, rank=spec.rank, alpha=spec.alpha, init=init, seed=spec.seed,
-                             cache_mb=spec.cache_mb)
+            return plain_lora(model, self.space, rank=spec.rank, alpha=spec.alpha, seed=spec.seed, init=init,
+                              cache_mb=spec.cache_mb)
         reference = self.space.most_precise if spec.reference == "most_precise" else None
         return CoAModel(model, self.space, rank=spec.rank, alpha=spec.alpha, init=init, seed=spec.seed,
                         reference=reference, encoder_hidden=spec.encoder_hidden, cache_mb=spec.cache_mb)
@@ -222,9 +223,8 @@ class Worker:
         adapter: bool = True,
     ) -> dict[str, float]:
         """Metrics on the validation set (accuracy and loss, or loss and perplexity)."""
-        model = self._with_state(method, state)
-        config = None if configuration is None else self.space.decode(np.asarray(configuration))
-        return evaluate(model, config, self.val_batches, adapter=adapter)
+        return evaluate(self._with_state(method, state), self._decoded(configuration), self.val_batches,
+                        adapter=adapter)
 
     def evaluate_examples(
         self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray | None,
@@ -232,9 +232,12 @@ class Worker:
     ) -> tuple[dict[str, float], torch.Tensor]:
         """:meth:`evaluate`'s metrics and each validation example's scores (``workers.tasks.evaluate_examples``),
         in validation order: the same examples for every method, so differences can be paired."""
-        model = self._with_state(method, state)
-        config = None if configuration is None else self.space.decode(np.asarray(configuration))
-        return evaluate_examples(model, config, self.val_batches, adapter=adapter)
+        return evaluate_examples(self._with_state(method, state), self._decoded(configuration), self.val_batches,
+                                 adapter=adapter)
+
+    def _decoded(self, configuration: np.ndarray | None) -> list[Any] | None:
+        """An encoded configuration as settings (None: the unquantized model)."""
+        return None if configuration is None else self.space.decode(np.asarray(configuration))
 
     def cache_stats(self) -> dict[str, float]:
         """Quantized-weight cache counters of every replica since the last call (then reset), and bytes held."""
@@ -244,7 +247,8 @@ class Worker:
         return stats
 
     def theta_spread(self, state: Mapping[str, torch.Tensor], configurations: Sequence[np.ndarray]) -> dict[str, float]:
-        """θ's common and configuration-specific output over ``configurations`` (``workers.adapters.coa.theta_spread``)."""
+        """θ's common and configuration-specific output over ``configurations``
+        (:func:`workers.adapters.coa.theta_spread`)."""
         model = self._with_state("main", state)
         return theta_spread(model, [self.space.decode(np.asarray(c)) for c in configurations])
 

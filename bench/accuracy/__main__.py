@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"== {r['job']} ({r['metric']}) ==")
         tnames = r["targets"]
         table = []
-        for m in methods_of(r):
+        for m in methods_of(r["rows"]):
             by = {x["configuration"]: x[r["metric"]] for x in r["rows"] if x["method"] == m}
             row = {"method": m, **{n.split()[1]: by.get(n, float("nan")) for n in tnames}, "mean": r["mean_target"][m],
                    "unseen": r["unseen_mean"].get(m, float("nan")), "HV": r["hypervolume_targets"][m],

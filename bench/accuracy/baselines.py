@@ -37,8 +37,8 @@ class Baselines:
         self.total_steps = self.train_config.total_steps
         self._base = None
         self._fisher = None
-        self._qlora_init = self.worker.initial_state("shared")  # before any evaluate() loads a trained state
-        self._fisher_weights()  # likewise: the Fisher of the untrained model, as the worker's cost table uses
+        # now, before any evaluate() loads a trained state: the untrained model's Fisher, as the cost table uses
+        self._fisher_weights()
         self._gptq_worker: Worker | None = None
 
     def _train(self, method: str, init: Mapping[str, torch.Tensor], x: np.ndarray,
@@ -52,23 +52,21 @@ class Baselines:
             master.step(grads)
         return master.state()
 
-    def qlora(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
-        """((metrics, per-example scores) on the validation set, training seconds)."""
+    def qlora(self, x: np.ndarray, worker: Worker | None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """QLoRA on configuration ``x`` from the worker's built plain LoRA (B = 0): ((metrics, per-example scores)
+        on the validation set, training seconds)."""
+        w = worker or self.worker
         t0 = time.perf_counter()
-        state = self._train("shared", self._qlora_init, x)
-        seconds = time.perf_counter() - t0
-        return self.worker.evaluate_examples("shared", state, x), seconds
-
-    def qlora_gptq(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
-        """QLoRA on configuration ``x`` with GPTQ's codes instead of rounding's: same scales and bytes, the same
-        initial adapter (same seed), the same steps and data order."""
-        t0 = time.perf_counter()
-        if self._gptq_worker is None:
-            self._gptq_worker = Worker(replace(self.spec, quant_method="gptq"))
-        w = self._gptq_worker
         state = self._train("shared", w.initial_state("shared"), x, worker=w)
         seconds = time.perf_counter() - t0
         return w.evaluate_examples("shared", state, x), seconds
+
+    def qlora_gptq(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """:meth:`qlora` with GPTQ's codes instead of rounding's: same scales and bytes, the same initial adapter
+        (same seed), the same steps and data order."""
+        if self._gptq_worker is None:
+            self._gptq_worker = Worker(replace(self.spec, quant_method="gptq"))
+        return self.qlora(x, self._gptq_worker)
 
     def _fisher_weights(self) -> dict[str, torch.Tensor] | None:
         if not self.opts["lq_fisher"]:
@@ -115,7 +113,8 @@ class BaselineReplica:
 
     def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], torch.Tensor, float, float]:
         t0 = time.perf_counter()
-        train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq, "lq-lora": self.baselines.lq_lora}
+        train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq,
+                 "lq-lora": self.baselines.lq_lora}
         (metrics, scores), seconds = train[method](x)
         return metrics, scores, seconds, time.perf_counter() - t0 - seconds
 

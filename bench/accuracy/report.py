@@ -65,7 +65,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
     out = [f"## {r['job']}: {r['model']} + {r['dataset']} ({metric}, {better} is better)", ""]
     head = ["method"] + [f"{n.split()[1]} bits" for n in tnames] + ["mean", "HV (targets)", "train min", "served"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods_of(r):
+    for m in methods_of(r["rows"]):
         cells = [m] + [_f(by[(m, n)][metric]) if (m, n) in by else "–" for n in tnames]
         cells += [_f(r["mean_target"][m]), _f(r["hypervolume_targets"][m]), _f(r["minutes"][m], 2),
                   str(r["served_configurations"][m])]
@@ -121,7 +121,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
             f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} steps "
             f"(targets only) |",
             *([f"| qlora-gptq | {r['minutes']['qlora-gptq']:.2f} | Σ of the calibration inputs + {len(tnames)} x "
-               f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r) else []),
+               f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r["rows"]) else []),
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
@@ -197,7 +197,7 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
             prefix = "" if len(results) == 1 else f"{r['job']}."
             tracker.log_metrics({f"{prefix}gap_coa_minus_qlora": r["gap_coa_minus_qlora"],
                                  f"{prefix}gap_coa_minus_lq_lora": r["gap_coa_minus_lq_lora"]}, step=0)
-            for m in methods_of(r):
+            for m in methods_of(r["rows"]):
                 name = m if len(results) == 1 else f"{r['job']}/{m}"
                 child = tracker.child(name)
                 client.set_tag(child, "bench.job", r["job"])

@@ -14,9 +14,9 @@ from search.hypervolume import normalized_hypervolume
 
 METHODS = ("coa-lora", "qlora", "qlora-gptq", "lq-lora", "shared-lora", "no-adapter")
 
-def methods_of(result: Mapping[str, Any]) -> list[str]:
-    """The methods a job's result has rows for, in :data:`METHODS` order (an option may leave one out)."""
-    present = {r["method"] for r in result["rows"]}
+def methods_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The methods ``rows`` hold, in :data:`METHODS` order (a bench option may leave one out)."""
+    present = {r["method"] for r in rows}
     return [m for m in METHODS if m in present]
 
 
@@ -53,7 +53,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
             return float("nan")
         return float(np.mean(vals)) if metric == "accuracy" else float(np.exp(np.mean(np.log(vals))))
 
-    present = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    present = methods_of(rows)
     mean_target = {m: mean(m, target_names) for m in present}
     unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
     unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "shared-lora", "qlora", "no-adapter")}
