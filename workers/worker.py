@@ -203,12 +203,13 @@ class Worker:
         method: str,
         state: Mapping[str, torch.Tensor],
         example_ids: Sequence[int],
-        configurations: Sequence[np.ndarray],
+        configurations: Sequence[np.ndarray | None],
     ) -> tuple[list[float], dict[str, torch.Tensor], int]:
-        """One fine-tuning shard: (the loss of each configuration, gradients of their mean, number of examples)."""
+        """One fine-tuning shard: (the loss of each configuration, gradients of their mean, number of examples). A
+        configuration of None trains on the unquantized base (the LoRA ceiling a benchmark compares against)."""
         model = self._model(method)
         batch = self.collate([self.train_items[i] for i in example_ids])
-        configs = [self.space.decode(np.asarray(c)) for c in configurations]
+        configs = [self._decoded(c) for c in configurations]
         losses, grads = compute_gradients(model, state, batch, configs)
         return losses.tolist(), grads, len(example_ids)
 

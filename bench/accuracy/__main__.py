@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for m in methods_of(r["rows"]):
             by = {x["configuration"]: x[r["metric"]] for x in r["rows"] if x["method"] == m}
             row = {"method": m, **{n.split()[1]: by.get(n, float("nan")) for n in tnames}, "mean": r["mean_target"][m],
-                   "unseen": r["unseen_mean"].get(m, float("nan")), "HV": r["hypervolume_targets"][m],
+                   "unseen": r["unseen_mean"].get(m, float("nan")), "HV": r["hypervolume_targets"].get(m, float("nan")),
                    "train_min": r["minutes"][m]}
             table.append(row)
         print(report.text_table(table, ["method", *[n.split()[1] for n in tnames], "mean", "unseen", "HV", "train_min"]))

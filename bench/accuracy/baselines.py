@@ -1,4 +1,5 @@
-"""QLoRA and LQ-LoRA once per configuration, on one worker built from the run's own spec, in this process or spread
+"""QLoRA and LQ-LoRA once per configuration (and the references: QLoRA at CoA-LoRA's total budget, LoRA on the
+unquantized base), on one worker built from the run's own spec, in this process or spread
 over Ray actors: every training is a pure function of (method, configuration)."""
 
 from __future__ import annotations
@@ -43,23 +44,38 @@ class Baselines:
 
     def _train(self, method: str, init: Mapping[str, torch.Tensor], x: np.ndarray,
                config: TrainConfig | None = None, worker: Worker | None = None) -> dict[str, torch.Tensor]:
-        """``total_steps`` AdamW steps on configuration ``x`` alone from ``init``; the driver's batch order."""
+        """``config.total_steps`` AdamW steps (default: CoA-LoRA's whole run) on configuration ``x`` alone (None:
+        the unquantized base) from ``init``; the driver's batch order."""
         w, cfg = worker or self.worker, self.cfg
-        master = MasterState(init, w.models[method].no_decay_names(), config or self.train_config)
-        for step in range(self.total_steps):
+        config = config or self.train_config
+        master = MasterState(init, w.models[method].no_decay_names(), config)
+        for step in range(config.total_steps):
             ids = batch_ids(cfg.run.seed, w.n_train(), cfg.data.batch_size, step)
             _, grads, _ = weighted_mean([w.gradients(method, master.state(), ids, [x])])
             master.step(grads)
         return master.state()
 
-    def qlora(self, x: np.ndarray, worker: Worker | None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def qlora(self, x: np.ndarray | None, worker: Worker | None = None,
+              config: TrainConfig | None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
         """QLoRA on configuration ``x`` from the worker's built plain LoRA (B = 0): ((metrics, per-example scores)
         on the validation set, training seconds)."""
         w = worker or self.worker
         t0 = time.perf_counter()
-        state = self._train("shared", w.initial_state("shared"), x, worker=w)
+        state = self._train("shared", w.initial_state("shared"), x, config=config, worker=w)
         seconds = time.perf_counter() - t0
         return w.evaluate_examples("shared", state, x), seconds
+
+    def qlora_budget(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """QLoRA at equal total budget: the targets share CoA-LoRA's total steps, so each gets total / targets
+        steps (at least 1), its warmup shrunk in proportion; everything else as :meth:`qlora`."""
+        share = len(self.cfg.evaluation.targets)
+        steps = max(1, self.total_steps // share)
+        config = replace(self.train_config, total_steps=steps, warmup_steps=self.train_config.warmup_steps // share)
+        return self.qlora(x, config=config)
+
+    def lora_fp(self, x: None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """The ceiling: plain LoRA (B = 0) trained and evaluated on the unquantized base, as many steps as QLoRA."""
+        return self.qlora(None)
 
     def qlora_gptq(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
         """:meth:`qlora` with GPTQ's codes instead of rounding's: same scales and bytes, the same initial adapter
@@ -111,16 +127,17 @@ class BaselineReplica:
         warnings.filterwarnings("ignore")
         self.baselines = Baselines(RunConfig.model_validate(cfg_json), opts)
 
-    def run(self, method: str, x: np.ndarray) -> tuple[dict[str, float], torch.Tensor, float, float]:
+    def run(self, method: str, x: np.ndarray | None) -> tuple[dict[str, float], torch.Tensor, float, float]:
         t0 = time.perf_counter()
         train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq,
-                 "lq-lora": self.baselines.lq_lora}
+                 "lq-lora": self.baselines.lq_lora, "qlora-budget": self.baselines.qlora_budget,
+                 "lora-fp": self.baselines.lora_fp}
         (metrics, scores), seconds = train[method](x)
         return metrics, scores, seconds, time.perf_counter() - t0 - seconds
 
 
 
-def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray]],
+def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray | None]],
                   log) -> list[tuple[dict[str, float], torch.Tensor, float, float]]:
     """Every per-configuration training, in ``calls`` order. With ``cluster.executor = ray`` they spread over
     ``cluster.workers`` Ray actors (``cpus_per_worker`` CPUs each, the same processes budget as the CoA-LoRA run);

@@ -1,5 +1,6 @@
 """The protocol: a bench YAML's jobs, each one CoA-LoRA run through the product path (which also trains Shared-LoRA
-and evaluates no-adapter) and then the per-configuration trainings on exactly the configurations it evaluated."""
+and coa-no-theta and evaluates no-adapter) and then the per-configuration trainings on exactly the configurations it
+evaluated, plus the references: QLoRA at equal total budget and LoRA on the unquantized base (the ceiling)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "conf" / "bench"
 
 PRODUCT_EXPERIMENT = "coalora-bench-product"
+UNQUANTIZED = "unquantized"
+"""The ceiling's one configuration: LoRA on the fp32 base."""
+FULL_PRECISION_BITS = 32.0
 
 BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
                   "qlora_gptq": True}
@@ -61,7 +65,7 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
     run = copy.deepcopy(dict(job.get("run", {})))
     forced = {
         "run": {"name": str(job["name"]), "root": str(work / "runs")},
-        "evaluation": {"baselines": ["no_adapter", "shared_lora"]},
+        "evaluation": {"baselines": ["no_adapter", "shared_lora", "no_theta"]},
         "tracking": {"uri": uri, "experiment": PRODUCT_EXPERIMENT},
     }
     for section, values in forced.items():
@@ -81,9 +85,10 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
 
 @contextlib.contextmanager
 def timed_driver(times: dict[str, float]) -> Iterator[None]:
-    """Measure the driver's Shared-LoRA training and final evaluation (the driver does not time itself). The wrapped
-    methods are called unchanged; only their durations are recorded."""
-    originals = {"_train_shared": (Finish, Finish.train_shared), "final_evaluation": (Driver, Driver.final_evaluation)}
+    """Measure the driver's Shared-LoRA and coa-no-theta trainings and its final evaluation (the driver does not time
+    itself). The wrapped methods are called unchanged; only their durations are recorded."""
+    originals = {"_train_shared": (Finish, Finish.train_shared), "_train_no_theta": (Finish, Finish.train_no_theta),
+                 "final_evaluation": (Driver, Driver.final_evaluation)}
 
     def wrap(name: str):
         fn = originals[name][1]
@@ -130,11 +135,14 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
         run_dir, driver_rows = start_run(cfg, progress=False)
     run_s = time.perf_counter() - t0
     final_s, shared_s = times.get("final_evaluation", 0.0), times.get("_train_shared", 0.0)
-    minutes = {"coa-lora": (run_s - final_s) / 60, "shared-lora": shared_s / 60, "no-adapter": 0.0}
-    eval_minutes = {"driver (coa-lora, shared-lora, no-adapter)": (final_s - shared_s) / 60}
+    no_theta_s = times.get("_train_no_theta", 0.0)
+    minutes = {"coa-lora": (run_s - final_s) / 60, "shared-lora": shared_s / 60, "coa-no-theta": no_theta_s / 60,
+               "no-adapter": 0.0}
+    eval_minutes = {"driver (coa-lora, coa-no-theta, shared-lora, no-adapter)": (final_s - shared_s - no_theta_s) / 60}
 
     configs = evaluated_configurations(run_dir)
     targets = [(n, x) for n, x in configs if n.startswith("target")]
+    target_names = [n for n, _ in targets]
     unseen = [(n, x) for n, x in configs if n.startswith("unseen")]
     bits_of = {r["configuration"]: r["avg_bits"] for r in driver_rows}
     rows = [dict(r) for r in driver_rows]
@@ -142,23 +150,28 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
     if opts["qlora_gptq"]:
         per_config += [("qlora-gptq", n, x) for n, x in targets]
+    per_config += [("qlora-budget", n, x) for n, x in targets] + [("lora-fp", UNQUANTIZED, None)]
     per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
     steps = train_config(cfg).total_steps
     methods = sorted({m for m, _, _ in per_config})
     log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
         f"({' / '.join(methods)} on {len(targets)} targets, qlora on {min(len(unseen), int(opts['qlora_unseen']))} unseen)")
-    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "lq-lora": 0.0, "qlora (unseen)": 0.0}
+    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "lq-lora": 0.0, "qlora-budget": 0.0, "lora-fp": 0.0,
+               "qlora (unseen)": 0.0}
     eval_s = 0.0
     saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
     scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}
     results = run_baselines(cfg, opts, per_config, log)
     for (method, cname, _), (metrics, examples, seconds, evaluation) in zip(per_config, results):
         eval_s += evaluation
-        train_s[method if cname.startswith("target") else "qlora (unseen)"] += seconds
-        rows.append({"method": method, "configuration": cname, "avg_bits": bits_of[cname], **metrics})
-        scores[(method, cname)] = examples.numpy()
+        train_s[method if not cname.startswith("unseen") else "qlora (unseen)"] += seconds
+        # the ceiling is one model: it stands at every target (32-bit weights), so CoA-LoRA pairs with it there
+        for name in (target_names if cname == UNQUANTIZED else [cname]):
+            bits = FULL_PRECISION_BITS if cname == UNQUANTIZED else bits_of[name]
+            rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
+            scores[(method, name)] = examples.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
-    eval_minutes["baselines (qlora, lq-lora)"] = eval_s / 60
+    eval_minutes["per-configuration baselines"] = eval_s / 60
     differences = paired.paired_table(scores, "coa-lora", "classification" if cfg.model.task == "classification"
                                       else "causal-lm")
     return summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences)

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from orchestrator import paired
 from orchestrator.tracking import Tracker
 
-from .stats import methods_of
+from .stats import CEILING, methods_of
 
 BENCH_EXPERIMENT = "coalora-bench"
 
@@ -26,9 +26,8 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 
     metric, rows = result["metric"], result["rows"]
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
-    styles = {"coa-lora": ("C3", "o"), "qlora": ("C0", "s"), "qlora-gptq": ("C4", "P"), "lq-lora": ("C2", "^"),
-              "shared-lora": ("C1", "D"),
-              "no-adapter": ("0.5", "v")}
+    styles = {"coa-lora": ("C3", "o"), "coa-no-theta": ("C6", "X"), "qlora": ("C0", "s"), "qlora-budget": ("C9", "<"),
+              "qlora-gptq": ("C4", "P"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"), "no-adapter": ("0.5", "v")}
     for m, (color, marker) in styles.items():
         t = sorted((r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("target"))
         u = [(r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("unseen")]
@@ -36,6 +35,9 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
             ax.plot(*zip(*t), marker=marker, color=color, lw=1.5, ms=6, label=f"{m} (targets)")
         if u:
             ax.scatter(*zip(*u), marker=marker, facecolors="none", edgecolors=color, s=28, label=f"{m} (unseen)")
+    ceiling = [r[metric] for r in rows if r["method"] == CEILING]
+    if ceiling:  # one model on the unquantized base: a line, not a point on the bits axis
+        ax.axhline(ceiling[0], color="k", ls="--", lw=1, label=f"{CEILING} (unquantized ceiling)")
     ax.set_xlabel("average bits per weight (target matrices)")
     ax.set_ylabel(metric + (" (higher is better)" if metric == "accuracy" else " (lower is better)"))
     if metric == "perplexity":
@@ -67,7 +69,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods_of(r["rows"]):
         cells = [m] + [_f(by[(m, n)][metric]) if (m, n) in by else "–" for n in tnames]
-        cells += [_f(r["mean_target"][m]), _f(r["hypervolume_targets"][m]), _f(r["minutes"][m], 2),
+        cells += [_f(r["mean_target"][m]), _f(r["hypervolume_targets"].get(m, float("nan"))), _f(r["minutes"][m], 2),
                   str(r["served_configurations"][m])]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Average bits of the target configurations (the ILP allocation at each budget, identical for every "
@@ -101,16 +103,17 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]
-    for m in ("coa-lora", "shared-lora", "no-adapter", "qlora"):
+    for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora"):
         all_u = r["unseen_mean"].get(m, float("nan"))
         out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
-                   f"{_f(r['unseen_qlora_subset_mean'][m])} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
+                   f"{_f(r['unseen_qlora_subset_mean'].get(m, float('nan')))} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
     out += ["", "Per unseen configuration:", ""]
-    head = ["configuration", "avg bits", "coa-lora", "shared-lora", "no-adapter", "qlora (trained on it)"]
+    head = ["configuration", "avg bits", "coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora (trained on it)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in r["unseen"]:
         cells = [n, _f(by[("coa-lora", n)]["avg_bits"], 3)]
-        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in ("coa-lora", "shared-lora", "no-adapter", "qlora")]
+        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–"
+                  for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora")]
         out.append("| " + " | ".join(cells) + " |")
     ev = "; ".join(f"{k}: {v:.2f} min" for k, v in r["evaluation_minutes"].items())
     out += ["", "### Wall time (minutes, training only; evaluation excluded)", "",
@@ -118,12 +121,18 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
             f"| coa-lora | {r['minutes']['coa-lora']:.2f} | model load, Fisher cost table, ILP pool, "
             f"{r['coa_steps']} steps x K = {r['coa_configs_per_step']}, search; serves any configuration |",
             f"| shared-lora | {r['minutes']['shared-lora']:.2f} | {r['coa_steps']} steps, one target drawn per step |",
+            *([f"| coa-no-theta | {r['minutes']['coa-no-theta']:.2f} | CoA-LoRA's {r['coa_steps']} steps replayed "
+               "with M = I |"] if "coa-no-theta" in r["minutes"] else []),
             f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} steps "
             f"(targets only) |",
             *([f"| qlora-gptq | {r['minutes']['qlora-gptq']:.2f} | Σ of the calibration inputs + {len(tnames)} x "
                f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r["rows"]) else []),
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
+            *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
+               f"{max(1, r['baseline_steps_per_configuration'] // len(tnames))} steps (CoA-LoRA's total, shared) |",
+               f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
+               "unquantized base |"] if "lora-fp" in r["minutes"] else []),
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
             f"{r['baseline_steps_per_configuration']} steps |",
             "", f"Evaluation time: {ev}.", "", f"![{metric} vs average bits]({png_rel})", ""]
@@ -140,11 +149,16 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         f"(total {meta['total_minutes']:.1f} min). Generated by `bench/accuracy/`; do not edit by hand.", "",
         "**Protocol.** CoA-LoRA runs once through the product path (`orchestrator.runs.start_run`: Fisher cost table → "
         "ILP initial pool → rounds of training + BoTorch Pareto search); the same run trains Shared-LoRA once and "
-        "evaluates the quantized base without adapters (no-adapter). QLoRA and LQ-LoRA (faithful LQ init: T ≤ "
+        "evaluates the quantized base without adapters (no-adapter) and replays CoA-LoRA's steps with θ off (M = I: "
+        "coa-no-theta, the same training sets, K configurations per step, data order, init and steps, so CoA-LoRA − "
+        "coa-no-theta is what θ adds). QLoRA and LQ-LoRA (faithful LQ init: T ≤ "
         f"{r0['bench_options']['lq_iterations']}, best iterate, randomized SVD, Fisher weighting "
         f"{'on' if r0['bench_options']['lq_fisher'] else 'off'}) are trained once per target configuration; "
         "qlora-gptq is QLoRA on GPTQ's codes for the same configurations (same scales and bytes, codes chosen "
         "under each matrix's calibration inputs). "
+        "References: qlora-budget is QLoRA at equal total budget (the targets share CoA-LoRA's total steps, "
+        "warmup shrunk in proportion) and lora-fp is LoRA trained and evaluated on the unquantized base (the "
+        "ceiling; one model, shown at every target). "
         "Every method is evaluated on the same configurations: the ILP allocation at each target budget "
         f"({', '.join(n.split()[1] for n in r0['targets'])} bits) and {len(r0['unseen'])} seeded unseen "
         "configurations between 2.5 and 6 bits (CoA-LoRA and Shared-LoRA without retraining; QLoRA retrained on "
@@ -205,8 +219,9 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
                 metric = r["metric"]
                 vals = {f"{n.replace(' ', '_')}.{metric}": x[metric] for n in r["targets"] + r["unseen"]
                         for x in r["rows"] if x["method"] == m and x["configuration"] == n}
-                vals.update({f"mean_target_{metric}": r["mean_target"][m], "hypervolume_targets": r["hypervolume_targets"][m],
-                             "train_minutes": r["minutes"][m]})
+                vals.update({f"mean_target_{metric}": r["mean_target"][m], "train_minutes": r["minutes"][m]})
+                if m in r["hypervolume_targets"]:
+                    vals["hypervolume_targets"] = r["hypervolume_targets"][m]
                 if m in r["unseen_mean"]:
                     vals[f"mean_unseen_{metric}"] = r["unseen_mean"][m]
                     vals["hypervolume_all"] = r["hypervolume_all_evaluated"][m]

@@ -12,7 +12,10 @@ import numpy as np
 from orchestrator.config import RunConfig
 from search.hypervolume import normalized_hypervolume
 
-METHODS = ("coa-lora", "qlora", "qlora-gptq", "lq-lora", "shared-lora", "no-adapter")
+METHODS = ("coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "lq-lora", "shared-lora", "lora-fp",
+           "no-adapter")
+CEILING = "lora-fp"
+"""LoRA on the unquantized base: a reference line, not a point on the bits axis (no hypervolume)."""
 
 def methods_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The methods ``rows`` hold, in :data:`METHODS` order (a bench option may leave one out)."""
@@ -20,7 +23,7 @@ def methods_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [m for m in METHODS if m in present]
 
 
-DRIVER_METHODS = ("coa-lora", "shared-lora", "no-adapter")
+DRIVER_METHODS = ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter")
 
 
 
@@ -56,15 +59,15 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
     present = methods_of(rows)
     mean_target = {m: mean(m, target_names) for m in present}
     unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
-    unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "shared-lora", "qlora", "no-adapter")}
+    unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "coa-no-theta", "shared-lora", "qlora", "no-adapter")}
     ref = float(opts["hv_reference"])
     hv_targets = {m: _hv([(by[(m, n)]["avg_bits"], by[(m, n)][metric]) for n in target_names if (m, n) in by],
-                         metric, ref, bits_range) for m in present}
+                         metric, ref, bits_range) for m in present if m != CEILING}
     hv_all = {m: _hv([(r["avg_bits"], r[metric]) for r in rows if r["method"] == m], metric, ref, bits_range)
               for m in DRIVER_METHODS}
     sign = 1.0 if metric == "accuracy" else -1.0  # gap > 0: CoA-LoRA is better
     wins = {b: sum(sign * (by[("coa-lora", n)][metric] - by[(b, n)][metric]) > 0 for n in target_names)
-            for b in ("qlora", "qlora-gptq", "lq-lora", "shared-lora") if all((b, n) in by for n in target_names)}
+            for b in METHODS[1:] if all((b, n) in by for n in target_names)}
     return {
         "job": cfg.run.name, "model": cfg.model.name, "task": cfg.model.task, "dataset": cfg.data.dataset,
         "metric": metric, "higher_is_better": metric == "accuracy", "baseline_steps_per_configuration": steps,
@@ -77,8 +80,11 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         "coa_wins_on_targets": wins,
         "hv_reference": {"bits": list(bits_range), metric: ref}, "hypervolume_targets": hv_targets,
         "hypervolume_all_evaluated": hv_all, "minutes": minutes, "evaluation_minutes": eval_minutes,
-        "served_configurations": {"coa-lora": "any", "shared-lora": "any (one adapter)", "qlora": len(target_names),
-                                  "qlora-gptq": len(target_names), "lq-lora": len(target_names), "no-adapter": "any"},
+        "served_configurations": {"coa-lora": "any", "coa-no-theta": "any (one adapter)",
+                                  "shared-lora": "any (one adapter)", "qlora": len(target_names),
+                                  "qlora-budget": len(target_names), "qlora-gptq": len(target_names),
+                                  "lq-lora": len(target_names), "lora-fp": "none (unquantized ceiling)",
+                                  "no-adapter": "any"},
         "rows": rows, "run_dir": str(run_dir), "config": cfg.model_dump(mode="json"), "bench_options": dict(opts),
         "configurations": {n: x.tolist() for n, x in configs},
         "paired": differences,

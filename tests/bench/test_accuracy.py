@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"coa-lora", "qlora", "qlora-gptq", "lq-lora", "shared-lora", "no-adapter"}
+METHODS = {"coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "lq-lora", "shared-lora", "lora-fp",
+           "no-adapter"}
+STEPS = 4  # rounds x steps_per_round: QLoRA trains 4 steps per target, QLoRA at equal total budget 4 / 4 = 1
 TARGETS = ["target 2.5", "target 3", "target 3.5", "target 4"]
 UNSEEN = 3
 QLORA_UNSEEN = 2
@@ -23,7 +25,7 @@ def _overrides(model_dir: Path) -> list[str]:
     pairs = {
         "model.name": str(model_dir), "data.max_length": 24, "data.train_examples": 32, "data.val_examples": 16,
         "data.score_examples": 8, "data.batch_size": 16, "adapter.rank": 2, "adapter.alpha": 4,
-        "training.steps_per_round": 1, "training.warmup_steps": 0, "search.rounds": 1, "search.initial_budgets": 3,
+        "training.steps_per_round": STEPS, "training.warmup_steps": 0, "search.rounds": 1, "search.initial_budgets": 3,
         "search.proposals_per_round": 1, "search.segments": 10, "search.fisher_examples": 2,
         "search.cost_sample": 4096, "evaluation.unseen": UNSEEN,
     }
@@ -77,7 +79,15 @@ def test_outputs_have_the_right_structure(two_runs):
     assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq"))
     loss = {(r["method"], r["configuration"]): r["loss"] for r in job["rows"]}
     assert any(loss[("qlora-gptq", t)] != loss[("qlora", t)] for t in TARGETS)  # other codes, same everything else
-    assert job["baseline_steps_per_configuration"] == 1  # rounds x steps_per_round
+    assert any(loss[("qlora-budget", t)] != loss[("qlora", t)] for t in TARGETS)  # 1 step each, not 4
+    assert job["baseline_steps_per_configuration"] == STEPS  # rounds x steps_per_round
+    for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter"):
+        assert all((m, u) in rows for u in unseen)
+    # the ceiling is one model on the unquantized base: the same figures at every target, 32-bit weights
+    ceiling = [r for r in job["rows"] if r["method"] == "lora-fp"]
+    assert [r["configuration"] for r in ceiling] == TARGETS and {r["avg_bits"] for r in ceiling} == {32.0}
+    assert len({(r["accuracy"], r["loss"]) for r in ceiling}) == 1
+    assert "lora-fp" not in job["hypervolume_targets"]
     for r in job["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["avg_bits"] > 2.0
     for m in METHODS:
