@@ -25,6 +25,11 @@ from workers.training import TrainConfig
 from workers.worker import Worker, build_task
 
 
+def equal_budget_steps(total_steps: int, targets: int) -> int:
+    """qlora-budget's steps per target: the targets share CoA-LoRA's total steps (at least one each)."""
+    return max(1, total_steps // targets)
+
+
 class Baselines:
     """QLoRA and LQ-LoRA on one worker built from the run's own spec: same data, same validation batches, same
     gradient code, same optimizer and data order as the driver's Shared-LoRA loop. QLoRA on GPTQ codes runs on a
@@ -69,8 +74,8 @@ class Baselines:
         """QLoRA at equal total budget: the targets share CoA-LoRA's total steps, so each gets total / targets
         steps (at least 1), its warmup shrunk in proportion; everything else as :meth:`qlora`."""
         share = len(self.cfg.evaluation.targets)
-        steps = max(1, self.total_steps // share)
-        config = replace(self.train_config, total_steps=steps, warmup_steps=self.train_config.warmup_steps // share)
+        config = replace(self.train_config, total_steps=equal_budget_steps(self.total_steps, share),
+                         warmup_steps=self.train_config.warmup_steps // share)
         return self.qlora(x, config=config)
 
     def lora_fp(self, x: None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:

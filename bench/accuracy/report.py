@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from orchestrator import paired
 from orchestrator.tracking import Tracker
 
+from .baselines import equal_budget_steps
 from .stats import CEILING, methods_of
 
 BENCH_EXPERIMENT = "coalora-bench"
@@ -130,7 +131,7 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
             *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
-               f"{max(1, r['baseline_steps_per_configuration'] // len(tnames))} steps (CoA-LoRA's total, shared) |",
+               f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps (CoA-LoRA's total, shared) |",
                f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
                "unquantized base |"] if "lora-fp" in r["minutes"] else []),
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "

@@ -73,7 +73,7 @@ def test_outputs_have_the_right_structure(two_runs):
             assert (m, t) in rows, (m, t)
     unseen = [f"unseen {i}" for i in range(1, UNSEEN + 1)]
     assert job["unseen"] == unseen
-    for m in ("coa-lora", "shared-lora", "no-adapter"):
+    for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter"):
         assert all((m, u) in rows for u in unseen)
     assert [u for u in unseen if ("qlora", u) in rows] == unseen[:QLORA_UNSEEN]
     assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq"))
@@ -81,8 +81,6 @@ def test_outputs_have_the_right_structure(two_runs):
     assert any(loss[("qlora-gptq", t)] != loss[("qlora", t)] for t in TARGETS)  # other codes, same everything else
     assert any(loss[("qlora-budget", t)] != loss[("qlora", t)] for t in TARGETS)  # 1 step each, not 4
     assert job["baseline_steps_per_configuration"] == STEPS  # rounds x steps_per_round
-    for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter"):
-        assert all((m, u) in rows for u in unseen)
     # the ceiling is one model on the unquantized base: the same figures at every target, 32-bit weights
     ceiling = [r for r in job["rows"] if r["method"] == "lora-fp"]
     assert [r["configuration"] for r in ceiling] == TARGETS and {r["avg_bits"] for r in ceiling} == {32.0}
