@@ -190,7 +190,7 @@ class Driver:
         if self.steps is not None:
             self.steps.flush()
         mean = float(np.mean(losses))
-        self.ledger.append("trained", round=r, steps=len(losses), mean_loss=mean, last_loss=losses[-1])
+        self.ledger.append("trained", round=r, steps=len(losses), mean_loss=mean, last_loss=losses[-1], losses=losses)
         commit_point("trained")
         return mean
 

@@ -6,14 +6,15 @@ schedule, every method evaluated on the same validation examples, and the final 
     evaluate         the run's adapter (CoA-LoRA, or one plain LoRA with adapter.kind = lora), the baselines and
                      no-adapter on every configuration → ledger "final" entries, and every example's scores
                      (final/examples.safetensors)
-    write            final/evaluation.json and .md with the paired differences (final/paired.json), and one MLflow
-                     child run per method
+    write            final/evaluation.json and .md with the paired differences (final/paired.json), the training
+                     loss curves (final/curves.json, .png), and one MLflow child run per method
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora"}
 """The final table's name for the run's own adapter, by ``adapter.kind``."""
 EXAMPLES_FILE = "examples.safetensors"
 """Per-example scores of every (method, configuration) in final/, keyed "method|configuration"."""
+CURVES_FILE = "curves.json"
+"""Training loss per optimizer step of the run's adapter and of each baseline the run trains, in final/."""
 MAX_NEAR_MISSES = 1000
 """Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
 
@@ -111,6 +114,7 @@ class Finish:
     bar: Callable[[int, str], tqdm]
     put: Callable[[Any], Any]
     examples_path: Path  # where every example's scores go (final/examples.safetensors)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # method → training loss per step, as trained here
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         """The θ-free replica's start, by CoA-LoRA's init: with projq-shared, over the same initial pool (the
@@ -120,18 +124,22 @@ class Finish:
         (entry,) = [e for e in self.ledger.entries(strict=False) if e["kind"] == "initial_pool"]
         return self.executor.call("shared_init", "shared", [unkey(k) for k in entry["configs"]])[0]
 
-    def _train_plain(self, desc: str, steps: int,
+    def _train_plain(self, method: str, desc: str, steps: int,
                      configurations_of: Callable[[int], list[np.ndarray]]) -> dict[str, torch.Tensor]:
         """The θ-free replica trained for ``steps`` steps on the run's data order and learning-rate schedule, with
-        step ``s``'s configurations from ``configurations_of(s)``."""
+        step ``s``'s configurations from ``configurations_of(s)``; its loss per step kept in ``curves[method]``."""
         init = self._initial_state()
         master = MasterState(init, {n for n in init if n.endswith("bias")}, self.train_config)
+        losses = []
         with self.bar(steps, desc) as bar:
             for step in range(steps):
                 ref, configs = self.put(master.state()), configurations_of(step)
                 results = self.executor.map("gradients", [("shared", ref, s, configs) for s in self.shards(step)])
-                master.step(weighted_mean(results)[1])
+                loss, grads, _ = weighted_mean(results)
+                master.step(grads)
+                losses.append(float(loss))
                 bar.update(1)
+        self.curves[method] = losses
         return master.state()
 
     def train_shared(self, targets: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -141,7 +149,7 @@ class Finish:
         def one_target(step: int) -> list[np.ndarray]:
             return [targets[int(torch.randint(len(targets), (1,), generator=seeded(seed, PURPOSE_SHARED, step)))]]
 
-        return self._train_plain("baseline: shared-lora", self.train_config.total_steps, one_target)
+        return self._train_plain("shared-lora", "baseline: shared-lora", self.train_config.total_steps, one_target)
 
     def train_no_theta(self) -> dict[str, torch.Tensor]:
         """coa-no-theta: CoA-LoRA's run replayed step for step (each round's training set as the ledger recorded
@@ -156,7 +164,14 @@ class Finish:
                                        k=t.configs_per_step, sampling=t.config_sampling, space=self.space,
                                        numels=self.numels)
 
-        return self._train_plain("ablation: coa-no-theta", self.cfg.search.rounds * t.steps_per_round, replayed)
+        return self._train_plain("coa-no-theta", "ablation: coa-no-theta", self.cfg.search.rounds * t.steps_per_round,
+                                 replayed)
+
+    def _write_curves(self) -> None:
+        """final/curves.json: the run's loss per step (the ledger's rounds, in order) and each baseline's."""
+        run = [v for e in self.ledger.entries(strict=False) if e["kind"] == "trained" for v in e.get("losses", [])]
+        curves = {RUN_METHOD[self.cfg.adapter.kind]: run, **self.curves}
+        write_json_atomic(self.examples_path.parent / CURVES_FILE, curves)
 
     def evaluate(self, state: dict[str, torch.Tensor], costs: np.ndarray, pool: list[np.ndarray]) -> list[dict]:
         """Every method on every evaluation configuration, on the same validation examples; one ledger entry each."""
@@ -170,6 +185,7 @@ class Finish:
             methods["shared-lora"] = ("shared", self.train_shared(targets), True)
         if "no_theta" in baselines:
             methods["coa-no-theta"] = ("shared", self.train_no_theta(), True)
+        self._write_curves()
         calls, labels = [], []
         for method, (replica, st, adapter) in methods.items():
             ref = self.put(st) if st is not None else None
@@ -193,7 +209,8 @@ class Finish:
 
 
 def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: Tracker | None) -> None:
-    """final/evaluation.json, .md and .png under ``out``; in MLflow, those and one child run per method."""
+    """final/evaluation.json, .md and .png and the training loss curves (curves.png, from curves.json) under
+    ``out``; in MLflow, those and one child run per method."""
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     write_json_atomic(out / "evaluation.json", rows)
     saved = load((out / EXAMPLES_FILE).read_bytes())  # keyed "method|configuration", in no particular order
@@ -204,9 +221,12 @@ def write_final(cfg: RunConfig, out: Path, rows: list[dict[str, Any]], tracker: 
     columns = ["method", "configuration", "avg_bits", metric, "loss"]
     (out / "evaluation.md").write_text(report.markdown_table(rows, columns) + "\n\n" + paired.markdown(differences))
     report.evaluation_plot(rows, metric, out / "evaluation.png")
+    curves = json.loads((out / CURVES_FILE).read_text())
+    report.loss_curves_plot({m: c for m, c in curves.items() if c}, out / "curves.png",
+                            f"training loss per step ({cfg.run.name})")
     if tracker is None:
         return
-    for name in ("evaluation.png", "evaluation.md", "evaluation.json", "paired.json"):
+    for name in ("evaluation.png", "evaluation.md", "evaluation.json", "paired.json", CURVES_FILE, "curves.png"):
         tracker.log_artifact(out / name, "final")
     by_method: dict[str, dict[str, float]] = {}
     for row in rows:

@@ -1,10 +1,10 @@
-"""Human-readable outputs of a run: the per-round Pareto plot and table, the hypervolume over rounds, and the
-final evaluation as a table and a plot."""
+"""Human-readable outputs of a run: the per-round Pareto plot and table, the hypervolume over rounds, the training
+loss curves, and the final evaluation as a table and a plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -60,6 +60,44 @@ def hypervolume_plot(rounds: Sequence[int], values: Sequence[float], path: Path)
     ax.set_title("search progress")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The trailing mean over up to ``window`` values at each step (shorter at the start): a training loss drawn
+    from a few batches per step is too noisy to show whether it has flattened."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_curves_plot(curves: Mapping[str, Sequence[float]], path: Path, title: str = "training loss",
+                     window: int = 5) -> Path:
+    """Training loss per optimizer step of each method (``curves``: label → per-step losses), raw values faint and
+    their ``window``-step moving average solid: have the losses flattened by the last step?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for i, (label, losses) in enumerate(curves.items()):
+        steps = range(1, len(losses) + 1)
+        ax.plot(steps, list(losses), c=f"C{i % 10}", lw=0.6, alpha=0.3)
+        ax.plot(steps, moving_average(list(losses), window), c=f"C{i % 10}", lw=1.4, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss ({window}-step moving average)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -22,10 +22,41 @@ import torch  # noqa: E402
 
 from bench.accuracy import __doc__ as DOC  # noqa: E402
 from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, load_bench, run_job  # noqa: E402
-from bench.accuracy.report import TOLERANCE, describe_processes, log_mlflow, plot, write_markdown  # noqa: E402
+from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
 from bench.accuracy.stats import headline, methods_of  # noqa: E402
 from orchestrator import report  # noqa: E402
-from orchestrator.state import write_json_atomic  # noqa: E402
+from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
+
+
+def _job_file(res_dir: Path, job: dict[str, Any]) -> Path:
+    return res_dir / "jobs" / f"{job['name']}.json"
+
+
+def _fingerprint(job: dict[str, Any], overrides: Sequence[str]) -> str:
+    """What a job's result depends on that the command line can change: its YAML entry and the overrides."""
+    return json.dumps({"job": job, "overrides": list(overrides)}, sort_keys=True, default=str)
+
+
+def save_job(res_dir: Path, job: dict[str, Any], overrides: Sequence[str], result: dict[str, Any],
+             minutes: float) -> None:
+    """A finished job's result, at once: a full run that is cut short (a lost machine, a session's end) resumes
+    from its finished jobs instead of starting over."""
+    record = {"fingerprint": _fingerprint(job, overrides), "minutes": minutes, "result": result}
+    write_atomic(_job_file(res_dir, job), (json.dumps(record, indent=1, default=str) + "\n").encode())
+
+
+def finished_job(res_dir: Path, job: dict[str, Any], overrides: Sequence[str], log) -> tuple[dict | None, float]:
+    """(the job's saved result, its minutes) when ``res_dir`` holds one for the same YAML entry and overrides;
+    (None, 0) otherwise (a saved result for other settings is named and left to be replaced)."""
+    path = _job_file(res_dir, job)
+    if not path.exists():
+        return None, 0.0
+    record = json.loads(path.read_text())
+    if record["fingerprint"] != _fingerprint(job, overrides):
+        log(f"[{job['name']}] {path} was run with other settings: running the job again")
+        return None, 0.0
+    log(f"[{job['name']}] finished before ({record['minutes']:.1f} min): reusing {path} (--fresh to re-run)")
+    return record["result"], float(record["minutes"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -37,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--override", action="append", default=[], metavar="section.key=value",
                     help="applied to every job's run configuration (repeatable)")
     ap.add_argument("--jobs", help="comma-separated job names to run (default: all of the file)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="re-run every job even where --out holds its finished result for the same job and overrides")
     ap.add_argument("--render-only", type=Path, metavar="ACCURACY_JSON",
                     help="re-write results.md and the plots from a saved accuracy.json (no compute, no MLflow)")
     ap.add_argument("--notes", type=Path, metavar="MARKDOWN",
@@ -59,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.notes or args.reproduced:
             write_json_atomic(args.render_only, saved)
         out = args.out.resolve()
-        pngs = [plot(r, out / "results" / f"accuracy-{r['job']}.png") for r in saved["jobs"]]
-        write_markdown(saved["jobs"], saved["meta"], out / "results.md", [str(p.relative_to(out)) for p in pngs])
+        pngs = [figures(r, out / "results") for r in saved["jobs"]]
+        write_markdown(saved["jobs"], saved["meta"], out / "results.md", [[str(p.relative_to(out)) for p in ps] for ps in pngs])
         head = headline(saved["jobs"], saved["meta"]["mode"], saved["meta"]["total_minutes"])
         print(json.dumps(head, sort_keys=True))
         return head
@@ -86,9 +119,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    t0 = time.perf_counter()
-    results = [run_job(job, args.override, work, uri, log) for job in jobs]
-    total = (time.perf_counter() - t0) / 60
+    results, minutes = [], []
+    for job in jobs:
+        result, took = finished_job(res_dir, job, args.override, log) if not args.fresh else (None, 0.0)
+        if result is None:
+            t0 = time.perf_counter()
+            result = run_job(job, args.override, work, uri, log)
+            took = (time.perf_counter() - t0) / 60
+            save_job(res_dir, job, args.override, result, took)
+        results.append(result)
+        minutes.append(took)
+    total = sum(minutes)
     cmd_args = [a for a in (sys.argv[1:] if argv is None else list(argv))]
     meta = {
         "mode": mode, "stamp": stamp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -97,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    f"{describe_processes(results)}, 1 torch thread each, no GPU",
         "total_minutes": total, "tolerance": TOLERANCE, "config_file": str(path),
     }
-    pngs = [plot(r, res_dir / f"accuracy-{r['job']}.png") for r in results]
+    pngs = [figures(r, res_dir) for r in results]
     raw = res_dir / "accuracy.json"
     raw.write_text(json.dumps({"meta": meta, "jobs": results}, indent=1, default=str) + "\n")
     md = out / "results.md"
-    write_markdown(results, meta, md, [str(p.relative_to(out)) for p in pngs])
-    parent = log_mlflow(uri, results, meta, [md, raw, *pngs])
+    write_markdown(results, meta, md, [[str(p.relative_to(out)) for p in ps] for ps in pngs])
+    parent = log_mlflow(uri, results, meta, [md, raw, *(p for ps in pngs for p in ps)])
     for r in results:
         print()
         print(f"== {r['job']} ({r['metric']}) ==")
@@ -115,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "train_min": r["minutes"][m]}
             table.append(row)
         print(report.text_table(table, ["method", *[n.split()[1] for n in tnames], "mean", "unseen", "HV", "train_min"]))
-    print(f"\nwrote {md}, {raw}, {', '.join(str(p) for p in pngs)}; MLflow {uri} parent run {parent}")
+    print(f"\nwrote {md}, {raw}, {', '.join(str(p) for ps in pngs for p in ps)}; MLflow {uri} parent run {parent}")
     head = headline(results, mode, total)
     head["mlflow_parent_run"] = parent
     print(json.dumps(head, sort_keys=True))

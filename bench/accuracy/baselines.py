@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,17 @@ from workers.baselines import lq_lora
 from workers.fisher import layer_fisher
 from workers.training import TrainConfig
 from workers.worker import Worker, build_task
+
+
+class Outcome(NamedTuple):
+    """One per-configuration training: validation metrics and per-example scores, the training loss per step, and
+    the seconds spent training (an LQ-LoRA init included) and evaluating."""
+
+    metrics: dict[str, float]
+    scores: torch.Tensor
+    losses: list[float]
+    train_s: float
+    eval_s: float
 
 
 def equal_budget_steps(total_steps: int, targets: int) -> int:
@@ -48,29 +59,35 @@ class Baselines:
         self._gptq_worker: Worker | None = None
 
     def _train(self, method: str, init: Mapping[str, torch.Tensor], x: np.ndarray,
-               config: TrainConfig | None = None, worker: Worker | None = None) -> dict[str, torch.Tensor]:
+               config: TrainConfig | None = None, worker: Worker | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[float]]:
         """``config.total_steps`` AdamW steps (default: CoA-LoRA's whole run) on configuration ``x`` alone (None:
-        the unquantized base) from ``init``; the driver's batch order."""
+        the unquantized base) from ``init``; the driver's batch order. Returns the state and the loss per step."""
         w, cfg = worker or self.worker, self.cfg
         config = config or self.train_config
         master = MasterState(init, w.models[method].no_decay_names(), config)
+        losses = []
         for step in range(config.total_steps):
             ids = batch_ids(cfg.run.seed, w.n_train(), cfg.data.batch_size, step)
-            _, grads, _ = weighted_mean([w.gradients(method, master.state(), ids, [x])])
+            loss, grads, _ = weighted_mean([w.gradients(method, master.state(), ids, [x])])
             master.step(grads)
-        return master.state()
+            losses.append(float(loss))
+        return master.state(), losses
 
-    def qlora(self, x: np.ndarray | None, worker: Worker | None = None,
-              config: TrainConfig | None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
-        """QLoRA on configuration ``x`` from the worker's built plain LoRA (B = 0): ((metrics, per-example scores)
-        on the validation set, training seconds)."""
+    def _evaluated(self, method: str, state: Mapping[str, torch.Tensor], x: np.ndarray | None, losses: list[float],
+                   train_s: float, worker: Worker | None = None) -> Outcome:
+        t0 = time.perf_counter()
+        metrics, scores = (worker or self.worker).evaluate_examples(method, state, x)
+        return Outcome(metrics, scores, losses, train_s, time.perf_counter() - t0)
+
+    def qlora(self, x: np.ndarray | None, worker: Worker | None = None, config: TrainConfig | None = None) -> Outcome:
+        """QLoRA on configuration ``x`` from the worker's built plain LoRA (B = 0)."""
         w = worker or self.worker
         t0 = time.perf_counter()
-        state = self._train("shared", w.initial_state("shared"), x, config=config, worker=w)
-        seconds = time.perf_counter() - t0
-        return w.evaluate_examples("shared", state, x), seconds
+        state, losses = self._train("shared", w.initial_state("shared"), x, config=config, worker=w)
+        return self._evaluated("shared", state, x, losses, time.perf_counter() - t0, w)
 
-    def qlora_budget(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def qlora_budget(self, x: np.ndarray) -> Outcome:
         """QLoRA at equal total budget: the targets share CoA-LoRA's total steps, so each gets total / targets
         steps (at least 1), its warmup shrunk in proportion; everything else as :meth:`qlora`."""
         share = len(self.cfg.evaluation.targets)
@@ -78,11 +95,11 @@ class Baselines:
                          warmup_steps=self.train_config.warmup_steps // share)
         return self.qlora(x, config=config)
 
-    def lora_fp(self, x: None = None) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def lora_fp(self, x: None = None) -> Outcome:
         """The ceiling: plain LoRA (B = 0) trained and evaluated on the unquantized base, as many steps as QLoRA."""
         return self.qlora(None)
 
-    def qlora_gptq(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def qlora_gptq(self, x: np.ndarray) -> Outcome:
         """:meth:`qlora` with GPTQ's codes instead of rounding's: same scales and bytes, the same initial adapter
         (same seed), the same steps and data order."""
         if self._gptq_worker is None:
@@ -101,7 +118,7 @@ class Baselines:
                 self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
         return self._fisher
 
-    def lq_lora(self, x: np.ndarray) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def lq_lora(self, x: np.ndarray) -> Outcome:
         fisher = self._fisher_weights()
         t0 = time.perf_counter()
         if self._base is None:  # a fresh, unwrapped copy of the base, built exactly as the worker built its own
@@ -115,35 +132,31 @@ class Baselines:
         try:
             lr = self.opts.get("lq_lora_lr")
             config = None if lr is None else replace(self.train_config, lora_lr=float(lr))
-            state = self._train("lq", model.trainable_state(), x, config)
-            seconds = time.perf_counter() - t0
-            return self.worker.evaluate_examples("lq", state, x), seconds
+            state, losses = self._train("lq", model.trainable_state(), x, config)
+            return self._evaluated("lq", state, x, losses, time.perf_counter() - t0)
         finally:
             del self.worker.models["lq"]
 
 
 
 class BaselineReplica:
-    """One process's :class:`Baselines`; ``run`` trains and evaluates one (method, configuration) pair and returns
-    (metrics, per-example scores, training seconds, evaluation seconds)."""
+    """One process's :class:`Baselines`; ``run`` trains and evaluates one (method, configuration) pair."""
 
     def __init__(self, cfg_json: Mapping[str, Any], opts: Mapping[str, Any]):
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore")
         self.baselines = Baselines(RunConfig.model_validate(cfg_json), opts)
 
-    def run(self, method: str, x: np.ndarray | None) -> tuple[dict[str, float], torch.Tensor, float, float]:
-        t0 = time.perf_counter()
+    def run(self, method: str, x: np.ndarray | None) -> Outcome:
         train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq,
                  "lq-lora": self.baselines.lq_lora, "qlora-budget": self.baselines.qlora_budget,
                  "lora-fp": self.baselines.lora_fp}
-        (metrics, scores), seconds = train[method](x)
-        return metrics, scores, seconds, time.perf_counter() - t0 - seconds
+        return train[method](x)
 
 
 
 def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple[str, str, np.ndarray | None]],
-                  log) -> list[tuple[dict[str, float], torch.Tensor, float, float]]:
+                  log) -> list[Outcome]:
     """Every per-configuration training, in ``calls`` order. With ``cluster.executor = ray`` they spread over
     ``cluster.workers`` Ray actors (``cpus_per_worker`` CPUs each, the same processes budget as the CoA-LoRA run);
     else they run here one after another. Each training is a pure function of (method, configuration): seeded data

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from orchestrator.config import ConfigError, RunConfig, build_config
 from orchestrator import paired
 from orchestrator.driver import Driver
-from orchestrator.finish import EXAMPLES_FILE, Finish
+from orchestrator.finish import CURVES_FILE, EXAMPLES_FILE, Finish
 from orchestrator.optim import train_config
 from orchestrator.runs import start_run
 from orchestrator.schedule import unkey
@@ -161,17 +161,19 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     eval_s = 0.0
     saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
     scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}
+    curves = json.loads((run_dir / "final" / CURVES_FILE).read_text())  # the driver's methods, step by step
     results = run_baselines(cfg, opts, per_config, log)
-    for (method, cname, _), (metrics, examples, seconds, evaluation) in zip(per_config, results):
-        eval_s += evaluation
-        train_s[method if not cname.startswith("unseen") else "qlora (unseen)"] += seconds
+    for (method, cname, _), out in zip(per_config, results):
+        eval_s += out.eval_s
+        train_s[method if not cname.startswith("unseen") else "qlora (unseen)"] += out.train_s
+        curves[f"{method} | {cname}"] = out.losses
         # the ceiling is one model: it stands at every target (32-bit weights), so CoA-LoRA pairs with it there
         for name in (target_names if cname == UNQUANTIZED else [cname]):
             bits = FULL_PRECISION_BITS if cname == UNQUANTIZED else bits_of[name]
-            rows.append({"method": method, "configuration": name, "avg_bits": bits, **metrics})
-            scores[(method, name)] = examples.numpy()
+            rows.append({"method": method, "configuration": name, "avg_bits": bits, **out.metrics})
+            scores[(method, name)] = out.scores.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
     eval_minutes["per-configuration baselines"] = eval_s / 60
     differences = paired.paired_table(scores, "coa-lora", "classification" if cfg.model.task == "classification"
                                       else "causal-lm")
-    return summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences)
+    return {**summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences), "curves": curves}

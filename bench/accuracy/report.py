@@ -1,5 +1,5 @@
-"""The outputs: results.md (protocol, tables, wall times, discussion), a metric-vs-bits plot per job, and the MLflow
-parent run with one child per method."""
+"""The outputs: results.md (protocol, tables, wall times, discussion), a metric-vs-bits plot and a training-loss plot
+per job, and the MLflow parent run with one child per method."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from orchestrator import paired
+from orchestrator.report import loss_curves_plot
 from orchestrator.tracking import Tracker
 
 from .baselines import equal_budget_steps
@@ -17,6 +18,27 @@ BENCH_EXPERIMENT = "coalora-bench"
 
 TOLERANCE = "0 (identical) on the same machine and torch build; across machines 1/val_examples accuracy, 1e-3 relative perplexity"
 
+
+
+def figures(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """The job's plots under ``directory``: its metric vs average bits, and (when the job recorded them) its
+    training loss curves."""
+    out = [plot(result, directory / f"accuracy-{result['job']}.png")]
+    if result.get("curves"):
+        out.append(plot_curves(result, directory / f"curves-{result['job']}.png"))
+    return out
+
+
+def plot_curves(result: Mapping[str, Any], path: Path) -> Path:
+    """Training loss per step: the run's own methods (CoA-LoRA's is the mean over its K configurations of each
+    step, drawn from the training set across the bit axis), and each per-configuration method at the lowest target
+    (the hardest) and lora-fp. Curves differ in level by what they train on; the question they answer is whether
+    each has flattened by its last step."""
+    lowest = result["targets"][0]
+    curves = result["curves"]
+    chosen = {m: c for m, c in curves.items() if " | " not in m}
+    chosen.update({m: c for m, c in curves.items() if m.endswith(f" | {lowest}") or m.startswith(CEILING)})
+    return loss_curves_plot(chosen, path, f"{result['job']}: training loss per step")
 
 
 def plot(result: Mapping[str, Any], path: Path) -> Path:
@@ -61,7 +83,7 @@ def _f(v: Any, digits: int = 4) -> str:
 
 
 
-def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
+def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     metric, by = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}
     tnames = r["targets"]
     better = "higher" if r["higher_is_better"] else "lower"
@@ -136,12 +158,21 @@ def job_markdown(r: Mapping[str, Any], png_rel: str) -> str:
                "unquantized base |"] if "lora-fp" in r["minutes"] else []),
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
             f"{r['baseline_steps_per_configuration']} steps |",
-            "", f"Evaluation time: {ev}.", "", f"![{metric} vs average bits]({png_rel})", ""]
+            "", f"Evaluation time: {ev}.", ""]
+    out += [f"![{metric} vs average bits]({pngs[0]})", ""]
+    if len(pngs) > 1:
+        out += ["Training loss per step (faint: each step; solid: 5-step moving average). CoA-LoRA's and "
+                "coa-no-theta's losses average K configurations drawn from the training set, which spans the bit "
+                "axis, so their level is not comparable with a single low-bit target's; what matters is whether "
+                "every curve has flattened.", "", f"![training loss per step]({pngs[1]})", ""]
     return "\n".join(out)
 
 
 
-def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], path: Path, pngs: Sequence[str]) -> None:
+def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], path: Path,
+                   pngs: Sequence[Sequence[str]]) -> None:
+    """results.md: protocol, settings, each job's tables and figures (``pngs``: each job's, relative to the page),
+    and the hand-written discussion from ``meta["notes"]``."""
     r0 = results[0]
     c = r0["config"]
     lines = [

@@ -63,8 +63,10 @@ def test_outputs_have_the_right_structure(two_runs):
     out = base / "a"
     md = (out / "results.md").read_text()
     assert "quick mode" in md and "strongest fair baseline" in md and "Tolerance" in md
-    png = out / "results" / "accuracy-minilm-reviews.png"
-    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    for name in ("accuracy-minilm-reviews.png", "curves-minilm-reviews.png"):
+        png = out / "results" / name
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
+        assert f"(results/{name})" in md
     raw = json.loads((out / "results" / "accuracy.json").read_text())
     job = raw["jobs"][0]
     rows = {(r["method"], r["configuration"]) for r in job["rows"]}
@@ -88,6 +90,13 @@ def test_outputs_have_the_right_structure(two_runs):
     assert "lora-fp" not in job["hypervolume_targets"]
     for r in job["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["avg_bits"] > 2.0
+    # every training's loss per step: the run's methods from its final/curves.json, each per-configuration one
+    curves = job["curves"]
+    assert {m: len(c) for m, c in curves.items() if " | " not in m} == {"coa-lora": STEPS, "coa-no-theta": STEPS,
+                                                                         "shared-lora": STEPS}
+    assert len(curves["qlora | target 2.5"]) == len(curves["lora-fp | unquantized"]) == STEPS
+    assert len(curves["qlora-budget | target 4"]) == 1 and len(curves[f"qlora | unseen {QLORA_UNSEEN}"]) == STEPS
+    assert all(v > 0 for c in curves.values() for v in c)
     for m in METHODS:
         assert f"| {m} |" in md
     # the headline: last stdout line
@@ -135,3 +144,21 @@ def test_two_runs_give_identical_numbers(two_runs):
     rb = {key(r): (r["avg_bits"], r["accuracy"], r["loss"]) for r in b["rows"]}
     assert ra == rb
     assert a["configurations"] == b["configurations"]
+    assert a["curves"] == b["curves"]
+
+
+def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_model_dir):
+    """Each finished job is saved at once; the same command again renders from it without training, and a job
+    whose YAML entry or overrides changed is not taken from the saved file."""
+    from bench.accuracy.__main__ import finished_job
+
+    base, uri, (head, _), _ = two_runs
+    again, stdout = _run(base / "a", tiny_model_dir, uri)
+    assert "finished before" in stdout and "CoA-LoRA run" not in stdout
+    assert again["minilm-reviews"]["mean_target"] == head["minilm-reviews"]["mean_target"]
+    saved = json.loads((base / "a" / "results" / "jobs" / "minilm-reviews.json").read_text())
+    job = json.loads(saved["fingerprint"])["job"]
+    overrides = json.loads(saved["fingerprint"])["overrides"]
+    assert finished_job(base / "a" / "results", job, overrides, print)[0] is not None
+    changed = [o if not o.startswith("training.steps_per_round=") else "training.steps_per_round=5" for o in overrides]
+    assert finished_job(base / "a" / "results", job, changed, print) == (None, 0.0)

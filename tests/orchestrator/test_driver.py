@@ -100,8 +100,8 @@ def test_mlflow_parent_params_metrics_artifacts_and_children(finished_run):
     artifacts = {a.path for a in client.list_artifacts(p.info.run_id, "rounds/round-0002")}
     assert artifacts == {"rounds/round-0002/pareto.png", "rounds/round-0002/pareto.md"}
     assert "hypervolume.png" in {a.path for a in client.list_artifacts(p.info.run_id)}
-    assert {a.path for a in client.list_artifacts(p.info.run_id, "final")} >= {"final/evaluation.md",
-                                                                              "final/evaluation.png"}
+    assert {a.path for a in client.list_artifacts(p.info.run_id, "final")} >= {
+        "final/evaluation.md", "final/evaluation.png", "final/curves.json", "final/curves.png"}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == p.info.run_id
         assert any(k.endswith(".accuracy") for k in child.data.metrics)
@@ -217,6 +217,15 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     models = worker.models
     assert models["shared"].init == models["main"].init == "svd_of_W" and models["bare"].init == "zero_B"
     assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora", "coa-no-theta"}
+    # every trained method's loss per step: the run's from the ledger's rounds, the baselines' as they trained
+    curves = json.loads((run_dir / "final" / "curves.json").read_text())
+    assert {m: len(c) for m, c in curves.items()} == {"coa-lora": 4, "shared-lora": 4, "coa-no-theta": 4}
+    trained = [e for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "trained"]
+    assert [float(np.mean(curves["coa-lora"][2 * i: 2 * i + 2])) for i in range(2)] == pytest.approx(
+        [e["mean_loss"] for e in trained], abs=1e-12)
+    assert all(np.isfinite(c).all() and min(c) > 0 for c in curves.values())
+    assert curves["shared-lora"] != curves["coa-no-theta"]  # one target per step vs the run's K configurations
+    assert (run_dir / "final" / "curves.png").stat().st_size > 1000
     target = worker.space.encode([worker.space.most_precise] * len(models["main"].registry))
     bare = worker.evaluate("bare", None, target, False)
     without_l = worker.evaluate("main", None, target, False)
