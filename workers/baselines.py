@@ -4,6 +4,8 @@ evaluation, so only the method differs.
 - QLoRA: one plain LoRA (B = 0) per configuration, trained on that configuration only.
 - LQ-LoRA: one LoRA per configuration initialised by the faithful LQ decomposition (workers/init/lq.py: T ≤ 100, best
   iterate, randomized SVD, optional Fisher); its base is Q = quant_c(W − L1·L2) and A, B = L2/√s, L1/√s.
+- QLoRA with ProjQ's init: one LoRA per configuration whose base codes are ProjQ's (noise shaped under each matrix's
+  calibration statistics Σ, workers/init/projq.py) and whose B, A are the whitened-SVD correction of what remains.
 - Shared-LoRA: one plain LoRA (θ disabled, M = I) trained over the training configurations, one drawn per step.
 - No adapter: the quantized base alone (``evaluate(..., adapter=False)``).
 """
@@ -20,6 +22,8 @@ from search.space import QuantSetting, SearchSpace
 from .adapters.coa import CoAModel
 from .adapters.lora import Init, LoRAModel
 from .init.lq import lq_decompose
+from .init.projq import projq_quantize, whitened_svd_init, whitening
+from .quant.formats import dequantize, quantize
 from .quant.cache import DEFAULT_CACHE_MB
 from .tasks import evaluate
 from .training import TrainConfig, train
@@ -55,6 +59,50 @@ def lq_lora(
         result = lq_decompose(layer.weight, setting, rank, iterations=iterations, fisher=f, seed=seed + i)
         layer.set_decomposition(result.l1, result.l2)
     return coa
+
+
+def projq_lora(
+    model: nn.Module,
+    space: SearchSpace,
+    configuration: Configuration,
+    covariances: Mapping[str, torch.Tensor],
+    *,
+    rank: int,
+    alpha: float,
+    iterations: int = 5,
+    seed: int = 0,
+) -> LoRAModel:
+    """A plain LoRA model bound to ``configuration`` with ProjQ's per-configuration init (projq.md §3): each layer's
+    codes for its setting come from :func:`projq_quantize` under its Σ (``covariances``) and are pinned, and
+    s·B·A is the whitened-SVD correction of W − Q, so at step 0 the remaining output error is J_r(Q)."""
+    lora = plain_lora(model, space, rank=rank, alpha=alpha, seed=seed)
+    for layer, setting in zip(lora.layers, lora.resolve(configuration)):
+        sigma = covariances[layer.name]
+        result = projq_quantize(layer.weight, setting, sigma, rank, iterations=iterations, name=layer.name)
+        b, a = whitened_svd_init(layer.weight, dequantize(result.packed), sigma, rank)
+        root = layer.scaling ** 0.5
+        layer.pin(setting, result.packed)
+        with torch.no_grad():
+            layer.lora_A.copy_(a / root)
+            layer.lora_B.copy_(b / root)
+    return lora
+
+
+def compensation_error(lora: LoRAModel, configuration: Configuration,
+                       covariances: Mapping[str, torch.Tensor]) -> float:
+    """The step-0 error-compensation loss of an initialised model on ``configuration``: per matrix,
+    ‖(W − Q − s·B·A)·Y‖² (Y·Yᵀ = Σ, the calibration inputs' statistics) over round-to-nearest's uncorrected
+    ‖(W − Q_rtn)·Y‖², averaged over matrices. 1.0 is QLoRA's start (RTN codes, B = 0); a lower value starts
+    closer to the full-precision layer on the inputs it will see. M = I (a plain LoRA's, or θ switched off)."""
+    ratios = []
+    for layer, setting in zip(lora.layers, lora.resolve(configuration)):
+        y, _ = whitening(covariances[layer.name])
+        w = layer.weight.detach().double()
+        adapter = layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        left = (w - layer.quantized_weight(setting).double() - adapter) @ y
+        rtn = (w - dequantize(quantize(layer.weight.detach(), setting, name=layer.name)).double()) @ y
+        ratios.append(float(left.square().sum() / rtn.square().sum().clamp(min=torch.finfo(torch.float64).tiny)))
+    return sum(ratios) / len(ratios)
 
 
 def train_per_configuration(

@@ -21,7 +21,7 @@ import torch
 from search.space import SearchSpace
 
 from .allocator import pin_mmap_threshold
-from .baselines import plain_lora
+from .baselines import compensation_error, plain_lora
 from .calibration import coa_covariances
 from .adapters.coa import CoAModel, theta_spread
 from .adapters.lora import LoRAModel
@@ -124,12 +124,9 @@ class Worker:
         for model in self.models.values():
             model.eval()
         self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
-        if spec.quant_method == "gptq" or spec.init == SHARED_INIT:
-            calibration = self._batches(self.train_items[: spec.calibration_examples])
-            self._covariances = coa_covariances(self.models["main"], calibration)
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
             for model in self.models.values():
-                model.set_calibration(self._covariances)
+                model.set_calibration(self.covariances())
         self._initial = {name: model.trainable_state() for name, model in self.models.items()}
         self._fisher: dict[str, torch.Tensor] | None = None
 
@@ -166,8 +163,23 @@ class Worker:
             raise ValueError(f"adapter.init {SHARED_INIT!r} starts from the training configurations: none were given")
         model = self._with_state(method, self.initial_state(method))
         stats = apply_shared_init(model, [self.space.decode(np.asarray(c)) for c in configurations],
-                                  self._covariances, fit_steps=self.spec.prefit_steps, seed=self.spec.seed)
+                                  self.covariances(), fit_steps=self.spec.prefit_steps, seed=self.spec.seed)
         return model.trainable_state(), stats
+
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """Σ = XᵀX/N of every target matrix's inputs on the first ``calibration_examples`` training examples (the
+        model in full precision, adapters off), computed once: GPTQ's Hessians and ProjQ's whitening."""
+        if self._covariances is None:
+            calibration = self._batches(self.train_items[: self.spec.calibration_examples])
+            self._covariances = coa_covariances(self.models["main"], calibration)
+        return self._covariances
+
+    def compensation_error(self, method: str, state: Mapping[str, torch.Tensor] | None,
+                           configuration: np.ndarray) -> float:
+        """How much of round-to-nearest's output error replica ``method`` at ``state`` leaves on ``configuration``
+        before any training (:func:`workers.baselines.compensation_error`, M = I)."""
+        return compensation_error(self._with_state(method, state), self.space.decode(np.asarray(configuration)),
+                                  self.covariances())
 
     def n_train(self) -> int:
         return len(self.train_items)

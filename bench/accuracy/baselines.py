@@ -1,6 +1,7 @@
-"""QLoRA and LQ-LoRA once per configuration (and the references: QLoRA at CoA-LoRA's total budget, LoRA on the
-unquantized base), on one worker built from the run's own spec, in this process or spread
-over Ray actors: every training is a pure function of (method, configuration)."""
+"""QLoRA (on RTN codes, on GPTQ codes, with ProjQ's init) and LQ-LoRA once per configuration (and the references:
+QLoRA at CoA-LoRA's total budget, LoRA on the unquantized base), on one worker built from the run's own spec, in this
+process or spread over Ray actors: every training is a pure function of (method, configuration). Each records its
+step-0 error-compensation loss (how much of round-to-nearest's output error its init leaves)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,23 @@ from orchestrator.executor import init_ray
 from orchestrator.optim import MasterState, train_config, weighted_mean
 from orchestrator.runs import worker_spec
 from orchestrator.schedule import batch_ids
-from workers.baselines import lq_lora
+from workers.baselines import lq_lora, projq_lora
 from workers.fisher import layer_fisher
 from workers.training import TrainConfig
 from workers.worker import Worker, build_task
 
 
 class Outcome(NamedTuple):
-    """One per-configuration training: validation metrics and per-example scores, the training loss per step, and
-    the seconds spent training (an LQ-LoRA init included) and evaluating."""
+    """One per-configuration training: validation metrics and per-example scores, the training loss per step, the
+    seconds spent training (an LQ-LoRA / ProjQ init included) and evaluating, and the step-0 compensation error
+    (None on the unquantized base)."""
 
     metrics: dict[str, float]
     scores: torch.Tensor
     losses: list[float]
     train_s: float
     eval_s: float
+    init_error: float | None
 
 
 def equal_budget_steps(total_steps: int, targets: int) -> int:
@@ -75,17 +78,19 @@ class Baselines:
         return master.state(), losses
 
     def _evaluated(self, method: str, state: Mapping[str, torch.Tensor], x: np.ndarray | None, losses: list[float],
-                   train_s: float, worker: Worker | None = None) -> Outcome:
+                   train_s: float, init_error: float | None, worker: Worker | None = None) -> Outcome:
         t0 = time.perf_counter()
         metrics, scores = (worker or self.worker).evaluate_examples(method, state, x)
-        return Outcome(metrics, scores, losses, train_s, time.perf_counter() - t0)
+        return Outcome(metrics, scores, losses, train_s, time.perf_counter() - t0, init_error)
 
     def qlora(self, x: np.ndarray | None, worker: Worker | None = None, config: TrainConfig | None = None) -> Outcome:
         """QLoRA on configuration ``x`` from the worker's built plain LoRA (B = 0)."""
         w = worker or self.worker
+        init = w.initial_state("shared")
+        init_error = None if x is None else w.compensation_error("shared", init, x)
         t0 = time.perf_counter()
-        state, losses = self._train("shared", w.initial_state("shared"), x, config=config, worker=w)
-        return self._evaluated("shared", state, x, losses, time.perf_counter() - t0, w)
+        state, losses = self._train("shared", init, x, config=config, worker=w)
+        return self._evaluated("shared", state, x, losses, time.perf_counter() - t0, init_error, w)
 
     def qlora_budget(self, x: np.ndarray) -> Outcome:
         """QLoRA at equal total budget: the targets share CoA-LoRA's total steps, so each gets total / targets
@@ -118,24 +123,47 @@ class Baselines:
                 self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
         return self._fisher
 
-    def lq_lora(self, x: np.ndarray) -> Outcome:
-        fisher = self._fisher_weights()
-        t0 = time.perf_counter()
-        if self._base is None:  # a fresh, unwrapped copy of the base, built exactly as the worker built its own
+    def _fresh_base(self) -> torch.nn.Module:
+        """A fresh, unwrapped copy of the base, built exactly as the worker built its own."""
+        if self._base is None:
             torch.manual_seed(self.spec.seed)
             self._base = build_task(self.spec).model
-        model = lq_lora(copy.deepcopy(self._base), self.worker.space, self.worker.space.decode(x),
-                        rank=self.spec.rank, alpha=self.spec.alpha, iterations=int(self.opts["lq_iterations"]),
-                        fisher=fisher, seed=self.spec.seed)
+        return copy.deepcopy(self._base)
+
+    def _train_initialised(self, build, x: np.ndarray, lora_lr: float | None) -> Outcome:
+        """Train and evaluate the model ``build()`` returns (an init bound to configuration ``x``), its LoRA factors
+        at ``lora_lr`` when given; the init's time counts as training."""
+        t0 = time.perf_counter()
+        model = build()
         model.eval()
-        self.worker.models["lq"] = model
+        self.worker.models["init"] = model
         try:
-            lr = self.opts.get("lq_lora_lr")
-            config = None if lr is None else replace(self.train_config, lora_lr=float(lr))
-            state, losses = self._train("lq", model.trainable_state(), x, config)
-            return self._evaluated("lq", state, x, losses, time.perf_counter() - t0)
+            init_error = self.worker.compensation_error("init", None, x)
+            config = None if lora_lr is None else replace(self.train_config, lora_lr=float(lora_lr))
+            state, losses = self._train("init", model.trainable_state(), x, config)
+            return self._evaluated("init", state, x, losses, time.perf_counter() - t0, init_error)
         finally:
-            del self.worker.models["lq"]
+            del self.worker.models["init"]
+
+    def lq_lora(self, x: np.ndarray) -> Outcome:
+        """LQ-LoRA: the faithful LQ decomposition of each matrix under ``x``, its factors at ``bench.lq_lora_lr``."""
+        fisher = self._fisher_weights()
+        return self._train_initialised(
+            lambda: lq_lora(self._fresh_base(), self.worker.space, self.worker.space.decode(x), rank=self.spec.rank,
+                            alpha=self.spec.alpha, iterations=int(self.opts["lq_iterations"]), fisher=fisher,
+                            seed=self.spec.seed),
+            x, self.opts.get("lq_lora_lr"))
+
+    def qlora_projq(self, x: np.ndarray) -> Outcome:
+        """QLoRA with ProjQ's init: codes shaped under the run's calibration Σ, B and A the whitened-SVD correction
+        of what remains; then QLoRA's training (the shared rate: the factors start as a correction, as LQ-LoRA's
+        do, so ``bench.lq_lora_lr`` applies to them too)."""
+        covariances = self.worker.covariances()
+        return self._train_initialised(
+            lambda: projq_lora(self._fresh_base(), self.worker.space, self.worker.space.decode(x), covariances,
+                               rank=self.spec.rank, alpha=self.spec.alpha,
+                               iterations=int(self.opts["projq_iterations"]), seed=self.spec.seed),
+            x, self.opts.get("lq_lora_lr"))
 
 
 
@@ -149,8 +177,8 @@ class BaselineReplica:
 
     def run(self, method: str, x: np.ndarray | None) -> Outcome:
         train = {"qlora": self.baselines.qlora, "qlora-gptq": self.baselines.qlora_gptq,
-                 "lq-lora": self.baselines.lq_lora, "qlora-budget": self.baselines.qlora_budget,
-                 "lora-fp": self.baselines.lora_fp}
+                 "qlora-projq": self.baselines.qlora_projq, "lq-lora": self.baselines.lq_lora,
+                 "qlora-budget": self.baselines.qlora_budget, "lora-fp": self.baselines.lora_fp}
         return train[method](x)
 
 

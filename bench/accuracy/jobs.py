@@ -38,9 +38,10 @@ UNQUANTIZED = "unquantized"
 FULL_PRECISION_BITS = 32.0
 
 BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
-                  "qlora_gptq": True}
-"""Per-job ``bench:`` options; ``qlora_gptq``: also QLoRA on GPTQ codes at every target (NF/INT spaces with
-round-to-nearest runs only: a GPTQ run's QLoRA rows already are, and ggml's types take no GPTQ)."""
+                  "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5}
+"""Per-job ``bench:`` options; ``qlora_gptq`` / ``qlora_projq``: also QLoRA on GPTQ codes / with ProjQ's init
+(``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
+rows already are GPTQ's, and ggml's types take no GPTQ)."""
 
 
 
@@ -79,6 +80,7 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
         opts["hv_reference"] = 0.5 if cfg.model.task == "classification" else 1000.0
     if cfg.quant.method != "rtn" or parse_code(cfg.load_space().code[0])[0] == "gguf":
         opts["qlora_gptq"] = False  # the QLoRA rows already are GPTQ's, or the space's types take no GPTQ
+        opts["qlora_projq"] = False
     return cfg, opts
 
 
@@ -150,13 +152,15 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
     if opts["qlora_gptq"]:
         per_config += [("qlora-gptq", n, x) for n, x in targets]
+    if opts["qlora_projq"]:
+        per_config += [("qlora-projq", n, x) for n, x in targets]
     per_config += [("qlora-budget", n, x) for n, x in targets] + [("lora-fp", UNQUANTIZED, None)]
     per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
     steps = train_config(cfg).total_steps
     methods = sorted({m for m, _, _ in per_config})
     log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
         f"({' / '.join(methods)} on {len(targets)} targets, qlora on {min(len(unseen), int(opts['qlora_unseen']))} unseen)")
-    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "lq-lora": 0.0, "qlora-budget": 0.0, "lora-fp": 0.0,
+    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "qlora-projq": 0.0, "lq-lora": 0.0, "qlora-budget": 0.0, "lora-fp": 0.0,
                "qlora (unseen)": 0.0}
     eval_s = 0.0
     saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
@@ -170,7 +174,8 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
         # the ceiling is one model: it stands at every target (32-bit weights), so CoA-LoRA pairs with it there
         for name in (target_names if cname == UNQUANTIZED else [cname]):
             bits = FULL_PRECISION_BITS if cname == UNQUANTIZED else bits_of[name]
-            rows.append({"method": method, "configuration": name, "avg_bits": bits, **out.metrics})
+            rows.append({"method": method, "configuration": name, "avg_bits": bits, **out.metrics,
+                         "init_error": out.init_error})
             scores[(method, name)] = out.scores.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
     eval_minutes["per-configuration baselines"] = eval_s / 60

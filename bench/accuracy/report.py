@@ -50,7 +50,8 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     metric, rows = result["metric"], result["rows"]
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
     styles = {"coa-lora": ("C3", "o"), "coa-no-theta": ("C6", "X"), "qlora": ("C0", "s"), "qlora-budget": ("C9", "<"),
-              "qlora-gptq": ("C4", "P"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"), "no-adapter": ("0.5", "v")}
+              "qlora-gptq": ("C4", "P"), "qlora-projq": ("C8", "*"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"),
+              "no-adapter": ("0.5", "v")}
     for m, (color, marker) in styles.items():
         t = sorted((r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("target"))
         u = [(r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("unseen")]
@@ -81,6 +82,24 @@ def _f(v: Any, digits: int = 4) -> str:
         return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
     return str(v)
 
+
+
+def init_error_table(r: Mapping[str, Any]) -> list[str]:
+    """Each per-configuration init's step-0 error-compensation loss at each target (rows that recorded one)."""
+    by = {(x["method"], x["configuration"]): x.get("init_error") for x in r["rows"]}
+    methods = [m for m in methods_of(r["rows"]) if any(by.get((m, n)) is not None for n in r["targets"])]
+    if not methods:
+        return []
+    head = ["init (method)"] + [f"{n.split()[1]} bits" for n in r["targets"]]
+    out = ["### Step-0 error-compensation loss", "",
+           "What each init leaves of round-to-nearest's output error before training: per matrix ‖(W − Q − s·B·A)·Y‖² "
+           "over ‖(W − Q_rtn)·Y‖² (Y·Yᵀ = Σ of the calibration inputs), averaged over matrices; QLoRA on RTN codes with "
+           "B = 0 is 1 by definition. Lower starts closer to the full-precision model on the inputs it will see.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        out.append("| " + " | ".join([m] + [_f(by.get((m, n)) if by.get((m, n)) is not None else float("nan"))
+                                             for n in r["targets"]]) + " |")
+    return out + [""]
 
 
 def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
@@ -121,6 +140,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     if flat:
         out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
                 "every method by design; see `bench.lq_lora_lr` to give LQ-LoRA's factors their own).", ""]
+    out += init_error_table(r)
     if r.get("paired"):  # saved results from before the paired protocol have none
         out += ["### Paired differences", "", paired.markdown(r["paired"])]
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
@@ -150,6 +170,8 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
             f"(targets only) |",
             *([f"| qlora-gptq | {r['minutes']['qlora-gptq']:.2f} | Σ of the calibration inputs + {len(tnames)} x "
                f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r["rows"]) else []),
+            *([f"| qlora-projq | {r['minutes']['qlora-projq']:.2f} | {len(tnames)} x (ProjQ codes + whitened-SVD "
+               f"init + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-projq" in methods_of(r["rows"]) else []),
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
             *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
@@ -187,7 +209,9 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         f"{r0['bench_options']['lq_iterations']}, best iterate, randomized SVD, Fisher weighting "
         f"{'on' if r0['bench_options']['lq_fisher'] else 'off'}) are trained once per target configuration; "
         "qlora-gptq is QLoRA on GPTQ's codes for the same configurations (same scales and bytes, codes chosen "
-        "under each matrix's calibration inputs). "
+        "under each matrix's calibration inputs) and qlora-projq is QLoRA with ProjQ's init (codes shaped so that the "
+        "error a rank-r adapter cannot reach is small, then B and A from the whitened SVD of the remaining error; "
+        "its factors at LQ-LoRA's rate). "
         "References: qlora-budget is QLoRA at equal total budget (the targets share CoA-LoRA's total steps, "
         "warmup shrunk in proportion) and lora-fp is LoRA trained and evaluated on the unquantized base (the "
         "ceiling; one model, shown at every target). "

@@ -12,8 +12,8 @@ import numpy as np
 from orchestrator.config import RunConfig
 from search.hypervolume import normalized_hypervolume
 
-METHODS = ("coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "lq-lora", "shared-lora", "lora-fp",
-           "no-adapter")
+METHODS = ("coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
+           "lora-fp", "no-adapter")
 CEILING = "lora-fp"
 """LoRA on the unquantized base: a reference line, not a point on the bits axis (no hypervolume)."""
 
@@ -83,6 +83,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         "served_configurations": {"coa-lora": "any", "coa-no-theta": "any (one adapter)",
                                   "shared-lora": "any (one adapter)", "qlora": len(target_names),
                                   "qlora-budget": len(target_names), "qlora-gptq": len(target_names),
+                                  "qlora-projq": len(target_names),
                                   "lq-lora": len(target_names), "lora-fp": "none (unquantized ceiling)",
                                   "no-adapter": "any"},
         "rows": rows, "run_dir": str(run_dir), "config": cfg.model_dump(mode="json"), "bench_options": dict(opts),

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "lq-lora", "shared-lora", "lora-fp",
-           "no-adapter"}
+METHODS = {"coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
+           "lora-fp", "no-adapter"}
 STEPS = 4  # rounds x steps_per_round: QLoRA trains 4 steps per target, QLoRA at equal total budget 4 / 4 = 1
 TARGETS = ["target 2.5", "target 3", "target 3.5", "target 4"]
 UNSEEN = 3
@@ -78,11 +78,17 @@ def test_outputs_have_the_right_structure(two_runs):
     for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter"):
         assert all((m, u) in rows for u in unseen)
     assert [u for u in unseen if ("qlora", u) in rows] == unseen[:QLORA_UNSEEN]
-    assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq"))
+    assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq", "qlora-projq"))
     loss = {(r["method"], r["configuration"]): r["loss"] for r in job["rows"]}
     assert any(loss[("qlora-gptq", t)] != loss[("qlora", t)] for t in TARGETS)  # other codes, same everything else
     assert any(loss[("qlora-budget", t)] != loss[("qlora", t)] for t in TARGETS)  # 1 step each, not 4
     assert job["baseline_steps_per_configuration"] == STEPS  # rounds x steps_per_round
+    # step-0 compensation error of each init: RTN with B = 0 is 1 by definition; ProjQ starts below GPTQ and RTN
+    init = {(r["method"], r["configuration"]): r.get("init_error") for r in job["rows"]}
+    for t in TARGETS:
+        assert init[("qlora", t)] == pytest.approx(1.0, abs=1e-9) and init[("lora-fp", t)] is None
+        assert init[("qlora-projq", t)] < min(1.0, init[("qlora-gptq", t)]) and init[("lq-lora", t)] > 0
+    assert "### Step-0 error-compensation loss" in md
     # the ceiling is one model on the unquantized base: the same figures at every target, 32-bit weights
     ceiling = [r for r in job["rows"] if r["method"] == "lora-fp"]
     assert [r["configuration"] for r in ceiling] == TARGETS and {r["avg_bits"] for r in ceiling} == {32.0}

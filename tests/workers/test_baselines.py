@@ -1,9 +1,14 @@
-"""LQ-LoRA decomposition and the baselines on the shared harness."""
+"""LQ-LoRA decomposition, QLoRA with ProjQ's init, the step-0 compensation error, and the baselines on the shared
+harness."""
 
+import pytest
 import torch
 
 from search.space import QuantSetting
-from workers.baselines import compare, lq_lora
+from workers.baselines import compare, compensation_error, lq_lora, plain_lora, projq_lora
+from workers.calibration import coa_covariances
+from workers.init.projq import uncorrectable_error, whitening
+from workers.quant.formats import dequantize
 from workers.init.lq import low_rank_factors, lq_decompose
 from workers.quant.blockwise import fake_quantize
 from workers.training import TrainConfig
@@ -74,3 +79,31 @@ def test_compare_runs_every_method(space, pool, make_model, make_batch):
     )
     assert set(results) == {"coa-lora", "qlora", "lq-lora", "shared-lora", "no-adapter"}
     assert all(len(v) == 2 and 0.0 <= v[0]["accuracy"] <= 1.0 for v in results.values())
+
+
+def test_projq_lora_pins_its_codes_starts_at_j_r_and_starts_closest(space, make_model, make_batch):
+    """QLoRA with ProjQ's init on a tiny model with real calibration inputs: each layer serves ProjQ's codes for its
+    setting (not its round-to-nearest ones), the remaining whitened error after init is J_r of those codes, and the
+    step-0 compensation error ranks ProjQ < GPTQ (B = 0) < QLoRA (RTN, B = 0, exactly 1) on 3-bit codes."""
+    setting = QuantSetting("nf3", 8, "fp32", 32, 64)
+    config = [setting] * 12
+    rtn = plain_lora(make_model("bert"), space, rank=4, alpha=8.0)
+    covariances = coa_covariances(rtn, [make_batch("bert", batch=8, length=16)])
+    projq = projq_lora(make_model("bert"), space, config, covariances, rank=4, alpha=8.0, iterations=3)
+    for layer in projq.layers:
+        pinned = dequantize(layer.pinned[setting])
+        assert torch.equal(layer.quantized_weight(setting), pinned)
+        assert not torch.equal(pinned, rtn.get_submodule(f"model.{layer.name}").quantized_weight(setting))
+        y, _ = whitening(covariances[layer.name])
+        left = (layer.weight.double() - pinned.double()
+                - layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()) @ y
+        j_r = uncorrectable_error(layer.weight - pinned, y, 4)
+        assert float(left.square().sum()) == pytest.approx(j_r, rel=2e-2)
+    gptq = plain_lora(make_model("bert"), space, rank=4, alpha=8.0)
+    gptq.set_calibration(covariances)
+    errors = {name: compensation_error(m, config, covariances) for name, m in
+              (("qlora", rtn), ("qlora-gptq", gptq), ("qlora-projq", projq))}
+    assert errors["qlora"] == pytest.approx(1.0, abs=1e-12)
+    assert errors["qlora-projq"] < errors["qlora-gptq"] < 1.0, errors
+    projq.layers[0].set_hessian(None)  # new codes for the residual: the pinned ones no longer hold
+    assert projq.layers[0].pinned == {}

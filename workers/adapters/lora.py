@@ -105,6 +105,7 @@ class CoALoRALinear(nn.Module):
         self.setting: QuantSetting | None = None
         self.mixing: torch.Tensor | None = None
         self.hessian: torch.Tensor | None = None  # inputs' XᵀX/N: set, codes are chosen by GPTQ (quant.method)
+        self.pinned: dict[QuantSetting, StoredWeight] = {}  # settings whose codes were chosen for this adapter
         self.adapter_enabled = True
         self.cache = QuantCache() if cache is None else cache  # CoAModel passes one cache to all its layers
         self.reset_lora(init, generator)
@@ -139,16 +140,26 @@ class CoALoRALinear(nn.Module):
 
     def set_residual(self, residual: torch.Tensor) -> None:
         self.residual = residual.detach().to(self.weight.dtype).clone()
+        self.pinned.clear()
         self.cache.drop(self.name)
 
     def set_hessian(self, hessian: torch.Tensor | None) -> None:
         """Choose codes by GPTQ under ``hessian`` (the layer's input statistics), or by round to nearest (None)."""
         self.hessian = hessian
+        self.pinned.clear()
         self.cache.drop(self.name)
+
+    def pin(self, setting: QuantSetting, stored: StoredWeight) -> None:
+        """Serve ``stored`` as ``setting``'s codes instead of quantizing the residual: codes chosen together with
+        this layer's adapter (ProjQ shapes them for it), so they cannot be re-derived from W alone. A new residual
+        or Hessian unpins every setting."""
+        self.pinned[setting] = stored
 
     # ---- configuration ------------------------------------------------------------------------------------
     def packed_weight(self, setting: QuantSetting) -> StoredWeight:
-        """The residual quantized under ``setting``, from the cache or quantized now."""
+        """The residual quantized under ``setting`` (its pinned codes if it has some), from the cache or now."""
+        if setting in self.pinned:
+            return self.pinned[setting]
         return self.cache.get(self.name, setting,
                               lambda: quantize(self.residual, setting, name=self.name, hessian=self.hessian))
 
