@@ -23,6 +23,12 @@ Conventions where the paper and its code differ, and what we chose:
 - t-SignSGD updates exactly the top fraction of entries by |gradient| (:class:`TernarySignSGD`): the deterministic
   form of the paper's per-tensor quantile threshold, so "at most the scheduled fraction" holds with ties too.
 - A_T starts as a Kaiming-normal draw ternarised at ±0.75·mean|a|, B_T at 0, so step 0 is the quantized base.
+
+The configuration-aware variant (our extension, issue 17): a matrix built for several bit-widths keeps one INTk base,
+one ω and one pair of boundary masks per bit-width and shares its ternary factors across them. A configuration
+gives each matrix a bit-width; training averages the loss of a few configurations per step; merging a configuration
+gives exactly the INTk model that configuration describes, plus μ. ΔW = B_T·A_T is an integer pattern, so the same
+factors move codes on every grid; ω per bit-width decides how readily each grid follows them.
 """
 
 from __future__ import annotations
@@ -53,24 +59,40 @@ INIT_THRESHOLD = 0.75
 # ---- the layer ----------------------------------------------------------------------------------------------
 class LoTALinear(nn.Module):
     """A frozen ``nn.Linear`` quantized to INTk (``bits``, groups of ``group_size`` input columns) with a ternary
-    adapter (``lota_A``: r × in, ``lota_B``: out × r, entries in {−1, 0, 1}) moving its codes by ±1."""
+    adapter (``lota_A``: r × in, ``lota_B``: out × r, entries in {−1, 0, 1}) moving its codes by ±1.
 
-    def __init__(self, base: nn.Linear, rank: int, bits: int, group_size: int, *, omega: float | None = None,
-                 name: str = "linear", generator: torch.Generator | None = None, hessian: torch.Tensor | None = None):
+    ``bits`` may list several bit-widths: the configuration-aware variant. The matrix then holds one frozen INTk base
+    per bit-width, each with its own threshold ω (``omega``: one value, or one per bit-width) and boundary masks,
+    and one pair of ternary factors shared by all of them; :meth:`set_bits` chooses the base the forward and the
+    merge use, as a configuration chooses it."""
+
+    def __init__(self, base: nn.Linear, rank: int, bits: int | Sequence[int], group_size: int, *,
+                 omega: float | Mapping[int, float] | None = None, name: str = "linear",
+                 generator: torch.Generator | None = None, hessian: torch.Tensor | None = None):
         super().__init__()
         out_features, in_features = base.weight.shape
         if rank < 1 or rank > min(out_features, in_features):
             raise ValueError(f"{name}: LoTA rank must be in 1..{min(out_features, in_features)}, got {rank}")
-        omega = OMEGA_FRACTION * rank if omega is None else float(omega)
-        if not 0 < omega < rank:
-            raise ValueError(f"{name}: ω must lie in (0, r) = (0, {rank}), got {omega:g}")
-        self.name, self.rank, self.omega = name, rank, omega
+        widths = (bits,) if isinstance(bits, int) else tuple(sorted(set(bits)))
+        if not widths:
+            raise ValueError(f"{name}: LoTA needs at least one bit-width")
+        if isinstance(omega, Mapping) and set(omega) != set(widths):
+            raise ValueError(f"{name}: ω per bit-width must name exactly the bit-widths {list(widths)}, got "
+                             f"{sorted(omega)}")
+        self.omegas = {k: OMEGA_FRACTION * rank if omega is None else
+                       float(omega[k] if isinstance(omega, Mapping) else omega) for k in widths}
+        for k, w in self.omegas.items():
+            if not 0 < w < rank:
+                raise ValueError(f"{name}: ω must lie in (0, r) = (0, {rank}), got {w:g} at {k} bits")
+        self.name, self.rank = name, rank
         self.in_features, self.out_features = in_features, out_features
-        self.quantized = quantize_int(base.weight, bits, group_size, name=name, hessian=hessian)
-        codes = self.quantized.int_codes()
-        self.register_buffer("codes", codes.float(), persistent=False)  # exact integers, the training grid
-        self.register_buffer("can_up", codes < 2**bits - 1, persistent=False)
-        self.register_buffer("can_down", codes > 0, persistent=False)
+        self.grids = {k: quantize_int(base.weight, k, group_size, name=name, hessian=hessian) for k in widths}
+        for k, grid in self.grids.items():
+            codes = grid.int_codes()
+            self.register_buffer(f"codes_{k}", codes.float(), persistent=False)  # exact integers, the training grid
+            self.register_buffer(f"can_up_{k}", codes < 2**k - 1, persistent=False)
+            self.register_buffer(f"can_down_{k}", codes > 0, persistent=False)
+        self.bits = widths[-1]
         real = torch.ones(self.quantized.padded_cols)
         real[in_features:] = 0
         self.register_buffer("real_per_group", real.view(-1, group_size).sum(1), persistent=False)
@@ -79,6 +101,33 @@ class LoTALinear(nn.Module):
         keep = draw.abs() > INIT_THRESHOLD * draw.abs().mean()
         self.lota_A = nn.Parameter(torch.sign(draw) * keep)
         self.lota_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    # ---- the active bit-width ---------------------------------------------------------------------------------
+    def set_bits(self, bits: int) -> None:
+        """Use the INTk base, ω and masks of ``bits`` from now on (one of the bit-widths the layer was built with)."""
+        if bits not in self.grids:
+            raise ValueError(f"{self.name}: built for {sorted(self.grids)} bits, not {bits}")
+        self.bits = bits
+
+    @property
+    def quantized(self) -> IntQuantized:
+        return self.grids[self.bits]
+
+    @property
+    def omega(self) -> float:
+        return self.omegas[self.bits]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return getattr(self, f"codes_{self.bits}")
+
+    @property
+    def can_up(self) -> torch.Tensor:
+        return getattr(self, f"can_up_{self.bits}")
+
+    @property
+    def can_down(self) -> torch.Tensor:
+        return getattr(self, f"can_down_{self.bits}")
 
     def moves(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ŵ, μ) on the padded grid: Ŵ's value is the masked ternary move, its gradient that of ΔW/ω."""
@@ -110,7 +159,8 @@ class LoTALinear(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.quantized
-        return f"{self.name}: int{q.bits} g{q.group_size}, r={self.rank}, ω={self.omega:g}"
+        widths = "/".join(str(k) for k in self.grids)
+        return f"{self.name}: int{widths} (active {q.bits}) g{q.group_size}, r={self.rank}, ω={self.omega:g}"
 
 
 @dataclass(frozen=True)
@@ -144,13 +194,19 @@ class MergedLinear(nn.Module):
 
 # ---- the model ----------------------------------------------------------------------------------------------
 class LoTAModel(nn.Module):
-    """A Hugging Face model with every registry target wrapped in :class:`LoTALinear` at one bit-width, plus any
-    trainable head (the classification head by default). Call it like the model: ``model(**batch)``. With
-    ``hessians`` (target name → its inputs' XᵀX/N, :func:`workers.calibration.input_covariances`) the base codes
-    come from GPTQ, as in the paper; else from round to nearest."""
+    """A Hugging Face model with every registry target wrapped in :class:`LoTALinear`, plus any trainable head (the
+    classification head by default). Call it like the model: ``model(**batch)``. With ``hessians`` (target name →
+    its inputs' XᵀX/N, :func:`workers.calibration.input_covariances`) the base codes come from GPTQ, as in the
+    paper; else from round to nearest.
 
-    def __init__(self, model: nn.Module, *, bits: int, rank: int = 16, group_size: int = 64,
-                 omega: float | None = None, seed: int = 0, registry: ModuleRegistry | None = None,
+    ``bits`` is one bit-width (the paper's uniform INTk) or several: the configuration-aware variant, where a
+    configuration gives each matrix one of them (:meth:`set_configuration`) and one set of ternary factors serves
+    every configuration, each with its bit-width's ω and masks. Training draws configurations per step
+    (:func:`train_lota`); :meth:`merge` and :meth:`merged_model` deploy the active one."""
+
+    def __init__(self, model: nn.Module, *, bits: int | Sequence[int], rank: int = 16, group_size: int = 64,
+                 omega: float | Mapping[int, float] | None = None, seed: int = 0,
+                 registry: ModuleRegistry | None = None,
                  trainable_modules: Sequence[str] | None = None,
                  hessians: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
@@ -174,6 +230,22 @@ class LoTAModel(nn.Module):
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)
 
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        return tuple(self.layers[0].grids)
+
+    def set_configuration(self, bits: int | Sequence[int]) -> None:
+        """Give every target matrix ``bits`` (one bit-width for all, or one per matrix in registry order)."""
+        per_matrix = [bits] * len(self.layers) if isinstance(bits, int) else list(bits)
+        if len(per_matrix) != len(self.layers):
+            raise ValueError(f"a configuration gives one bit-width per target matrix: {len(self.layers)} "
+                             f"expected, got {len(per_matrix)}")
+        wrong = sorted({int(k) for k in per_matrix} - set(self.bit_widths))
+        if wrong:
+            raise ValueError(f"this LoTA model was built for {list(self.bit_widths)} bits, not {wrong}")
+        for layer, k in zip(self.layers, per_matrix):
+            layer.set_bits(int(k))
+
     def ternary_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (layer.lota_A, layer.lota_B)]
 
@@ -183,10 +255,12 @@ class LoTAModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in ternary]
 
     def merge(self) -> dict[str, LoTAMerged]:
+        """Every target merged at its active bit-width."""
         return {layer.name: layer.merge() for layer in self.layers}
 
     def merged_model(self) -> nn.Module:
-        """A copy of the model with every target a :class:`MergedLinear`: what is deployed."""
+        """A copy of the model with every target a :class:`MergedLinear` at its active bit-width: what is
+        deployed."""
         model = copy.deepcopy(self.model)
         for layer in self.layers:
             _replace(model, layer.name, MergedLinear(layer.merge(), layer.bias))
@@ -255,12 +329,21 @@ class TernarySignSGD(torch.optim.Optimizer):
 
 
 def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
-               head: TrainConfig | None = None, schedule: UpdateSchedule | None = None) -> list[float]:
+               head: TrainConfig | None = None, schedule: UpdateSchedule | None = None,
+               configurations: Sequence[int | Sequence[int]] | None = None, configs_per_step: int = 1,
+               seed: int = 0) -> list[float]:
     """``steps`` steps (cycling over ``batches``): t-SignSGD on the ternary factors (the paper's schedule over
     ``steps`` unless ``schedule`` says otherwise; no clipping), and AdamW on any other trainable tensor (the task
     head) with ``head``'s rate, warmup, decay and clipping, as the product trains its own. Returns the per-step
-    losses."""
+    losses.
+
+    With ``configurations`` (the configuration-aware variant) each step draws ``configs_per_step`` of them
+    (seeded by ``seed``, with replacement) and its loss is their mean on the step's batch, as CoA-LoRA's steps
+    are; without, every step trains the model's active configuration."""
+    if configurations is not None and (not configurations or configs_per_step < 1):
+        raise ValueError("train_lota: configurations must be non-empty and configs_per_step >= 1")
     head = head or TrainConfig(total_steps=steps)
+    draw = torch.Generator().manual_seed(seed)
     ternary = TernarySignSGD(model.ternary_parameters(), schedule or UpdateSchedule(steps))
     dense = model.dense_parameters()
     adamw, decay = scheduled_adamw(dense, head) if dense else (None, None)
@@ -269,8 +352,17 @@ def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], 
     while len(losses) < steps:
         before = len(losses)
         for batch in batches:
-            loss = model(**batch).loss
-            loss.backward()
+            if configurations is None:
+                loss = model(**batch).loss
+                loss.backward()
+            else:
+                picks = torch.randint(len(configurations), (configs_per_step,), generator=draw).tolist()
+                loss = torch.zeros(())
+                for i in picks:
+                    model.set_configuration(configurations[i])
+                    part = model(**batch).loss / configs_per_step
+                    part.backward()
+                    loss = loss + part.detach()
             ternary.step()
             if adamw is not None:
                 torch.nn.utils.clip_grad_norm_(dense, head.max_grad_norm)

@@ -163,3 +163,53 @@ def test_bad_input(kwargs, message):
     rank, bits = kwargs.pop("rank"), kwargs.pop("bits")
     with pytest.raises(ValueError, match=message):
         LoTALinear(torch.nn.Linear(32, 16), rank, bits, 16, name="m", **kwargs)
+
+
+def test_one_adapter_serves_every_configuration_of_bit_widths(make_model, make_batch):
+    """The configuration-aware variant: at step 0 each configuration is its INTk base exactly (the same logits as a
+    uniform model of that width); after training over a set of configurations, every configuration merges
+    losslessly (logits within 1e-4), into codes on its own grid, at the base's bytes plus μ, and the shared factors
+    move codes at every width, each by its own ω."""
+    reference = make_model("llama")
+    widths, omegas = (2, 3, 4), {2: 1.5, 3: 1.0, 4: 0.5}
+    lota = LoTAModel(copy.deepcopy(reference), bits=widths, rank=4, group_size=16, omega=omegas, seed=1)
+    n = len(lota.layers)
+    mixed = [widths[i % 3] for i in range(n)]
+    configurations = [2, 3, 4, mixed]
+    batch = make_batch("llama", seed=0)
+    with torch.no_grad():
+        for k in widths:
+            uniform = LoTAModel(copy.deepcopy(reference), bits=k, rank=4, group_size=16, seed=1)
+            lota.set_configuration(k)
+            assert torch.equal(lota(**batch).logits, uniform(**batch).logits)
+    losses = train_lota(lota, [make_batch("llama", seed=s) for s in range(2)], steps=6,
+                        configurations=configurations, configs_per_step=2, seed=3)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    for i, layer in enumerate(lota.layers):
+        random_ternary_(layer, seed=i)  # dense moves on every grid, so the checks below are not vacuous
+    for config in configurations:
+        lota.set_configuration(config)
+        merged = lota.merge()
+        bits = [config] * n if isinstance(config, int) else config
+        for layer, k, m in zip(lota.layers, bits, merged.values()):
+            assert layer.quantized.bits == k == m.quantized.bits and layer.omega == omegas[k]
+            codes = m.quantized.int_codes().long()
+            assert int(codes.min()) >= 0 and int(codes.max()) <= 2**k - 1
+            assert int((codes != layer.quantized.int_codes().long()).sum()) > 0
+        mu_bytes = sum(m.mu.numel() * m.mu.element_size() for m in merged.values())
+        assert sum(m.nbytes for m in merged.values()) == sum(l.quantized.nbytes for l in lota.layers) + mu_bytes
+        with torch.no_grad():
+            gap = (lota(**batch).logits - lota.merged_model()(**batch).logits).abs().max()
+        assert float(gap) <= 1e-4, (config, float(gap))
+
+
+def test_configuration_errors_name_what_is_allowed(make_model):
+    lota = LoTAModel(make_model("llama"), bits=(2, 4), rank=4, group_size=16)
+    with pytest.raises(ValueError, match=r"built for \[2, 4\] bits, not \[3\]"):
+        lota.set_configuration(3)
+    with pytest.raises(ValueError, match="one bit-width per target matrix"):
+        lota.set_configuration([2, 4])
+    with pytest.raises(ValueError, match=r"must name exactly the bit-widths \[2, 4\]"):
+        LoTAModel(make_model("llama"), bits=(2, 4), rank=4, group_size=16, omega={2: 1.0})
+    with pytest.raises(ValueError, match="configurations must be non-empty"):
+        train_lota(lota, [], steps=1, configurations=[])
