@@ -88,6 +88,10 @@ class DataSection(_Section):
     val_examples: int = Field(256, gt=0)
     score_examples: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0, le=65536)
+    split_seed: int | None = Field(None, ge=0, lt=2**32,
+                                   description="seed of which examples are held out (validation, scoring) and which "
+                                               "train; None: run.seed. Fix it to compare runs of different "
+                                               "run.seed on the same validation examples")
 
     @model_validator(mode="before")
     @classmethod

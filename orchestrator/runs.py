@@ -54,6 +54,7 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         encoder_hidden=cfg.adapter.encoder_hidden, cache_mb=cfg.training.cache_mb,
         low_memory=cfg.training.low_memory, quant_method=cfg.quant.method,
         calibration_examples=cfg.quant.calibration_examples, prefit_steps=cfg.adapter.prefit_steps,
+        split_seed=cfg.data.split_seed,
     )
 
 

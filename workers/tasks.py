@@ -47,10 +47,14 @@ def build_source_task(
     batch_size: int,
     max_length: int,
     seed: int = 0,
+    split_seed: int | None = None,
 ) -> Task:
     """A task on ``spec``'s rows (a user's source or a packaged corpus), read as ``plan`` says. The held-out
     examples are the source's validation split (seeded shuffle) when it has one, else ``n_validation`` examples of a
-    seeded shuffle (for language modelling: whole documents, see :func:`_held_out_documents`)."""
+    seeded shuffle (for language modelling: whole documents, see :func:`_held_out_documents`). ``split_seed`` (default
+    ``seed``) chooses which examples are held out and which train; ``seed`` the training order: fixing the first
+    while varying the second compares training seeds on the same validation examples."""
+    held_seed = seed if split_seed is None else split_seed
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
     rows = data.read_source(spec)
@@ -59,9 +63,9 @@ def build_source_task(
     def split(examples: Callable[[list, str], list]) -> data.Split:
         train = examples(rows.train, f"{where} (train)")
         if rows.validation is None:
-            return _held_out(train, n_train, n_validation, seed, where)
+            return _held_out(train, n_train, n_validation, held_seed, where)
         held = examples(rows.validation, f"{where} (validation)")
-        return data.Split(data.shuffled(train, seed, n_train), data.shuffled(held, seed, n_validation))
+        return data.Split(data.shuffled(train, held_seed, n_train), data.shuffled(held, held_seed, n_validation))
 
     if plan.task == "classification":
         return _classification_task(source, tokenizer, plan, split, batch_size, max_length, seed)
@@ -77,9 +81,10 @@ def build_source_task(
         return Task("instruction", net, tokenizer, train, val)
     if rows.validation is None:
         docs = data.documents(rows.train, plan, f"{where} (train)")
-        train_blocks, val_blocks = _held_out_documents(docs, tokenizer, max_length, n_train, n_validation, seed, where)
+        train_blocks, val_blocks = _held_out_documents(docs, tokenizer, max_length, n_train, n_validation, held_seed,
+                                                       where)
     else:
-        train_blocks = data.token_blocks(data.shuffled(data.documents(rows.train, plan, f"{where} (train)"), seed),
+        train_blocks = data.token_blocks(data.shuffled(data.documents(rows.train, plan, f"{where} (train)"), held_seed),
                                          tokenizer, max_length, n_train)
         val_blocks = data.token_blocks(data.documents(rows.validation, plan, f"{where} (validation)"), tokenizer,
                                        max_length, n_validation)

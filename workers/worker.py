@@ -71,6 +71,7 @@ class WorkerSpec:
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
     prefit_steps: int = 0  # projq-shared: Adam steps fitting θ to the per-configuration corrections (0: none)
+    split_seed: int | None = None  # which examples are held out (None: seed); seed alone then sets the training order
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -83,7 +84,7 @@ class WorkerSpec:
 def build_task(spec: WorkerSpec) -> Task:
     return build_source_task(
         spec.model, *spec.source(), n_train=spec.train_examples, n_validation=spec.val_examples + spec.score_examples,
-        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed, split_seed=spec.split_seed,
     )
 
 

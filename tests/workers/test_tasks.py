@@ -212,3 +212,33 @@ def test_macro_f1_matches_scikit_learn():
         expected = f1_score(labels.numpy(), predicted.numpy(), average="macro", labels=list(range(n_classes)),
                             zero_division=0)
         assert abs(macro_f1(predicted, labels, n_classes) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("corpus", ["reviews", "shakespeare"])
+def test_split_seed_fixes_the_held_out_examples_while_the_seed_changes_the_training_order(tmp_path, minilm_tokenizer,
+                                                                                          corpus):
+    """``split_seed`` chooses the held-out examples and ``seed`` the training order: two seeds with one split seed
+    hold out identical examples and train on the same examples in another order; without it they differ."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=64, num_labels=2)
+    path = _save(BertForSequenceClassification(config), minilm_tokenizer, tmp_path / "bert")
+    if corpus == "shakespeare":
+        config = LlamaConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+        path = _save(LlamaForCausalLM(config), minilm_tokenizer, tmp_path / "llama")
+    kwargs = {"n_train": 32, "n_validation": 16, "batch_size": 8, "max_length": 16}
+
+    def held_and_trained(seed: int, split_seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        task = packaged_task(path, corpus, seed=seed, split_seed=split_seed, **kwargs)
+        held = torch.cat([b["input_ids"].flatten() for b in task.validation_loader])
+        first = next(iter(task.train_loader))["input_ids"]
+        every = torch.cat([b["input_ids"].flatten() for b in task.train_loader]).sort().values
+        return held, first, every
+
+    held_a, first_a, every_a = held_and_trained(0, 7)
+    held_b, first_b, every_b = held_and_trained(1, 7)
+    assert torch.equal(held_a, held_b) and torch.equal(every_a, every_b)
+    assert not torch.equal(first_a, first_b)
+    held_c, _, _ = held_and_trained(1, None)
+    assert not torch.equal(held_a, held_c)
