@@ -11,52 +11,75 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # also run as `python bench/accuracy`
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load, save  # noqa: E402
 
 from bench.accuracy import __doc__ as DOC  # noqa: E402
-from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, load_bench, run_job  # noqa: E402
+from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, job_key, job_seeds, load_bench, run_job  # noqa: E402
 from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
-from bench.accuracy.stats import headline, methods_of  # noqa: E402
+from bench.accuracy.stats import headline, methods_of, pool_seeds  # noqa: E402
 from orchestrator import report  # noqa: E402
 from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 
 
-def _job_file(res_dir: Path, job: dict[str, Any]) -> Path:
-    return res_dir / "jobs" / f"{job['name']}.json"
+def _fingerprint(job: dict[str, Any], overrides: Sequence[str], seed: int | None) -> str:
+    """What one run of a job depends on that the command line can change: its YAML entry, the overrides, the seed."""
+    return json.dumps({"job": job, "overrides": list(overrides), "seed": seed}, sort_keys=True, default=str)
 
 
-def _fingerprint(job: dict[str, Any], overrides: Sequence[str]) -> str:
-    """What a job's result depends on that the command line can change: its YAML entry and the overrides."""
-    return json.dumps({"job": job, "overrides": list(overrides)}, sort_keys=True, default=str)
+def save_job(res_dir: Path, key: str, fingerprint: str, result: dict[str, Any],
+             scores: Mapping[tuple[str, str], np.ndarray], minutes: float) -> None:
+    """A finished run of a job, at once (``jobs/<key>.json`` and its per-example scores beside it): a full run that
+    is cut short (a lost machine, a session's end) resumes from its finished runs instead of starting over."""
+    tensors = {f"{m}|{c}": torch.from_numpy(np.array(v, copy=True)) for (m, c), v in scores.items()}  # lora-fp's
+    # one array stands at every target: copies, since safetensors refuses shared memory
+    write_atomic(res_dir / "jobs" / f"{key}.safetensors", save(tensors))
+    record = {"fingerprint": fingerprint, "minutes": minutes, "result": result}
+    write_atomic(res_dir / "jobs" / f"{key}.json", (json.dumps(record, indent=1, default=str) + "\n").encode())
 
 
-def save_job(res_dir: Path, job: dict[str, Any], overrides: Sequence[str], result: dict[str, Any],
-             minutes: float) -> None:
-    """A finished job's result, at once: a full run that is cut short (a lost machine, a session's end) resumes
-    from its finished jobs instead of starting over."""
-    record = {"fingerprint": _fingerprint(job, overrides), "minutes": minutes, "result": result}
-    write_atomic(_job_file(res_dir, job), (json.dumps(record, indent=1, default=str) + "\n").encode())
-
-
-def finished_job(res_dir: Path, job: dict[str, Any], overrides: Sequence[str], log) -> tuple[dict | None, float]:
-    """(the job's saved result, its minutes) when ``res_dir`` holds one for the same YAML entry and overrides;
-    (None, 0) otherwise (a saved result for other settings is named and left to be replaced)."""
-    path = _job_file(res_dir, job)
+def finished_job(res_dir: Path, key: str, fingerprint: str, log) -> tuple[dict, dict, float] | None:
+    """(result, per-example scores, minutes) of run ``key`` when ``res_dir`` holds it for the same fingerprint;
+    None otherwise (a saved run with other settings is named and left to be replaced)."""
+    path = res_dir / "jobs" / f"{key}.json"
     if not path.exists():
-        return None, 0.0
+        return None
     record = json.loads(path.read_text())
-    if record["fingerprint"] != _fingerprint(job, overrides):
-        log(f"[{job['name']}] {path} was run with other settings: running the job again")
-        return None, 0.0
-    log(f"[{job['name']}] finished before ({record['minutes']:.1f} min): reusing {path} (--fresh to re-run)")
-    return record["result"], float(record["minutes"])
+    if record["fingerprint"] != fingerprint:
+        log(f"[{key}] {path} was run with other settings: running it again")
+        return None
+    saved = load(path.with_suffix(".safetensors").read_bytes())
+    scores = {tuple(k.split("|", 1)): v.numpy() for k, v in saved.items()}
+    log(f"[{key}] finished before ({record['minutes']:.1f} min): reusing {path} (--fresh to re-run)")
+    return record["result"], scores, float(record["minutes"])
+
+
+def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, work: Path, uri: str,
+                 log) -> tuple[dict[str, Any], float]:
+    """A job's result (pooled over its seeds when it has several) and its minutes, reusing finished runs."""
+    runs, minutes = [], 0.0
+    for seed in job_seeds(job):
+        key, fingerprint = job_key(job, seed), _fingerprint(job, args.override, seed)
+        saved = None if args.fresh else finished_job(res_dir, key, fingerprint, log)
+        if saved is None:
+            t0 = time.perf_counter()
+            result, scores = run_job(job, args.override, work, uri, log, seed)
+            took = (time.perf_counter() - t0) / 60
+            save_job(res_dir, key, fingerprint, result, scores, took)
+            saved = (result, scores, took)
+        runs.append(saved[:2])
+        minutes += saved[2]
+    if len(runs) == 1:
+        return runs[0][0], minutes
+    return pool_seeds(runs, str(job["name"])), minutes
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -113,20 +136,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = res_dir / "work" / f"{mode}-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{res_dir / 'work' / 'mlflow.db'}"
-    for job in jobs:  # validate every job before any compute
-        job_config(job, args.override, work, uri)
+    for job in jobs:  # validate every job (at each of its seeds) before any compute
+        for seed in job_seeds(job):
+            job_config(job, args.override, work, uri, seed)
 
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     results, minutes = [], []
     for job in jobs:
-        result, took = finished_job(res_dir, job, args.override, log) if not args.fresh else (None, 0.0)
-        if result is None:
-            t0 = time.perf_counter()
-            result = run_job(job, args.override, work, uri, log)
-            took = (time.perf_counter() - t0) / 60
-            save_job(res_dir, job, args.override, result, took)
+        result, took = run_or_reuse(job, args, res_dir, work, uri, log)
         results.append(result)
         minutes.append(took)
     total = sum(minutes)

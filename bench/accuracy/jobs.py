@@ -38,10 +38,23 @@ UNQUANTIZED = "unquantized"
 FULL_PRECISION_BITS = 32.0
 
 BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
-                  "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5}
+                  "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5, "seeds": None}
 """Per-job ``bench:`` options; ``qlora_gptq`` / ``qlora_projq``: also QLoRA on GPTQ codes / with ProjQ's init
 (``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
-rows already are GPTQ's, and ggml's types take no GPTQ)."""
+rows already are GPTQ's, and ggml's types take no GPTQ). ``seeds``: run the whole job once per training seed (run.seed)
+on the same held-out examples (data.split_seed = the job's run.seed) and pool them (:func:`stats.pool_seeds`);
+None: once, at the job's run.seed."""
+
+
+def job_seeds(job: Mapping[str, Any]) -> list[int | None]:
+    """The training seeds a job runs at: its ``bench.seeds``, or [None] (once, as its YAML says)."""
+    seeds = job.get("bench", {}).get("seeds")
+    return [None] if seeds is None else [int(s) for s in seeds]
+
+
+def job_key(job: Mapping[str, Any], seed: int | None) -> str:
+    """The name of one run of a job: its own, or ``<name>-seed<s>`` when it runs at several seeds."""
+    return str(job["name"]) if seed is None else f"{job['name']}-seed{seed}"
 
 
 
@@ -57,18 +70,29 @@ def load_bench(path: Path) -> dict[str, Any]:
         unknown = set(j.get("bench", {})) - set(BENCH_DEFAULTS)
         if unknown:
             raise ConfigError(f"{path}: job {j['name']}: unknown bench option(s) {sorted(unknown)}; allowed {list(BENCH_DEFAULTS)}")
+        seeds = j.get("bench", {}).get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                                  or not all(isinstance(s, int) and s >= 0 for s in seeds)):
+            raise ConfigError(f"{path}: job {j['name']}: bench.seeds must be a non-empty list of distinct integers "
+                              f">= 0, got {seeds!r}")
     return data
 
 
 
-def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str) -> tuple[RunConfig, dict[str, Any]]:
-    """The product run configuration of one job (validated), with the bench's fixed parts forced."""
+def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str,
+               seed: int | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """The product run configuration of one job (validated), with the bench's fixed parts forced; at training seed
+    ``seed`` (run.seed) with the job's own examples held out (data.split_seed = its run.seed) when given."""
     run = copy.deepcopy(dict(job.get("run", {})))
-    forced = {
-        "run": {"name": str(job["name"]), "root": str(work / "runs")},
+    forced: dict[str, dict[str, Any]] = {
+        "run": {"name": job_key(job, seed), "root": str(work / "runs")},
         "evaluation": {"baselines": ["no_adapter", "shared_lora", "no_theta"]},
         "tracking": {"uri": uri, "experiment": PRODUCT_EXPERIMENT},
     }
+    if seed is not None:  # every seed holds out what the job's own seed would
+        own = build_config(run, overrides)
+        forced["run"]["seed"] = seed
+        forced["data"] = {"split_seed": own.run.seed if own.data.split_seed is None else own.data.split_seed}
     for section, values in forced.items():
         run.setdefault(section, {}).update(values)
     run.setdefault("cluster", {}).setdefault("executor", "local")
@@ -125,8 +149,11 @@ def evaluated_configurations(run_dir: Path) -> list[tuple[str, np.ndarray]]:
 
 
 
-def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str, log) -> dict[str, Any]:
-    cfg, opts = job_config(job, overrides, work, uri)
+def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str, log, seed: int | None = None
+            ) -> tuple[dict[str, Any], dict[tuple[str, str], np.ndarray]]:
+    """One run of a job (at training seed ``seed`` when given): its result and every (method, configuration)'s
+    per-example validation scores."""
+    cfg, opts = job_config(job, overrides, work, uri, seed)
     name = cfg.run.name
     torch.set_num_threads(1)
     times: dict[str, float] = {}
@@ -181,4 +208,5 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     eval_minutes["per-configuration baselines"] = eval_s / 60
     differences = paired.paired_table(scores, "coa-lora", "classification" if cfg.model.task == "classification"
                                       else "causal-lm")
-    return {**summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences), "curves": curves}
+    result = {**summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences), "curves": curves}
+    return result, scores

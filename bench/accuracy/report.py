@@ -84,6 +84,35 @@ def _f(v: Any, digits: int = 4) -> str:
 
 
 
+def seeds_tables(r: Mapping[str, Any]) -> list[str]:
+    """For a job pooled over training seeds: each seed's mean over the targets per method, and each seed's
+    CoA-LoRA − other over all targets with its interval, so the seeds' spread shows beside the pooled figures."""
+    per_seed = r.get("per_seed")
+    if not per_seed:
+        return []
+    seeds = [p["seed"] for p in per_seed]
+    metric = r["metric"]
+    out = [f"### Training seeds ({len(seeds)}: {', '.join(map(str, seeds))})", "",
+           f"Every figure above pools {len(seeds)} runs of the whole job that differ only in run.seed (initialisation, "
+           f"data order, configuration draws), on the same held-out examples (data.split_seed = "
+           f"{r['config']['data']['split_seed']}): metrics averaged over the seeds ({'arithmetic' if metric == 'accuracy' else 'geometric'} "
+           "mean), paired differences on each example's scores averaged over the seeds. Per seed:", "",
+           "| method | " + " | ".join(f"seed {x}" for x in seeds) + " | pooled |", "|---|" + "---|" * (len(seeds) + 1)]
+    for m in methods_of(r["rows"]):
+        out.append(f"| {m} | " + " | ".join(_f(p["mean_target"].get(m, float("nan"))) for p in per_seed)
+                   + f" | {_f(r['mean_target'][m])} |")
+    out += ["", "CoA-LoRA − other over all targets at each seed (difference [95% interval over examples]):", "",
+            "| other | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    others = sorted({o for p in per_seed for o in p["paired_coa_minus"]})
+    for o in others:
+        cells = []
+        for p in per_seed:
+            d = p["paired_coa_minus"].get(o, {}).get("all targets")
+            cells.append("–" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
+        out.append(f"| {o} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def init_error_table(r: Mapping[str, Any]) -> list[str]:
     """Each per-configuration init's step-0 error-compensation loss at each target (rows that recorded one)."""
     by = {(x["method"], x["configuration"]): x.get("init_error") for x in r["rows"]}
@@ -141,6 +170,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
         out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
                 "every method by design; see `bench.lq_lora_lr` to give LQ-LoRA's factors their own).", ""]
     out += init_error_table(r)
+    out += seeds_tables(r)
     if r.get("paired"):  # saved results from before the paired protocol have none
         out += ["### Paired differences", "", paired.markdown(r["paired"])]
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]

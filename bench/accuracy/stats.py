@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from orchestrator import paired
 from orchestrator.config import RunConfig
 from search.hypervolume import normalized_hypervolume
 
@@ -93,6 +94,52 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
 
 
 
+def _pooled(values: Sequence[float], metric: str) -> float:
+    """Arithmetic mean of accuracies, geometric of perplexities (as :func:`summarize`'s means)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()) if metric == "accuracy" else float(np.exp(np.log(v).mean()))
+
+
+def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], np.ndarray]]],
+               job: str) -> dict[str, Any]:
+    """One job run at several training seeds, on the same held-out examples, as one result: each (method,
+    configuration)'s metric pooled over the seeds, the paired differences on each example's scores averaged over
+    the seeds (so an interval still treats the examples as the unit, now with the training noise averaged in),
+    training minutes per seed, and each seed's own means and pooled paired differences (``per_seed``) so the
+    seeds' spread shows beside the pooled figures. An unseen configuration "unseen i" is another draw at each seed:
+    only its pooled rows ("all unseen") compare like with like."""
+    results = [r for r, _ in runs]
+    first, metric = results[0], results[0]["metric"]
+    by = [{(x["method"], x["configuration"]): x for x in r["rows"]} for r in results]
+    rows = []
+    for row in first["rows"]:
+        k = (row["method"], row["configuration"])
+        if not all(k in b for b in by):
+            continue
+        same = [b[k] for b in by]
+        per_seed = [x[metric] for x in same]
+        pooled = {**row, metric: _pooled(per_seed, metric), "per_seed": per_seed,
+                  "avg_bits": float(np.mean([x["avg_bits"] for x in same])),
+                  "loss": float(np.mean([x["loss"] for x in same]))}
+        if row.get("init_error") is not None:
+            pooled["init_error"] = float(np.mean([x["init_error"] for x in same]))
+        rows.append(pooled)
+    kept = {(r["method"], r["configuration"]) for r in rows}
+    scores = {k: np.mean([np.asarray(s[k]) for _, s in runs], axis=0) for k in kept}
+    kind = "classification" if metric == "accuracy" else "causal-lm"
+    differences = paired.paired_table(scores, "coa-lora", kind)
+    minutes = {m: float(np.mean([r["minutes"][m] for r in results])) for m in first["minutes"]}
+    eval_minutes = {m: float(np.mean([r["evaluation_minutes"][m] for r in results])) for m in first["evaluation_minutes"]}
+    configs = [(n, np.asarray(x)) for n, x in first["configurations"].items()]
+    out = summarize(RunConfig.model_validate(first["config"]), first["bench_options"], rows, minutes, eval_minutes,
+                    Path(first["run_dir"]), first["baseline_steps_per_configuration"], configs, differences)
+    seeds = [int(r["config"]["run"]["seed"]) for r in results]
+    out.update(job=job, seeds=seeds, curves=first.get("curves", {}), per_seed=[
+        {"seed": s, "mean_target": r["mean_target"], "unseen_mean": r["unseen_mean"],
+         "paired_coa_minus": paired_summary(r.get("paired") or [])} for s, r in zip(seeds, results)])
+    return out
+
+
 def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: float) -> dict[str, Any]:
     out: dict[str, Any] = {"bench": "accuracy", "mode": mode, "total_minutes": round(total_minutes, 2)}
     for r in results:
@@ -105,6 +152,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "hv_targets": {m: round(v, 4) for m, v in r["hypervolume_targets"].items()},
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
             "paired_coa_minus": paired_summary(r.get("paired") or []),
+            "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
         }
     return out
 

@@ -1,6 +1,7 @@
 """bench/accuracy --quick end to end on a tiny random model with tiny data, so the benchmark cannot rot: outputs
 exist and have the right structure, the last stdout line is the headline JSON, MLflow holds one parent with one
-child per method, and a second run gives identical metrics (the documented tolerance is 0 on one machine)."""
+child per method, a second run at seeds 0 and 1 repeats the first exactly at seed 0 (the documented tolerance is 0
+on one machine) and pools the two, and a rerun reuses finished runs."""
 
 from __future__ import annotations
 
@@ -32,11 +33,14 @@ def _overrides(model_dir: Path) -> list[str]:
     return [a for k, v in pairs.items() for a in ("--override", f"{k}={v}")]
 
 
-def _run(tmp: Path, model_dir: Path, uri: str) -> tuple[dict, str]:
+def _run(tmp: Path, model_dir: Path, uri: str, seeds: list[int] | None = None) -> tuple[dict, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "bench.yaml"
     quick = (ROOT / "conf" / "bench" / "quick.yaml").read_text()
-    config.write_text(quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5"))
+    quick = quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5")
+    if seeds is not None:
+        quick = quick.replace("hv_reference: 0.5}", f"hv_reference: 0.5, seeds: {seeds}}}")
+    config.write_text(quick)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -54,7 +58,7 @@ def two_runs(tiny_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
     uri = f"sqlite:///{base / 'mlflow.db'}"
     first = _run(base / "a", tiny_model_dir, uri)
-    second = _run(base / "b", tiny_model_dir, uri)
+    second = _run(base / "b", tiny_model_dir, uri, seeds=[0, 1])
     return base, uri, first, second
 
 
@@ -144,7 +148,7 @@ def test_mlflow_parent_with_one_child_per_method(two_runs):
 def test_two_runs_give_identical_numbers(two_runs):
     base, _, _, _ = two_runs
     a = json.loads((base / "a" / "results" / "accuracy.json").read_text())["jobs"][0]
-    b = json.loads((base / "b" / "results" / "accuracy.json").read_text())["jobs"][0]
+    b = json.loads((base / "b" / "results" / "jobs" / "minilm-reviews-seed0.json").read_text())["result"]
     key = lambda r: (r["method"], r["configuration"])  # noqa: E731
     ra = {key(r): (r["avg_bits"], r["accuracy"], r["loss"]) for r in a["rows"]}
     rb = {key(r): (r["avg_bits"], r["accuracy"], r["loss"]) for r in b["rows"]}
@@ -153,18 +157,46 @@ def test_two_runs_give_identical_numbers(two_runs):
     assert a["curves"] == b["curves"]
 
 
+def test_seeds_are_pooled_on_the_same_held_out_examples(two_runs):
+    """bench.seeds = [0, 1]: two runs of the job that differ in run.seed only (data.split_seed = 0 for both), pooled:
+    each row's accuracy is the mean of the seeds', every pooled paired difference is the mean of the seeds' per
+    example, and the report shows each seed beside the pooled figures."""
+    base, _, _, (head, _) = two_runs
+    out = base / "b" / "results"
+    seeds = [json.loads((out / "jobs" / f"minilm-reviews-seed{s}.json").read_text())["result"] for s in (0, 1)]
+    assert [r["config"]["run"]["seed"] for r in seeds] == [0, 1]
+    assert [r["config"]["data"]["split_seed"] for r in seeds] == [0, 0]
+    pooled = json.loads((out / "accuracy.json").read_text())["jobs"][0]
+    assert pooled["job"] == "minilm-reviews" and pooled["seeds"] == [0, 1] and head["minilm-reviews"]["seeds"] == [0, 1]
+    acc = [{(r["method"], r["configuration"]): r["accuracy"] for r in s["rows"]} for s in seeds]
+    loss = [{(r["method"], r["configuration"]): r["loss"] for r in s["rows"]} for s in seeds]
+    assert loss[0][("coa-lora", "target 3")] != loss[1][("coa-lora", "target 3")]  # another init and data order
+    for row in pooled["rows"]:
+        k = (row["method"], row["configuration"])
+        assert row["accuracy"] == pytest.approx((acc[0][k] + acc[1][k]) / 2, abs=1e-12)
+        assert row["loss"] == pytest.approx((loss[0][k] + loss[1][k]) / 2, abs=1e-12)
+        assert row["per_seed"] == [acc[0][k], acc[1][k]]
+    diffs = {(d["other"], d["configuration"]): d["difference"] for d in pooled["paired"]}
+    for t in TARGETS:
+        mean_diff = (acc[0][("coa-lora", t)] - acc[0][("qlora", t)] + acc[1][("coa-lora", t)] - acc[1][("qlora", t)]) / 2
+        assert diffs[("qlora", t)] == pytest.approx(mean_diff, abs=1e-9)
+    assert [p["seed"] for p in pooled["per_seed"]] == [0, 1]
+    md = (base / "b" / "results.md").read_text()
+    assert "### Training seeds (2: 0, 1)" in md and "data.split_seed = 0" in md
+
+
 def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_model_dir):
     """Each finished job is saved at once; the same command again renders from it without training, and a job
     whose YAML entry or overrides changed is not taken from the saved file."""
-    from bench.accuracy.__main__ import finished_job
+    from bench.accuracy.__main__ import _fingerprint, finished_job
 
     base, uri, (head, _), _ = two_runs
     again, stdout = _run(base / "a", tiny_model_dir, uri)
     assert "finished before" in stdout and "CoA-LoRA run" not in stdout
     assert again["minilm-reviews"]["mean_target"] == head["minilm-reviews"]["mean_target"]
     saved = json.loads((base / "a" / "results" / "jobs" / "minilm-reviews.json").read_text())
-    job = json.loads(saved["fingerprint"])["job"]
-    overrides = json.loads(saved["fingerprint"])["overrides"]
-    assert finished_job(base / "a" / "results", job, overrides, print)[0] is not None
+    job, overrides = (json.loads(saved["fingerprint"])[k] for k in ("job", "overrides"))
+    results = base / "a" / "results"
+    assert finished_job(results, "minilm-reviews", _fingerprint(job, overrides, None), print) is not None
     changed = [o if not o.startswith("training.steps_per_round=") else "training.steps_per_round=5" for o in overrides]
-    assert finished_job(base / "a" / "results", job, changed, print) == (None, 0.0)
+    assert finished_job(results, "minilm-reviews", _fingerprint(job, changed, None), print) is None
