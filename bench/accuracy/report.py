@@ -221,6 +221,34 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
 
 
 
+def lr_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Jobs that differ only in their learning rate (same model and data) side by side: each method's mean over the
+    targets at each rate, marked "(prior)" where a classifier did not leave the no-adapter level (the class prior,
+    within one validation example): does any method collapse at some rate?"""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["dataset"]), []).append(r)
+    out: list[str] = []
+    for (model, dataset), jobs in groups.items():
+        rates = sorted({j["config"]["training"]["lr"] for j in jobs})
+        if len(rates) < 2 or len(rates) != len(jobs):
+            continue
+        jobs = sorted(jobs, key=lambda j: j["config"]["training"]["lr"])
+        metric = jobs[0]["metric"]
+        out += [f"## Learning rates: {model} + {dataset} (mean {metric} over the targets)", "",
+                "| method | " + " | ".join(f"lr {x:g}" for x in rates) + " |", "|---|" + "---|" * len(rates)]
+        for m in methods_of([row for j in jobs for row in j["rows"]]):
+            cells = []
+            for j in jobs:
+                v = j["mean_target"].get(m, float("nan"))
+                prior = (metric == "accuracy" and m != "no-adapter" and not math.isnan(v)
+                         and abs(v - j["mean_target"]["no-adapter"]) <= 1 / j["config"]["data"]["val_examples"])
+                cells.append(_f(v) + (" (prior)" if prior else ""))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], path: Path,
                    pngs: Sequence[Sequence[str]]) -> None:
     """results.md: protocol, settings, each job's tables and figures (``pngs``: each job's, relative to the page),
@@ -279,6 +307,7 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     ]
     for r, png in zip(results, pngs):
         lines.append(job_markdown(r, png))
+    lines += lr_table(results)
     if meta.get("notes"):
         lines += ["## Discussion", "", meta["notes"].strip(), ""]
     path.write_text("\n".join(lines) + "\n")
