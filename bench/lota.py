@@ -12,7 +12,10 @@ scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
 - **lora**: PEFT's LoRA (rank r, α = 2r) on the same quantized weights, AdamW, unmerged (an INTk base plus an fp32
   adapter at run time): the paper's "GPTQ + LoRA" column, with round-to-nearest instead of GPTQ;
 - **head-only**: the same base with only the classification head trained: what any adapter adds beyond the head;
-- and once per seed, **lora-fp**: LoRA on the unquantized base (the ceiling).
+- and once per seed, **lora-fp**: LoRA on the unquantized base (the ceiling);
+- with ``--config-aware``, **lota-ca**: LoTA's configuration-aware variant, one model trained once over every
+  ``--bits`` (each step averages ``--configs-per-step`` uniform configurations drawn from them; ω = 0.75·r at every
+  width), evaluated merged at each width: one training against the per-width LoTA rows.
 
 The task head trains with AdamW at the job's rate, warmup, cosine decay and clipping in every method (LoTA's
 ternary factors take no learning rate). Every method sees ``steps`` batches.
@@ -146,6 +149,30 @@ def run_lota(job: Job, bits: int, group: int, train_factors: bool, omega_fractio
     return correctness(model.merged_model(), job.val_batches), extra
 
 
+def run_lota_config_aware(job: Job, bits: Sequence[int], group: int, configs_per_step: int
+                          ) -> dict[int, tuple[np.ndarray, dict[str, float]]]:
+    """One configuration-aware LoTA model over ``bits`` (uniform configurations, ``configs_per_step`` per step),
+    merged and evaluated at each width: {width: (correctness, extras)}."""
+    from workers.adapters.lota import LoTAModel, train_lota
+
+    model = LoTAModel(copy.deepcopy(job.base), bits=tuple(bits), rank=job.spec.rank, group_size=group, seed=job.seed,
+                      omega=0.75 * job.spec.rank)
+    train_lota(model, job.batches(), steps=job.train.total_steps, head=job.train, configurations=list(bits),
+               configs_per_step=configs_per_step, seed=job.seed)
+    numel = sum(layer.in_features * layer.out_features for layer in model.layers)
+    out = {}
+    for k in bits:
+        model.set_configuration(k)
+        merged = model.merge()
+        moved = sum(int((m.quantized.int_codes() != layer.quantized.int_codes()).sum())
+                    for layer, m in zip(model.layers, merged.values()))
+        extra = {"base_bits": 8 * sum(m.quantized.nbytes for m in merged.values()) / numel,
+                 "deployed_bits": 8 * sum(m.nbytes for m in merged.values()) / numel,
+                 "codes_moved": moved / sum(layer.codes.numel() for layer in model.layers)}
+        out[k] = (correctness(model.merged_model(), job.val_batches), extra)
+    return out
+
+
 def run_lora(job: Job, bits: int | None, group: int, hessians=None) -> tuple[np.ndarray, dict[str, float]]:
     """PEFT LoRA on the INTk-quantized base (``bits`` None: the unquantized base)."""
     from peft import LoraConfig, get_peft_model
@@ -197,15 +224,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, help="training steps of every method (default: the job's 60); use "
                                                    "another --out, rows are keyed by method, bits and seed")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all); pairs need both sides")
+    parser.add_argument("--config-aware", action="store_true",
+                        help="also lota-ca: one configuration-aware LoTA model trained over every --bits")
+    parser.add_argument("--configs-per-step", type=int, default=2, help="lota-ca's configurations per step")
     parser.add_argument("--out", type=Path, default=Path("docs/lota"))
     args = parser.parse_args(argv)
+    if args.configs_per_step < 1:
+        parser.error("--configs-per-step must be >= 1")
+    if args.config_aware and args.quant == "gptq":
+        parser.error("--config-aware runs on round-to-nearest bases only")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     if any(not 2 <= b <= 8 for b in args.bits):
         parser.error("--bits: INTk needs 2 <= k <= 8")
     if any(not 0 < f < 1 for f in args.omegas):
         parser.error("--omegas: ω/r must lie in (0, 1)")
-    methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas)
+    methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas) + (("lota-ca",) if args.config_aware else ())
     if args.quant == "gptq":
         methods = tuple(f"{m}+gptq" for m in methods)
     if args.methods:
@@ -218,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log = args.out / "runs.jsonl"
     done = {(r["method"], r["bits"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} \
         if log.is_file() else {}
+    stale = sorted({tuple(r["configurations"]) for (m, _, _), r in done.items() if m == "lota-ca"} - {tuple(args.bits)})
+    if args.config_aware and stale:
+        parser.error(f"--out {args.out} holds lota-ca rows trained over {list(stale[0])} bits, not {args.bits}: "
+                     "use another --out")
     jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
             (("lora-fp",) if b is None else methods) if not args.methods or m in args.methods]
     for method, bits, seed in jobs:
@@ -227,6 +265,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         kind = method.removesuffix("+gptq")
         hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
+        if kind == "lota-ca":  # one training serves every width: record them all at once
+            for k, (correct, extra) in run_lota_config_aware(job, args.bits, args.group, args.configs_per_step).items():
+                row = {"method": method, "bits": k, "seed": seed, "accuracy": float(correct.mean()),
+                       "seconds": time.perf_counter() - t0, "configurations": list(args.bits), **extra,
+                       "correct": correct.astype(int).tolist()}
+                with log.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done[(method, k, seed)] = row
+                print(f"{method:9s} int{k:<2d}  seed {seed}: accuracy {row['accuracy']:.4f}", flush=True)
+            continue
         if kind.startswith("lota") or kind == "head-only":
             fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else 0.75
             correct, extra = run_lota(job, bits, args.group, kind != "head-only", fraction, hessians)
@@ -256,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for m in methods:
             if m.startswith("lota"):
                 row[m]["codes_moved"] = done[(m, bits, args.seeds[0])]["codes_moved"]
-        for a, b in [(m, other) for m in methods if m.startswith("lota") for other in (lora, head)] + [(lora, head)]:
+        pairs = [(m, other) for m in methods if m.startswith("lota") for other in (lora, head)] + [(lora, head)]
+        for a, b in pairs + [("lota-ca", "lota")]:
             if a in methods and b in methods:
                 row[f"{a}_minus_{b}"] = paired(stack(a, bits), stack(b, bits))
         summary[f"int{bits}"] = row

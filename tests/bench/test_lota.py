@@ -31,3 +31,24 @@ def test_bits_out_of_range_is_refused_before_any_work(tmp_path, capsys):
         lota.main(["--bits", "1", "--out", str(tmp_path / "x")])
     assert "2 <= k <= 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config-aware", "--quant", "gptq"], "round-to-nearest bases only"),
+    (["--config-aware", "--configs-per-step", "0"], "--configs-per-step must be >= 1"),
+])
+def test_config_aware_options_are_checked_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        lota.main([*argv, "--out", str(tmp_path / "x")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_aware_rows_of_another_bit_set_are_not_reused(tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "runs.jsonl").write_text('{"method": "lota-ca", "bits": 4, "seed": 0, "accuracy": 0.5, '
+                                    '"configurations": [4, 2], "correct": [1, 0]}\n')
+    with pytest.raises(SystemExit):
+        lota.main(["--config-aware", "--bits", "4", "3", "--out", str(out)])
+    assert "trained over [4, 2] bits, not [4, 3]" in capsys.readouterr().err
