@@ -9,17 +9,32 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (runs on headless workers and in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure; returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def pareto_plot(bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, path: Path, title: str, *,
                 new: np.ndarray | None = None, edges: Sequence[float] = (), segments: int = 0) -> Path:
     """Every pool configuration (average bits vs scoring loss) as a hollow circle; the training set filled on top,
     joined along the bit axis; this round's new proposals as triangles; the Pareto segments as light vertical lines.
     The legend counts each kind, so a training set equal to the pool reads as such; ``segments`` is how many
     segments the whole space has (``edges`` are those near the pool)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     new = np.zeros(len(bits), dtype=bool) if new is None else new
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for edge in edges:
@@ -38,21 +53,13 @@ def pareto_plot(bits: np.ndarray, loss: np.ndarray, selected: np.ndarray, path: 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def hypervolume_plot(rounds: Sequence[int], values: Sequence[float], path: Path) -> Path:
     """Normalised hypervolume of the pool after each round (round 0: the initial ILP pool): does the search still
     find better configurations?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
     ax.plot(list(rounds), list(values), "o-", c="C3", ms=4)
     ax.set_xlabel("round (0: initial pool)")
@@ -60,11 +67,7 @@ def hypervolume_plot(rounds: Sequence[int], values: Sequence[float], path: Path)
     ax.set_title("search progress")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -83,11 +86,7 @@ def loss_curves_plot(curves: Mapping[str, Sequence[float]], path: Path, title: s
                      window: int = 5) -> Path:
     """Training loss per optimizer step of each method (``curves``: label → per-step losses), raw values faint and
     their ``window``-step moving average solid: have the losses flattened by the last step?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for i, (label, losses) in enumerate(curves.items()):
         steps = range(1, len(losses) + 1)
@@ -98,21 +97,13 @@ def loss_curves_plot(curves: Mapping[str, Sequence[float]], path: Path, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def evaluation_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
     """The final evaluation: ``metric`` against average bits, one colour per method; the target budgets' ILP
     configurations filled and joined, the unseen ones hollow. Where does each method stand across the bit axis?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method and r.get(metric) is not None]
@@ -130,11 +121,7 @@ def evaluation_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> 
     ax.set_title("final evaluation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
