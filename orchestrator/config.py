@@ -196,7 +196,10 @@ class SearchSection(_Section):
 
 class EvaluationSection(_Section):
     targets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
-    unseen: int = Field(4, ge=0)
+    unseen: int = Field(4, ge=0, description="random per-matrix settings (average bits in [2.5, 6]) never trained on")
+    unseen_ilp: int = Field(0, ge=0, description="configurations drawn like the pool, never trained on: the ILP "
+                                                 "allocation at seeded random budgets in [search.budget_min, "
+                                                 "search.budget_max] (named 'ilp-unseen i')")
     baselines: tuple[Literal["no_adapter", "shared_lora", "no_theta", "qlora", "lq_lora"], ...] = (
         "no_adapter", "shared_lora")
 

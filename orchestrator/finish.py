@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,7 @@ from .config import ConfigError, RunConfig
 from .executor import Executor
 from .faults import commit_point
 from .optim import MasterState, weighted_mean
-from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, key, seeded, step_configurations, unkey
+from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, PURPOSE_UNSEEN_ILP, key, seeded, step_configurations, unkey
 from .state import Ledger, finite_or_none, write_atomic, write_json_atomic
 from .tracking import Tracker
 
@@ -45,6 +46,11 @@ CURVES_FILE = "curves.json"
 """Training loss per optimizer step of the run's adapter and of each baseline the run trains, in final/."""
 MAX_NEAR_MISSES = 1000
 """Repeated draws of an unseen configuration in the 2.5-6 bit band before drawing from the whole space instead."""
+MAX_ILP_MISSES = 100
+"""Budgets drawn in a row whose ILP allocation was already evaluated before settling for fewer ILP-unseen
+configurations (a small model's ILP gives few distinct allocations over the pool's budget range)."""
+ILP_UNSEEN = "ilp-unseen"
+"""Name prefix of the configurations drawn like the pool (``evaluation.unseen_ilp``)."""
 
 
 def check_unseen_feasible(space: SearchSpace, allowed: np.ndarray, n_seen: int, unseen: int) -> None:
@@ -72,9 +78,10 @@ def _draw_near(g: np.random.Generator, near: np.ndarray, allowed: np.ndarray) ->
 
 def evaluation_configurations(cfg: RunConfig, space: SearchSpace, costs: np.ndarray, numels: list[int],
                               allowed: np.ndarray, pool: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """The targets' ILP configurations (identical for every method) and seeded unseen configurations: average bits
-    drawn in [2.5, 6], then a setting near it for every matrix (within its ``allowed`` domain), never a pool member
-    or a target."""
+    """The targets' ILP configurations (identical for every method), seeded unseen configurations of random
+    per-matrix settings (average bits drawn in [2.5, 6], then a setting near it for every matrix, within its
+    ``allowed`` domain) and, with ``evaluation.unseen_ilp``, unseen configurations drawn like the pool
+    (:func:`_ilp_unseen`); never a pool member or a target."""
     out = [(f"target {t:g}", flat_to_encoded(space, solve_allocation(space, costs, numels, t)))
            for t in cfg.evaluation.targets]
     g = np.random.default_rng(np.random.SeedSequence([cfg.run.seed, PURPOSE_UNSEEN]))
@@ -96,6 +103,31 @@ def evaluation_configurations(cfg: RunConfig, space: SearchSpace, costs: np.ndar
             continue
         seen.add(x.tobytes())
         out.append((f"unseen {len(out) - len(cfg.evaluation.targets) + 1}", x))
+    return out + _ilp_unseen(cfg, space, costs, numels, seen)
+
+
+def _ilp_unseen(cfg: RunConfig, space: SearchSpace, costs: np.ndarray, numels: list[int],
+                seen: set[bytes]) -> list[tuple[str, np.ndarray]]:
+    """``evaluation.unseen_ilp`` configurations drawn the way the pool is built, at budgets the pool did not use:
+    the ILP allocation at a seeded random budget in [search.budget_min, search.budget_max], never a configuration
+    already evaluated or trained on. Fewer (with a warning) when the ILP has no more distinct allocations there."""
+    wanted = cfg.evaluation.unseen_ilp
+    g = np.random.default_rng(np.random.SeedSequence([cfg.run.seed, PURPOSE_UNSEEN_ILP]))
+    out: list[tuple[str, np.ndarray]] = []
+    misses = 0
+    while len(out) < wanted and misses < MAX_ILP_MISSES:
+        x = flat_to_encoded(space, solve_allocation(space, costs, numels,
+                                                    g.uniform(cfg.search.budget_min, cfg.search.budget_max)))
+        if x.tobytes() in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(x.tobytes())
+        out.append((f"{ILP_UNSEEN} {len(out) + 1}", x))
+    if len(out) < wanted:
+        warnings.warn(f"evaluation.unseen_ilp = {wanted}: the ILP gives only {len(out)} allocation(s) in "
+                      f"[{cfg.search.budget_min}, {cfg.search.budget_max}] bits besides the pool and the targets; "
+                      "evaluating those", stacklevel=2)
     return out
 
 

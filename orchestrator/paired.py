@@ -60,14 +60,15 @@ def paired_difference(main: Sequence[np.ndarray], other: Sequence[np.ndarray], k
 
 def paired_table(scores: Mapping[tuple[str, str], np.ndarray], main: str, kind: str) -> list[dict[str, Any]]:
     """``main`` against every other method (in ``scores``' order): per configuration both evaluated, then pooled
-    over the targets and over the unseen configurations (configuration names start with "target" / "unseen")."""
+    over the targets, over the unseen configurations of random settings and over those drawn like the pool
+    (configuration names start with "target" / "unseen" / "ilp-unseen")."""
     configurations = list(dict.fromkeys(c for m, c in scores if m == main))
     others = list(dict.fromkeys(m for m, _ in scores if m != main))
     rows = []
     for other in others:
         shared = [c for c in configurations if (other, c) in scores]
         groups = [(c, [c]) for c in shared]
-        for label, prefix in (("targets", "target"), ("unseen", "unseen")):
+        for label, prefix in (("targets", "target"), ("unseen", "unseen"), ("ilp-unseen", "ilp-unseen")):
             members = [c for c in shared if c.startswith(prefix)]
             if len(members) > 1:
                 groups.append((f"all {label}", members))

@@ -14,7 +14,7 @@ import torch
 
 from search.space import SearchSpace
 
-PURPOSE_DATA, PURPOSE_CONFIGS, PURPOSE_UNSEEN, PURPOSE_SHARED = 1, 2, 3, 4
+PURPOSE_DATA, PURPOSE_CONFIGS, PURPOSE_UNSEEN, PURPOSE_SHARED, PURPOSE_UNSEEN_ILP = 1, 2, 3, 4, 5
 
 
 def seeded(seed: int, *purpose: int) -> torch.Generator:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from orchestrator import paired
+from orchestrator.finish import ILP_UNSEEN
 from orchestrator.report import loss_curves_plot
 from orchestrator.tracking import Tracker
 
@@ -54,7 +55,8 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
               "no-adapter": ("0.5", "v")}
     for m, (color, marker) in styles.items():
         t = sorted((r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("target"))
-        u = [(r["avg_bits"], r[metric]) for r in rows if r["method"] == m and r["configuration"].startswith("unseen")]
+        u = [(r["avg_bits"], r[metric]) for r in rows if r["method"] == m and
+             r["configuration"].startswith(("unseen", ILP_UNSEEN))]
         if t:
             ax.plot(*zip(*t), marker=marker, color=color, lw=1.5, ms=6, label=f"{m} (targets)")
         if u:
@@ -111,6 +113,26 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
             cells.append("–" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
         out.append(f"| {o} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:
+    """The unseen configurations drawn like the pool (ILP at random budgets of the pool's range), apart from the
+    random-settings ones: closer to what the training set holds, so the easier kind for CoA-LoRA."""
+    names = r.get("ilp_unseen") or []
+    if not names:
+        return []
+    metric, by = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}
+    budget = r["config"]["search"]
+    methods = ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter")
+    out = ["", f"### Unseen configurations drawn like the pool ({len(names)}: the ILP allocation at seeded random "
+           f"budgets in [{budget['budget_min']:g}, {budget['budget_max']:g}] bits, never trained on)", "",
+           "| method | mean |", "|---|---|"]
+    out += [f"| {m} | {_f(r['ilp_unseen_mean'].get(m, float('nan')))} |" for m in methods]
+    out += ["", "| configuration | avg bits | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for n in names:
+        out.append(f"| {n} | {_f(by[('coa-lora', n)]['avg_bits'], 3)} | "
+                   + " | ".join(_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in methods) + " |")
+    return out
 
 
 def init_error_table(r: Mapping[str, Any]) -> list[str]:
@@ -188,6 +210,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
         cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–"
                   for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora")]
         out.append("| " + " | ".join(cells) + " |")
+    out += ilp_unseen_table(r)
     ev = "; ".join(f"{k}: {v:.2f} min" for k, v in r["evaluation_minutes"].items())
     out += ["", "### Wall time (minutes, training only; evaluation excluded)", "",
             "| method | minutes | what it covers |", "|---|---|---|",

@@ -11,6 +11,7 @@ import numpy as np
 
 from orchestrator import paired
 from orchestrator.config import RunConfig
+from orchestrator.finish import ILP_UNSEEN
 from search.hypervolume import normalized_hypervolume
 
 METHODS = ("coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
@@ -46,6 +47,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
     bits_range = cfg.load_space().bits_range
     target_names = [f"target {t:g}" for t in cfg.evaluation.targets]
     unseen_names = [n for n, _ in configs if n.startswith("unseen")]
+    ilp_names = [n for n, _ in configs if n.startswith(ILP_UNSEEN)]
     qlora_unseen = [r["configuration"] for r in rows if r["method"] == "qlora" and r["configuration"].startswith("unseen")]
     by = {(r["method"], r["configuration"]): r for r in rows}
 
@@ -60,6 +62,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
     present = methods_of(rows)
     mean_target = {m: mean(m, target_names) for m in present}
     unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
+    ilp_unseen_mean = {m: mean(m, ilp_names) for m in DRIVER_METHODS} if ilp_names else {}
     unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "coa-no-theta", "shared-lora", "qlora", "no-adapter")}
     ref = float(opts["hv_reference"])
     hv_targets = {m: _hv([(by[(m, n)]["avg_bits"], by[(m, n)][metric]) for n in target_names if (m, n) in by],
@@ -75,6 +78,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         "coa_steps": steps, "coa_configs_per_step": cfg.training.configs_per_step,
         "targets": target_names, "unseen": unseen_names, "qlora_unseen": qlora_unseen,
         "mean_target": mean_target, "unseen_mean": unseen_mean, "unseen_qlora_subset_mean": unseen_q,
+        "ilp_unseen": ilp_names, "ilp_unseen_mean": ilp_unseen_mean,
         "gap_coa_minus_qlora": mean_target["coa-lora"] - mean_target["qlora"],
         "gap_coa_minus_lq_lora": mean_target["coa-lora"] - mean_target["lq-lora"],
         "gap_coa_minus_shared_lora": mean_target["coa-lora"] - mean_target["shared-lora"],
@@ -149,6 +153,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "gap_coa_minus_qlora": round(r["gap_coa_minus_qlora"], 4),
             "gap_coa_minus_lq_lora": round(r["gap_coa_minus_lq_lora"], 4),
             "unseen_mean": {m: round(v, 4) for m, v in r["unseen_mean"].items()},
+            "ilp_unseen_mean": {m: round(v, 4) for m, v in r.get("ilp_unseen_mean", {}).items()},
             "hv_targets": {m: round(v, 4) for m, v in r["hypervolume_targets"].items()},
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
             "paired_coa_minus": paired_summary(r.get("paired") or []),

@@ -20,6 +20,7 @@ STEPS = 4  # rounds x steps_per_round: QLoRA trains 4 steps per target, QLoRA at
 TARGETS = ["target 2.5", "target 3", "target 3.5", "target 4"]
 UNSEEN = 3
 QLORA_UNSEEN = 2
+ILP_UNSEEN = 2
 
 
 def _overrides(model_dir: Path) -> list[str]:
@@ -28,7 +29,7 @@ def _overrides(model_dir: Path) -> list[str]:
         "data.score_examples": 8, "data.batch_size": 16, "adapter.rank": 2, "adapter.alpha": 4,
         "training.steps_per_round": STEPS, "training.warmup_steps": 0, "search.rounds": 1, "search.initial_budgets": 3,
         "search.proposals_per_round": 1, "search.segments": 10, "search.fisher_examples": 2,
-        "search.cost_sample": 4096, "evaluation.unseen": UNSEEN,
+        "search.cost_sample": 4096, "evaluation.unseen": UNSEEN, "evaluation.unseen_ilp": ILP_UNSEEN,
     }
     return [a for k, v in pairs.items() for a in ("--override", f"{k}={v}")]
 
@@ -82,6 +83,12 @@ def test_outputs_have_the_right_structure(two_runs):
     for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter"):
         assert all((m, u) in rows for u in unseen)
     assert [u for u in unseen if ("qlora", u) in rows] == unseen[:QLORA_UNSEEN]
+    # the unseen configurations drawn like the pool: every method the run evaluates, reported apart
+    ilp = job["ilp_unseen"]
+    assert 1 <= len(ilp) <= ILP_UNSEEN and all(n.startswith("ilp-unseen") for n in ilp)
+    assert all(("coa-lora", n) in rows and ("coa-no-theta", n) in rows and ("qlora", n) not in rows for n in ilp)
+    assert set(job["ilp_unseen_mean"]) == {"coa-lora", "coa-no-theta", "shared-lora", "no-adapter"}
+    assert "### Unseen configurations drawn like the pool" in md
     assert not any((m, u) in rows for u in unseen for m in ("lq-lora", "qlora-gptq", "qlora-projq"))
     loss = {(r["method"], r["configuration"]): r["loss"] for r in job["rows"]}
     assert any(loss[("qlora-gptq", t)] != loss[("qlora", t)] for t in TARGETS)  # other codes, same everything else

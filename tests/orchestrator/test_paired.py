@@ -72,12 +72,13 @@ def test_bad_input_is_refused():
 
 def test_the_table_compares_the_run_s_adapter_with_every_other_method_per_configuration_and_pooled():
     rng = np.random.default_rng(4)
-    names = ["target 2.5", "target 3", "unseen 1"]
+    names = ["target 2.5", "target 3", "unseen 1", "ilp-unseen 1", "ilp-unseen 2"]
     scores = {(m, c): classification(rng.random(50) < 0.7, 0) for m in ("coa-lora", "no-adapter") for c in names}
     scores[("shared-lora", "target 2.5")] = classification(rng.random(50) < 0.7, 0)
     rows = paired_table(scores, "coa-lora", "classification")
     got = [(r["other"], r["configuration"]) for r in rows]
-    assert got == [("no-adapter", c) for c in names] + [("no-adapter", "all targets"), ("shared-lora", "target 2.5")]
+    assert got == [("no-adapter", c) for c in names] + [("no-adapter", "all targets"), ("no-adapter", "all ilp-unseen"),
+                                                        ("shared-lora", "target 2.5")]  # one random unseen: no pool
     first = rows[0]
     assert first["difference"] == pytest.approx(scores[("coa-lora", names[0])][:, 1].mean()
                                                 - scores[("no-adapter", names[0])][:, 1].mean())
