@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from dataclasses import replace
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from orchestrator.executor import init_ray
 from orchestrator.optim import MasterState, train_config, weighted_mean
 from orchestrator.runs import worker_spec
 from orchestrator.schedule import batch_ids
+from workers.adapters.lora import LoRAModel
 from workers.baselines import lq_lora, projq_lora
 from workers.fisher import layer_fisher
 from workers.training import TrainConfig
@@ -130,7 +131,7 @@ class Baselines:
             self._base = build_task(self.spec).model
         return copy.deepcopy(self._base)
 
-    def _train_initialised(self, build, x: np.ndarray, lora_lr: float | None) -> Outcome:
+    def _train_initialised(self, build: Callable[[], LoRAModel], x: np.ndarray, lora_lr: float | None) -> Outcome:
         """Train and evaluate the model ``build()`` returns (an init bound to configuration ``x``), its LoRA factors
         at ``lora_lr`` when given; the init's time counts as training."""
         t0 = time.perf_counter()
