@@ -139,12 +139,18 @@ def run_lota(job: Job, bits: int, group: int, train_factors: bool, omega_fractio
     steps = job.train.total_steps
     schedule = None if train_factors else UpdateSchedule(steps, start=0.0, middle=0.0, end=0.0)
     train_lota(model, job.batches(), steps=steps, head=job.train, schedule=schedule)
+    return merged_outcome(model, job)
+
+
+def merged_outcome(model, job: Job) -> tuple[np.ndarray, dict[str, float]]:
+    """The merged model at its active configuration: per-example correctness, and its bits per weight (base and
+    deployed, μ included) and the share of codes the adapter moved."""
     merged = model.merge()
     numel = sum(layer.in_features * layer.out_features for layer in model.layers)
-    base_bits = 8 * sum(m.quantized.nbytes for m in merged.values()) / numel
     moved = sum(int((m.quantized.int_codes() != layer.quantized.int_codes()).sum())
                 for layer, m in zip(model.layers, merged.values()))
-    extra = {"base_bits": base_bits, "deployed_bits": 8 * sum(m.nbytes for m in merged.values()) / numel,
+    extra = {"base_bits": 8 * sum(m.quantized.nbytes for m in merged.values()) / numel,
+             "deployed_bits": 8 * sum(m.nbytes for m in merged.values()) / numel,
              "codes_moved": moved / sum(layer.codes.numel() for layer in model.layers)}
     return correctness(model.merged_model(), job.val_batches), extra
 
@@ -159,17 +165,10 @@ def run_lota_config_aware(job: Job, bits: Sequence[int], group: int, configs_per
                       omega=0.75 * job.spec.rank)
     train_lota(model, job.batches(), steps=job.train.total_steps, head=job.train, configurations=list(bits),
                configs_per_step=configs_per_step, seed=job.seed)
-    numel = sum(layer.in_features * layer.out_features for layer in model.layers)
     out = {}
     for k in bits:
         model.set_configuration(k)
-        merged = model.merge()
-        moved = sum(int((m.quantized.int_codes() != layer.quantized.int_codes()).sum())
-                    for layer, m in zip(model.layers, merged.values()))
-        extra = {"base_bits": 8 * sum(m.quantized.nbytes for m in merged.values()) / numel,
-                 "deployed_bits": 8 * sum(m.nbytes for m in merged.values()) / numel,
-                 "codes_moved": moved / sum(layer.codes.numel() for layer in model.layers)}
-        out[k] = (correctness(model.merged_model(), job.val_batches), extra)
+        out[k] = merged_outcome(model, job)
     return out
 
 

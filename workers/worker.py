@@ -179,8 +179,7 @@ class Worker:
                            configuration: np.ndarray) -> float:
         """How much of round-to-nearest's output error replica ``method`` at ``state`` leaves on ``configuration``
         before any training (:func:`workers.baselines.compensation_error`, M = I)."""
-        return compensation_error(self._with_state(method, state), self.space.decode(np.asarray(configuration)),
-                                  self.covariances())
+        return compensation_error(self._with_state(method, state), self._decoded(configuration), self.covariances())
 
     def n_train(self) -> int:
         return len(self.train_items)

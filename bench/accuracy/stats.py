@@ -40,6 +40,15 @@ def _hv(points: Sequence[tuple[float, float]], metric: str, ref: float, bits_ran
 
 
 
+def metric_mean(values: Sequence[float], metric: str) -> float:
+    """Arithmetic for accuracy; geometric for perplexity (exp of the mean loss), so one collapsed configuration
+    (perplexity 1e9 at 2.5 bits) does not swamp the others. NaN for no values."""
+    v = np.asarray(values, dtype=np.float64)
+    if not v.size:
+        return float("nan")
+    return float(v.mean()) if metric == "accuracy" else float(np.exp(np.log(v).mean()))
+
+
 def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]], minutes: dict[str, float],
               eval_minutes: dict[str, float], run_dir: Path, steps: int, configs,
               differences: list[dict[str, Any]]) -> dict[str, Any]:
@@ -52,12 +61,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
     by = {(r["method"], r["configuration"]): r for r in rows}
 
     def mean(method: str, names: Sequence[str]) -> float:
-        """Arithmetic for accuracy; geometric for perplexity (exp of the mean loss), so one collapsed
-        configuration (perplexity 1e9 at 2.5 bits) does not swamp the others."""
-        vals = np.asarray([by[(method, n)][metric] for n in names if (method, n) in by], dtype=np.float64)
-        if not vals.size:
-            return float("nan")
-        return float(np.mean(vals)) if metric == "accuracy" else float(np.exp(np.mean(np.log(vals))))
+        return metric_mean([by[(method, n)][metric] for n in names if (method, n) in by], metric)
 
     present = methods_of(rows)
     mean_target = {m: mean(m, target_names) for m in present}
@@ -98,12 +102,6 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
 
 
 
-def _pooled(values: Sequence[float], metric: str) -> float:
-    """Arithmetic mean of accuracies, geometric of perplexities (as :func:`summarize`'s means)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()) if metric == "accuracy" else float(np.exp(np.log(v).mean()))
-
-
 def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], np.ndarray]]],
                job: str) -> dict[str, Any]:
     """One job run at several training seeds, on the same held-out examples, as one result: each (method,
@@ -122,7 +120,7 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
             continue
         same = [b[k] for b in by]
         per_seed = [x[metric] for x in same]
-        pooled = {**row, metric: _pooled(per_seed, metric), "per_seed": per_seed,
+        pooled = {**row, metric: metric_mean(per_seed, metric), "per_seed": per_seed,
                   "avg_bits": float(np.mean([x["avg_bits"] for x in same])),
                   "loss": float(np.mean([x["loss"] for x in same]))}
         if row.get("init_error") is not None:
