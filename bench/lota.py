@@ -6,7 +6,7 @@ training examples in the driver's seeded batch order, the same 1,000 validation 
 target matrices are quantized once to asymmetric INTk (round to nearest, groups of ``--group`` input columns, fp32
 scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
 
-- **lota**: LoTA-QAF (``workers/adapters/lota.py``): ternary factors by t-SignSGD with the paper's schedule, ω =
+- **lota**: LoTA-QAF (``workers/adapters/lota/intk.py``): ternary factors by t-SignSGD with the paper's schedule, ω =
   0.75·r, evaluated as the **merged** INTk model (codes moved by ±1, μ beside the zero-points; no adapter);
   ``--omegas`` adds rows at smaller thresholds (``lota-ω0.25``: ω = 0.25·r), which move codes sooner;
 - **lora**: PEFT's LoRA (rank r, α = 2r) on the same quantized weights, AdamW, unmerged (an INTk base plus an fp32

@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="the best configuration for a device budget, as a PEFT adapter or as "
                                            "a GGUF model + LoRA for llama.cpp")
     export.add_argument("run_dir")
-    export.add_argument("--format", choices=("peft", "gguf"), default="peft",
-                        help="peft (default): PEFT adapter + configuration JSON; gguf: model.gguf + adapter.gguf "
-                             "for llama.cpp (runs over llama.cpp types, e.g. conf/gguf.yaml)")
+    export.add_argument("--format", choices=("peft", "gguf", "merged"), default=None,
+                        help="peft (the default): PEFT adapter + configuration JSON; gguf: model.gguf + adapter.gguf "
+                             "for llama.cpp (runs over llama.cpp types, e.g. conf/gguf.yaml); merged (the default and "
+                             "only format of an adapter.kind: lota run): the ternary adapter merged into the codes")
     export.add_argument("--merge", action="store_true",
                         help="gguf only: one model.gguf with the adapter merged before quantization (no adapter "
                              "matmul at run time; the adapter is quantized too, see docs/deploy.md)")

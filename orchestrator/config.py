@@ -107,11 +107,14 @@ class DataSection(_Section):
 
 
 class AdapterSection(_Section):
-    kind: Literal["coa", "lora"] = Field(
+    kind: Literal["coa", "lora", "lota"] = Field(
         "coa", description="coa (CoA-LoRA: one LoRA plus θ, which gives every configuration its own r×r correction); "
-                           "lora (one plain LoRA for every configuration, M = I: no θ to train, store or run). "
-                           "LoTA-QAF is a library (workers/adapters/lota.py) and bench/lota.py, not a run kind yet")
+                           "lora (one plain LoRA for every configuration, M = I: no θ to train, store or run); "
+                           "lota (LoTA-QAF: ternary factors trained by t-SignSGD that move integer codes by one "
+                           "step, merged into the codes at export: a space of int codes only, docs/lota.md)")
     rank: int = Field(8, gt=0, le=4096)
+    omega: float = Field(0.75, gt=0, lt=1, description="kind lota: the threshold ω as a fraction of the rank (a code "
+                                                      "moves where |B·A| > ω·r; the paper's 0.75)")
     alpha: float = Field(16.0, gt=0)
     init: Literal["zero_B", "svd_of_W", "projq-shared"] = Field(
         "zero_B", description="zero_B (B = 0, base quant(W)); svd_of_W (B·A = rank-r SVD of W, base quant(W − B·A)); "
@@ -125,6 +128,13 @@ class AdapterSection(_Section):
     reference: Literal["none", "most_precise"] = Field(
         "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
                             "setting on every matrix; only differences between configurations move M) or none")
+
+    @model_validator(mode="after")
+    def _init_fits_kind(self) -> "AdapterSection":
+        if self.kind == "lota" and self.init != "zero_B":
+            raise ValueError(f"adapter.kind = 'lota' starts from B = 0 on quant(W): adapter.init must be 'zero_B', "
+                             f"not {self.init!r}")
+        return self
 
     @model_validator(mode="after")
     def _init_fits_reference(self) -> "AdapterSection":
@@ -263,6 +273,9 @@ class RunConfig(_Section):
         if self.adapter.kind == "lora" and "no_theta" in self.evaluation.baselines:
             raise ValueError("evaluation.baselines: 'no_theta' replays the run with M = I, which adapter.kind = 'lora' "
                              "already is (the same run twice): leave it out, or use adapter.kind = 'coa'")
+        if self.adapter.kind == "lota" and "no_theta" in self.evaluation.baselines:
+            raise ValueError("evaluation.baselines: 'no_theta' is CoA-LoRA without θ; adapter.kind = 'lota' has no θ: "
+                             "leave it out (shared_lora and no_adapter compare with it)")
         if self.data.source is not None:
             return self
         if self.data.dataset is None:
@@ -283,6 +296,10 @@ class RunConfig(_Section):
             raise ConfigError(f"quant.method = 'gptq' chooses codes for the blockwise NF/INT settings; the space "
                               f"{self.search.space!r} holds llama.cpp types, which ggml quantizes itself: use "
                               "quant.method = 'rtn' with it")
+        not_int = sorted({c for c in space.code if parse_code(c)[0] != "int"})
+        if self.adapter.kind == "lota" and not_int:
+            raise ConfigError(f"adapter.kind = 'lota' moves integer codes by one step: the space {self.search.space!r} "
+                              f"holds {not_int}; use a space of int codes only (conf/space/integer.yaml)")
         lo, hi = space.bits_range
         for t in self.evaluation.targets:
             if not lo <= t <= hi:

@@ -68,6 +68,7 @@ class RunContext:
     row_lengths: list[int]
     no_decay: set[str]
     n_train: int
+    ternary: set[str] = frozenset()  # trainable tensors t-SignSGD steps (LoTA's factors), the rest AdamW
 
     @property
     def allowed(self) -> np.ndarray:
@@ -160,7 +161,7 @@ class Driver:
         with self._bar(1, "projq-shared init (error subspace + θ fit)") as bar:
             initial, stats = self.ex.call("shared_init", "main", self.pool)
             bar.update(1)
-        self.master = MasterState(initial, self.ctx.no_decay, self.train_config)
+        self.master = MasterState(initial, self.ctx.no_decay, self.train_config, self.ctx.ternary)
         self.ledger.append("init", method=SHARED_INIT, **stats)
         if self.tracker is not None:
             self.tracker.log_metrics(stats, step=0)
@@ -368,7 +369,7 @@ class Driver:
 
     # ---- the whole run --------------------------------------------------------------------------------------------
     def run(self, initial_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        self.master = MasterState(initial_state, self.ctx.no_decay, self.train_config)
+        self.master = MasterState(initial_state, self.ctx.no_decay, self.train_config, self.ctx.ternary)
         ckpt = self.store.load_latest()
         if ckpt is not None:
             self._check_ledger(ckpt)

@@ -1,6 +1,8 @@
-"""``coalora export``: the best configuration a device can hold, as a standard PEFT adapter (``--format peft``) or,
-for a run over llama.cpp types, as ``model.gguf`` + ``adapter.gguf`` for llama.cpp (``--format gguf``,
-:mod:`workers.export.gguf`; its memory budget counts the file's tensors exactly, the untouched ones included).
+"""``coalora export``: the best configuration a device can hold, as a standard PEFT adapter (``--format peft``),
+for a run over llama.cpp types as ``model.gguf`` + ``adapter.gguf`` for llama.cpp (``--format gguf``,
+:mod:`workers.export.gguf`; its memory budget counts the file's tensors exactly, the untouched ones included), or,
+for an ``adapter.kind: lota`` run, as the merged integer model (``--format merged``, :mod:`workers.export.merged`:
+its ternary adapter moved into the codes, no adapter at run time).
 
 "Best" is the lowest scoring loss among every configuration the run evaluated (its pool, as of the last
 checkpoint) whose cost fits the budget: average bits of the target matrices ≤ ``--bits``, or total memory ≤
@@ -23,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from workers.adapters.lora import CLASSIFIER_HEADS
+from workers.export.merged import export_merged
 from workers.export.peft import QUANTIZED_BASE_FILE, export_adapter
 from workers.models import load_tokenizer, resolve_model
+from workers.quant.files import tensor_bytes
 from workers.quant.formats import packed_nbytes
 from workers.worker import Worker
 
@@ -35,8 +39,10 @@ from .state import CheckpointStore, write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _target_bytes(settings, numels) -> int:
-    return sum(packed_nbytes(n, s) for n, s in zip(numels, settings))
+def _target_bytes(settings, numels, shifted: bool = False) -> int:
+    """Packed bytes of the target matrices; ``shifted``: plus a merged LoTA model's μ (one fp32 per group)."""
+    return sum(packed_nbytes(n, s) + (4 * (-(-n // s.group_size)) if shifted else 0)
+               for n, s in zip(numels, settings))
 
 
 def choose_configuration(
@@ -50,21 +56,31 @@ def choose_configuration(
     return int(idx[np.argmin(losses[idx])])
 
 
-FORMATS = ("peft", "gguf")
+FORMATS = ("peft", "gguf", "merged")
 
 
 def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | None = None,
-               out: str | Path | None = None, fmt: str = "peft", merge: bool = False) -> Path:
+               out: str | Path | None = None, fmt: str | None = None, merge: bool = False) -> Path:
+    """Export the best configuration for the budget; ``fmt`` None: the run's natural format (``merged`` for an
+    ``adapter.kind: lota`` run, else ``peft``)."""
     if (bits is None) == (memory_mb is None):
         raise ConfigError("give exactly one of --bits and --memory-mb")
     if (bits is not None and bits <= 0) or (memory_mb is not None and memory_mb <= 0):
         raise ConfigError("the budget must be positive")
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
     if merge and fmt != "gguf":
         raise ConfigError("--merge writes one GGUF file: use it with --format gguf (a PEFT adapter stays separate)")
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
+    lota = cfg.adapter.kind == "lota"
+    fmt = fmt or ("merged" if lota else "peft")
+    if lota and fmt != "merged":
+        raise ConfigError(f"a LoTA run has no separate adapter for --format {fmt}: its ternary adapter is merged into "
+                          "the integer codes (--format merged, the default for it)")
+    if fmt == "merged" and not lota:
+        raise ConfigError("--format merged is a LoTA run's export (adapter.kind = 'lota'); this run's adapter stays "
+                          "separate: use --format peft or gguf")
     space = cfg.load_space()
     if fmt == "gguf" and not space.is_gguf:
         raise ConfigError(f"{run_dir.name} searched coalora's blockwise codes ({', '.join(space.code)}), which "
@@ -87,7 +103,7 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     coa = Worker(worker_spec(cfg)).models["main"]
     if memory_mb is not None:  # the rest of the model's bytes need the model
         other = _other_bytes(cfg, coa, numels, fmt)
-        mem = np.array([_target_bytes(space.decode(x), numels) for x in pool]) + other
+        mem = np.array([_target_bytes(space.decode(x), numels, lota) for x in pool]) + other
         i = choose_configuration(pool, losses, mem <= memory_mb * 2**20, f"{memory_mb} MB",
                                  f"{mem.min() / 2**20:.2f} MB")
         label = f"memory-{memory_mb:g}MB"
@@ -98,14 +114,18 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     directory = Path(out) if out else run_dir / "exports" / label
     summary = {
         "run": str(run_dir), "round": ckpt.round, "average_bits": float(avg[i]), "scoring_loss": float(losses[i]),
-        "packed_target_bytes": _target_bytes(settings, numels), "format": fmt,
+        "packed_target_bytes": _target_bytes(settings, numels, lota), "format": fmt,
     }
     if fmt == "gguf":
         summary.update(_export_gguf(cfg, coa, settings, directory, summary, merge))
         write_json_atomic(directory / "coalora_export.json", summary)
         _log_export(cfg, run_dir, directory, label)
         return directory
-    export_adapter(coa, settings, directory)
+    if fmt == "merged":
+        export_merged(coa, settings, directory)
+        summary["merged_bytes"] = tensor_bytes(directory / QUANTIZED_BASE_FILE)
+    else:
+        export_adapter(coa, settings, directory)
     if cfg.data.labels:  # the base's config with this run's label map: AutoModelForSequenceClassification reads it
         coa.model.config.save_pretrained(directory)
         summary["id2label"] = dict(enumerate(cfg.data.labels))
@@ -114,7 +134,7 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
     summary["quantized_base"] = QUANTIZED_BASE_FILE
     if cfg.quant.method == "gptq":  # bitsandbytes would re-round the weights: its codes would not be GPTQ's
         summary["bitsandbytes_model"] = None
-    elif all(s.code == "nf4" and s.block0 == 64 for s in settings):
+    elif fmt == "peft" and all(s.code == "nf4" and s.block0 == 64 for s in settings):
         double_quant = all(s.scale_bits == 8 for s in settings)
         save_bitsandbytes_model(cfg.model.name, cfg.model.task, directory / "bnb-4bit", double_quant)
         summary["bitsandbytes_model"] = "bnb-4bit"

@@ -38,7 +38,7 @@ from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, PURPOSE_UNSEEN_ILP, key, s
 from .state import Ledger, finite_or_none, write_atomic, write_json_atomic
 from .tracking import Tracker
 
-RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora"}
+RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora", "lota": "lota"}
 """The final table's name for the run's own adapter, by ``adapter.kind``."""
 EXAMPLES_FILE = "examples.safetensors"
 """Per-example scores of every (method, configuration) in final/, keyed "method|configuration"."""

@@ -45,7 +45,8 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         methods += ("bare",)
     return WorkerSpec(
         model=cfg.model.name, data=_data_dict(cfg), space=cfg.load_space().to_dict(), rank=cfg.adapter.rank,
-        alpha=cfg.adapter.alpha, init=cfg.adapter.init, kind=cfg.adapter.kind, seed=cfg.run.seed,
+        alpha=cfg.adapter.alpha, init=cfg.adapter.init, kind=cfg.adapter.kind, omega=cfg.adapter.omega,
+        seed=cfg.run.seed,
         max_length=cfg.data.max_length,
         train_examples=cfg.data.train_examples, val_examples=cfg.data.val_examples,
         score_examples=cfg.data.score_examples, batch_size=cfg.data.batch_size,
@@ -130,7 +131,7 @@ def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, pr
         n_train = executor.call("n_train")
         _log_data_input(tracker, cfg, n_train)
         ctx = RunContext(cfg, run_dir, cfg.load_space(), executor.call("numels"), executor.call("row_lengths"),
-                         executor.call("no_decay_names"), n_train)
+                         executor.call("no_decay_names"), n_train, executor.call("ternary_names"))
         driver = Driver(ctx, executor, tracker, progress=progress, repair_ledger=repair_ledger)
         ready = time.perf_counter()
         rows = driver.run(executor.call("initial_state", "main"))

@@ -25,6 +25,7 @@ from .baselines import compensation_error, plain_lora
 from .calibration import coa_covariances
 from .adapters.coa import CoAModel, theta_spread
 from .adapters.lora import LoRAModel
+from .adapters.lota import BlockwiseLoTAModel
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
 from .init.projq import SHARED_INIT, apply_shared_init
@@ -38,9 +39,10 @@ METHOD_MODELS = ("main", "shared", "bare")
 a plain LoRA); plain LoRA with the run's init (Shared-LoRA and the coa-no-theta ablation); and, when the init
 changes what is quantized (``svd_of_W`` quantizes W − L), a zero-B replica whose base is quant(W) itself, for the
 no-adapter baseline."""
-ADAPTER_KINDS: tuple[str, ...] = ("coa", "lora")
-"""``adapter.kind``: the configuration-aware LoRA (:mod:`workers.adapters.coa`) or one plain LoRA for every
-configuration (:mod:`workers.adapters.lora`)."""
+ADAPTER_KINDS: tuple[str, ...] = ("coa", "lora", "lota")
+"""``adapter.kind``: the configuration-aware LoRA (:mod:`workers.adapters.coa`), one plain LoRA for every
+configuration (:mod:`workers.adapters.lora`), or LoTA-QAF's ternary factors over a space of int codes
+(:mod:`workers.adapters.lota.blockwise`)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class WorkerSpec:
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
     methods: tuple[str, ...] = ("main",)
     kind: str = "coa"  # adapter.kind of the main replica (ADAPTER_KINDS)
+    omega: float = 0.75  # kind lota: the threshold ω as a fraction of the rank
     threads: int = 1
     reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
     encoder_hidden: int = 128
@@ -147,6 +150,11 @@ class Worker:
     def no_decay_names(self, method: str = "main") -> set[str]:
         return self._model(method).no_decay_names()
 
+    def ternary_names(self, method: str = "main") -> set[str]:
+        """Trainable tensors stepped by t-SignSGD rather than AdamW: LoTA's factors (none for the other kinds)."""
+        model = self._model(method)
+        return model.ternary_names() if isinstance(model, BlockwiseLoTAModel) else set()
+
     def initial_state(self, method: str = "main") -> dict[str, torch.Tensor]:
         """The replica's trainable state as built from the seed (with ``adapter.init: projq-shared``, before the
         data-dependent part, :meth:`shared_init`)."""
@@ -189,8 +197,12 @@ class Worker:
         return [self.collate(items[i : i + bs]) for i in range(0, len(items), bs)]
 
     def _main_model(self, model: torch.nn.Module, init: str) -> LoRAModel:
-        """The run's own replica over the task's model: CoA-LoRA (θ, anchored at ``reference``) or a plain LoRA."""
+        """The run's own replica over the task's model: CoA-LoRA (θ, anchored at ``reference``), a plain LoRA, or
+        LoTA's ternary factors."""
         spec = self.spec
+        if spec.kind == "lota":
+            return BlockwiseLoTAModel(model, self.space, rank=spec.rank, omega=spec.omega, seed=spec.seed,
+                                      cache_mb=spec.cache_mb)
         if spec.kind == "lora":
             return plain_lora(model, self.space, rank=spec.rank, alpha=spec.alpha, seed=spec.seed, init=init,
                               cache_mb=spec.cache_mb)

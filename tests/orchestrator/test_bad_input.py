@@ -11,6 +11,8 @@ from orchestrator.cli import main
 from orchestrator.config import ConfigError, build_config
 from orchestrator.runs import resume_run, run_status, start_run
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def snapshot(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
@@ -44,7 +46,10 @@ def with_(config: dict, section: str, **values) -> dict:
         ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B', 'svd_of_W' or 'projq-shared'"),
         ("adapter", {"init": "projq-shared"}, r"adapter.*'projq-shared'.*most precise.*set adapter\.reference = 'none'"),
         ("adapter", {"prefit_steps": -1}, r"adapter\.prefit_steps = -1"),
-        ("adapter", {"kind": "lota"}, r"adapter\.kind = 'lota'.*'coa' or 'lora'"),
+        ("adapter", {"kind": "lota"}, r"adapter\.kind = 'lota' moves integer codes.*holds \['nf2'"),
+        ("adapter", {"kind": "lota", "init": "svd_of_W"}, r"adapter\.kind = 'lota'.*must be 'zero_B'"),
+        ("adapter", {"kind": "lota", "omega": 1.0}, r"adapter\.omega = 1\.0"),
+        ("adapter", {"kind": "gaussian"}, r"adapter\.kind = 'gaussian'.*'coa', 'lora' or 'lota'"),
         ("search", {"segments": 0}, r"search\.segments = 0"),
         ("search", {"segments": -1}, r"search\.segments = -1"),
         ("search", {"budget_max": 9.0}, r"budget_max.*9\.0.*inside the space's bit range"),
@@ -72,6 +77,11 @@ def test_invalid_fields(base, tmp_path, section, values, match):
 def test_a_plain_lora_run_refuses_the_no_theta_ablation(base, tmp_path):
     config = with_(with_(base, "adapter", kind="lora"), "evaluation", baselines=["no_adapter", "no_theta"])
     expect_error(config, r"'no_theta' replays the run with M = I, which adapter\.kind = 'lora' already is", tmp_path)
+
+
+def test_a_lota_run_refuses_the_no_theta_ablation(base, tmp_path):
+    config = with_(with_(base, "adapter", kind="lota"), "evaluation", baselines=["no_adapter", "no_theta"])
+    expect_error(config, r"'no_theta' is CoA-LoRA without θ; adapter\.kind = 'lota' has no θ", tmp_path)
 
 
 def test_unknown_section_and_field(base, tmp_path):
@@ -172,3 +182,11 @@ def test_segments_that_cannot_select_are_warned_about(caplog):
     (record,) = caplog.records
     assert "search.segments = 40 >= the largest pool (20" in record.getMessage()
     assert "about 6 segments" in record.getMessage()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("*.yaml")))
+def test_shipped_configurations_validate(name):
+    """Every run configuration under conf/ loads, space included, as `coalora run conf/<name>` would check it."""
+    from orchestrator.config import load_config
+
+    load_config(str(ROOT / "conf" / name), []).load_space()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import build_config
+from orchestrator.config import ConfigError, build_config
 from orchestrator.export import export_run, read_summary
 from orchestrator.runs import format_status, resume_run, run_key, run_status, start_run
 from orchestrator.state import Ledger
@@ -319,6 +319,58 @@ def test_adapter_kind_lora_runs_the_search_with_one_plain_lora_and_exports_it(ma
     served = PeftModel.from_pretrained(load_quantized_base(model, out / QUANTIZED_BASE_FILE), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(served(**batch).logits, lora(settings, **batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_kind_lota_trains_ternary_factors_and_exports_the_merged_integer_model(make_config, tmp_path):
+    """adapter.kind = lota over a space of int codes: the driver steps the ternary factors by t-SignSGD (they stay
+    in {−1, 0, 1} through checkpoints) and the head by AdamW, every configuration is evaluated as LoTA against
+    no-adapter and Shared-LoRA, and the export is the merged integer model: transformers loads it to the logits the
+    run's adapter computes, and its packed bytes are the configuration's plus μ."""
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.runs import worker_spec
+    from orchestrator.state import CheckpointStore
+    from workers.adapters.lota import BlockwiseLoTAModel
+    from workers.export.merged import load_merged_model
+    from workers.export.peft import CONFIGURATION_FILE, QUANTIZED_BASE_FILE, configuration_from_json
+    from workers.quant.files import tensor_bytes
+    from workers.quant.formats import packed_nbytes
+    from workers.worker import Worker
+
+    space = tmp_path / "int.yaml"
+    space.write_text("code: [int2, int3, int4]\nscale_bits: [4, 8]\nscale2_format: [fp32]\nblock0: [16, 32]\n"
+                     "block1: [4]\n")
+    config, _ = make_config(adapter={"kind": "lota", "rank": 4, "omega": 0.25},
+                            search={"space": str(space), "budget_min": 2.5, "budget_max": 4.75, "rounds": 2,
+                                    "initial_budgets": 4, "proposals_per_round": 2, "segments": 4,
+                                    "fisher_examples": 4},
+                            training={"steps_per_round": 3, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1},
+                            evaluation={"targets": [2.5, 4.0], "unseen": 1, "baselines": ["no_adapter", "shared_lora"]})
+    cfg = build_config(config)
+    run_dir, rows = start_run(cfg, progress=False)
+    assert {r["method"] for r in rows} == {"lota", "no-adapter", "shared-lora"}
+    store = CheckpointStore(run_dir / "checkpoints")
+    state = store.load_latest().tensors["trainable"]
+    factors = {n: t for n, t in state.items() if n.endswith(("lora_A", "lora_B"))}
+    assert factors and all(set(torch.unique(t).tolist()) <= {-1.0, 0.0, 1.0} for t in factors.values())
+    assert any(n.endswith("lora_B") and t.any() for n, t in factors.items()), "t-SignSGD moved nothing"
+    assert store.load_latest().meta["optimizer"]["ternary_step"] == 6
+    out = export_run(run_dir, bits=3.0, out=tmp_path / "export")
+    assert read_summary(out)["format"] == "merged"
+    lota = Worker(worker_spec(cfg)).models["main"].eval()
+    assert isinstance(lota, BlockwiseLoTAModel)
+    lota.load_trainable_state(state)
+    settings = list(configuration_from_json(json.loads((out / CONFIGURATION_FILE).read_text())).values())
+    numels = [layer.weight.numel() for layer in lota.layers]
+    groups = sum(-(-n // s.group_size) for n, s in zip(numels, settings))
+    assert tensor_bytes(out / QUANTIZED_BASE_FILE) == sum(packed_nbytes(n, s) for n, s in zip(numels, settings)) + 4 * groups
+    model = AutoModelForSequenceClassification.from_pretrained(config["model"]["name"], dtype=torch.float32)
+    served = load_merged_model(model, out).eval()
+    batch = {"input_ids": torch.randint(3, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, lota(settings, **batch).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="no separate adapter for --format peft"):
+        export_run(run_dir, bits=3.0, fmt="peft", out=tmp_path / "peft")
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):

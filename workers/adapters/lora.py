@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -202,21 +202,20 @@ def wrap_targets(
     init: Init = "zero_B",
     cache: QuantCache | None = None,
     seed: int = 0,
+    layer: Callable[..., CoALoRALinear] = CoALoRALinear,
 ) -> list[CoALoRALinear]:
-    """Replace every registry target of ``model`` in place by a :class:`CoALoRALinear` (registry order), all
-    sharing ``cache`` (a new default-size one if None). A's random init comes from one generator seeded with
-    ``seed``, drawn in registry order."""
+    """Replace every registry target of ``model`` in place by a ``layer`` (:class:`CoALoRALinear` or a kind's
+    subclass of it; registry order), all sharing ``cache`` (a new default-size one if None). A's random init comes
+    from one generator seeded with ``seed``, drawn in registry order."""
     generator = torch.Generator().manual_seed(seed)
     cache = QuantCache() if cache is None else cache
     layers = []
     for target in registry:
         base = registry.module(model, target)
-        layer = CoALoRALinear(
-            base, rank, alpha, init=init, name=target.name, cache=cache, generator=generator,
-        )
+        wrapped = layer(base, rank, alpha, init=init, name=target.name, cache=cache, generator=generator)
         parent_name, _, child = target.name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        layers.append(layer)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+        layers.append(wrapped)
     return layers
 
 
@@ -226,7 +225,8 @@ class LoRAModel(nn.Module):
 
     Call ``model(configuration, **batch)``: it activates ``configuration`` (list of settings in registry order, or
     None for the unquantized base) on every layer and runs the wrapped model; switching configurations costs no
-    model reload (method.md §3.5, §6 B15)."""
+    model reload (method.md §3.5, §6 B15). ``layer`` builds each wrapped target: :class:`CoALoRALinear`, or a kind's
+    subclass of it (LoTA's ternary layer)."""
 
     def __init__(
         self,
@@ -240,6 +240,7 @@ class LoRAModel(nn.Module):
         cache_mb: float = DEFAULT_CACHE_MB,
         seed: int = 0,
         registry: ModuleRegistry | None = None,
+        layer: Callable[..., CoALoRALinear] = CoALoRALinear,
     ):
         super().__init__()
         self.registry = registry or ModuleRegistry.from_model(model)
@@ -253,7 +254,8 @@ class LoRAModel(nn.Module):
             p.requires_grad_(False)
         self.model = model
         self.cache = QuantCache(cache_mb)  # the quantized weights of every layer, in one byte budget
-        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache=self.cache, seed=seed)
+        self.layers = wrap_targets(model, self.registry, rank, alpha, init=init, cache=self.cache, seed=seed,
+                                   layer=layer)
         if trainable_modules is None:
             trainable_modules = [n for n in CLASSIFIER_HEADS if has_submodule(model, n)]
         self.trainable_modules = list(trainable_modules)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from peft import LoraConfig
@@ -24,7 +24,7 @@ from torch import nn
 from search.space import QuantSetting
 
 from ..adapters.lora import LoRAModel
-from ..quant.blockwise import PackedWeight, dequantize
+from ..quant.blockwise import PackedWeight, dequantize, dequantize_shifted
 from ..quant.files import load_tagged, save_tagged
 
 CONFIGURATION_FILE = "quant_configuration.json"
@@ -56,22 +56,36 @@ def quantized_base_weights(coa: LoRAModel, configuration: Any) -> dict[str, torc
 
 
 def save_quantized_base(coa: LoRAModel, configuration: Any, path: str | Path) -> Path:
-    """The configuration's target matrices in packed form (``NAME.codes``, ``.scale_codes``, ``.scale2``,
-    ``.offset``; settings, shapes and dtypes in the metadata), written atomically."""
-    tensors, layout = {}, {}
+    """The configuration's target matrices in packed form, as the adapter was trained on them
+    (:func:`save_packed`)."""
+    matrices = {}
     for layer, setting in zip(coa.layers, coa.resolve(configuration)):
         packed = layer.packed_weight(setting)
         if not isinstance(packed, PackedWeight):
             raise ValueError(f"{layer.name}: {setting.code} is a llama.cpp type; export it with --format gguf")
-        tensors.update({f"{layer.name}.{part}": t for part, t in packed.tensors().items()})
-        layout[layer.name] = {"setting": setting.fields(), "shape": list(packed.shape),
-                              "dtype": str(packed.dtype).removeprefix("torch.")}
+        matrices[layer.name] = packed
+    return save_packed(matrices, path)
+
+
+def save_packed(matrices: Mapping[str, PackedWeight], path: str | Path,
+                shifts: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Packed matrices (``NAME.codes``, ``.scale_codes``, ``.scale2``, ``.offset``; settings, shapes and dtypes in
+    the metadata), written atomically; with ``shifts``, each int matrix's zero-point shift per second-level group
+    (``NAME.mu``: LoTA-QAF's merged remainder, :func:`~workers.quant.blockwise.dequantize_shifted`)."""
+    tensors, layout = {}, {}
+    for name, packed in matrices.items():
+        tensors.update({f"{name}.{part}": t for part, t in packed.tensors().items()})
+        layout[name] = {"setting": packed.setting.fields(), "shape": list(packed.shape),
+                        "dtype": str(packed.dtype).removeprefix("torch.")}
+        if shifts is not None:
+            tensors[f"{name}.mu"] = shifts[name]
+            layout[name]["zero_shift"] = True
     return save_tagged(tensors, layout, PACKED_FORMAT, path)
 
 
 @torch.no_grad()
 def load_quantized_base(model: nn.Module, path: str | Path) -> nn.Module:
-    """Decode :func:`save_quantized_base`'s file into ``model``'s target weights (in place; returned)."""
+    """Decode a :func:`save_packed` file into ``model``'s target weights (in place; returned)."""
     layout, tensors = load_tagged(path, PACKED_FORMAT, "a coalora quantized base")
     for name, spec in layout.items():
         parts = {part: tensors[f"{name}.{part}"] for part in ("codes", "scale_codes", "scale2", "offset")}
@@ -80,7 +94,8 @@ def load_quantized_base(model: nn.Module, path: str | Path) -> nn.Module:
         weight = model.get_submodule(name).weight
         if tuple(weight.shape) != packed.shape:
             raise ValueError(f"{path}: {name} is {packed.shape} there, {tuple(weight.shape)} in the model")
-        weight.copy_(dequantize(packed).to(weight.dtype))
+        dense = dequantize_shifted(packed, tensors[f"{name}.mu"]) if spec.get("zero_shift") else dequantize(packed)
+        weight.copy_(dense.to(weight.dtype))
     return model
 
 

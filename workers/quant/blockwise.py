@@ -19,7 +19,7 @@ global minimum absmax) yields scale codes 0 instead of 0/0, and a dequantized sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -272,6 +272,53 @@ def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tens
         if out is not None:
             flat = out.view(-1)[: packed.numel].copy_(flat)
     return flat.view(packed.shape) if out is not None else flat.view(packed.shape).to(packed.dtype)
+
+
+def code_indices(packed: PackedWeight) -> torch.Tensor:
+    """uint8 code index of every padded entry, unpacked (row-major over the zero-padded matrix)."""
+    return packing.unpack(packed.codes, packed.setting.code_bits, packed.padded_numel)
+
+
+def block_scales(packed: PackedWeight) -> torch.Tensor:
+    """ŝ: the dequantized fp32 scale of every first-level block, the very floats :func:`dequantize` multiplies by."""
+    s = packed.setting
+    scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, packed.padded_numel // s.block0)
+    return _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
+
+
+def with_codes(packed: PackedWeight, codes: torch.Tensor) -> PackedWeight:
+    """``packed`` with other code indices (uint8, one per padded entry) and the same scales: same bytes, same
+    setting."""
+    if codes.numel() != packed.padded_numel:
+        raise ValueError(f"{packed.padded_numel} codes expected, got {codes.numel()}")
+    return replace(packed, codes=packing.pack(codes.reshape(-1).to(torch.uint8), packed.setting.code_bits))
+
+
+def grid_steps(packed: PackedWeight) -> torch.Tensor:
+    """The spacing of an ``int`` setting's grid in every first-level block, ŝ·2/(2^k − 1): its levels
+    −1 + 2i/(2^k − 1) make ŝ·level(i) = step·(i − (2^k − 1)/2), an asymmetric integer grid whose zero-point is fixed
+    at (2^k − 1)/2. A zero-point shifted by μ steps is what LoTA-QAF's merge stores (:func:`dequantize_shifted`)."""
+    if packed.setting.family != "int":
+        raise ValueError(f"{packed.setting.code} is not an integer grid: only int codes have evenly spaced levels")
+    return block_scales(packed) * (2.0 / float(2**packed.setting.code_bits - 1))
+
+
+def shift_values(steps: torch.Tensor, shift: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
+    """step·shift per padded entry: ``steps`` one per first-level block, ``shift`` per padded entry (any float
+    tensor of padded_numel entries, differentiable)."""
+    return (shift.view(-1, setting.block0) * steps.unsqueeze(1)).reshape(-1)
+
+
+def dequantize_shifted(packed: PackedWeight, mu: torch.Tensor) -> torch.Tensor:
+    """An ``int`` matrix whose zero-point is shifted by ``mu`` grid steps per second-level group (B0·B1 entries;
+    LoTA-QAF's sub-step remainder): :func:`dequantize` plus step·μ, as fp32 of the original shape."""
+    s = packed.setting
+    per_entry = mu.float().repeat_interleave(s.group_size)
+    if per_entry.numel() != packed.padded_numel:
+        raise ValueError(f"one shift per {s.group_size}-entry group expected ({packed.padded_numel // s.group_size}), "
+                         f"got {mu.numel()}")
+    flat = dequantize(packed).reshape(-1).float()
+    return (flat + shift_values(grid_steps(packed), per_entry, s)[: packed.numel]).view(packed.shape)
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Safetensors files of quantized matrices with a format tag and a JSON layout in their metadata: what coalora
-writes for a packed base (:mod:`workers.export.peft`) and for a merged LoTA model (:mod:`workers.adapters.lota`).
+writes for a packed base (:mod:`workers.export.peft`) and for a merged LoTA model (:mod:`workers.adapters.lota.intk`).
 One writer (atomic: a partial file renamed into place) and one reader (the tag checked before anything is used)."""
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ factors move codes on every grid; ω per bit-width decides how readily each grid
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -43,17 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import CLASSIFIER_HEADS, has_submodule
-from ..quant import packing
-from ..quant.files import load_tagged, save_tagged
-from ..quant.intk import IntQuantized, dequantize_codes, quantize_int
-from ..registry import ModuleRegistry
-from ..training import TrainConfig, scheduled_adamw
+from ..lora import CLASSIFIER_HEADS, has_submodule
+from ...quant import packing
+from ...quant.files import load_tagged, save_tagged
+from ...quant.intk import IntQuantized, dequantize_codes, quantize_int
+from ...registry import ModuleRegistry
+from ...training import TrainConfig, scheduled_adamw
+from .ternary import OMEGA_FRACTION, TernarySignSGD, UpdateSchedule, ternary_draw, ternary_moves
 
-OMEGA_FRACTION = 0.75
-"""Default ω = 0.75·r (the paper's main setting; it plays LoRA's α)."""
-INIT_THRESHOLD = 0.75
-"""A_T's initial draw is kept where |a| > 0.75·mean|a| (the paper's ternarisation)."""
 
 
 # ---- the layer ----------------------------------------------------------------------------------------------
@@ -97,9 +93,7 @@ class LoTALinear(nn.Module):
         real[in_features:] = 0
         self.register_buffer("real_per_group", real.view(-1, group_size).sum(1), persistent=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        draw = torch.randn(rank, in_features, generator=generator)
-        keep = draw.abs() > INIT_THRESHOLD * draw.abs().mean()
-        self.lota_A = nn.Parameter(torch.sign(draw) * keep)
+        self.lota_A = nn.Parameter(ternary_draw(rank, in_features, generator))
         self.lota_B = nn.Parameter(torch.zeros(out_features, rank))
 
     # ---- the active bit-width ---------------------------------------------------------------------------------
@@ -132,10 +126,8 @@ class LoTALinear(nn.Module):
     def moves(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ŵ, μ) on the padded grid: Ŵ's value is the masked ternary move, its gradient that of ΔW/ω."""
         pad = self.quantized.padded_cols - self.in_features
-        delta = F.pad(self.lota_B @ self.lota_A, (0, pad))
-        hard = torch.sign(delta) * (delta.detach().abs() > self.omega)
-        hard = torch.where(hard > 0, hard * self.can_up, hard * self.can_down).detach()
-        scaled = delta / self.omega
+        hard, scaled = ternary_moves(F.pad(self.lota_B @ self.lota_A, (0, pad)), self.omega, self.can_up,
+                                     self.can_down)
         rows, groups = self.quantized.scale.shape
         mu = (scaled.detach() - hard).view(rows, groups, -1).sum(-1) / self.real_per_group
         return hard + (scaled - scaled.detach()), mu
@@ -270,62 +262,6 @@ class LoTAModel(nn.Module):
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-# ---- t-SignSGD ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UpdateSchedule:
-    """The fraction of each tensor's entries t-SignSGD may change at a step: ``start`` falling linearly to
-    ``middle`` over the first ``decay_share`` of the steps, then linearly to ``end`` (the paper: 5% → 0.1% over
-    80% of the steps, then → 0.01%)."""
-
-    total_steps: int
-    start: float = 0.05
-    middle: float = 0.001
-    end: float = 0.0001
-    decay_share: float = 0.8
-
-    def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError("t-SignSGD needs total_steps >= 1")
-        if not 1 >= self.start >= self.middle >= self.end >= 0:
-            raise ValueError("t-SignSGD fractions must satisfy 1 >= start >= middle >= end >= 0")
-        if not 0 < self.decay_share <= 1:
-            raise ValueError("decay_share must lie in (0, 1]")
-
-    def fraction(self, step: int) -> float:
-        knee = self.decay_share * self.total_steps
-        if step < knee:
-            return self.start + (self.middle - self.start) * step / knee
-        tail = max(self.total_steps - knee, 1.0)
-        return self.middle + (self.end - self.middle) * min(1.0, (step - knee) / tail)
-
-
-class TernarySignSGD(torch.optim.Optimizer):
-    """t-SignSGD: x ← clip(x − sign(g), −1, 1) on the ⌊fraction·n⌋ entries of largest |g| (and |g| > τ) of each
-    tensor; no learning rate, no momentum, no gradient clipping. Entries stay in {−1, 0, 1}."""
-
-    def __init__(self, params: Iterable[nn.Parameter], schedule: UpdateSchedule, tau: float = 1e-9):
-        super().__init__(params, {"tau": tau})
-        self.schedule = schedule
-        self.param_groups[0]["step"] = 0  # in param_groups so state_dict() carries it
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch's signature
-        fraction = self.schedule.fraction(self.param_groups[0]["step"])
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                count = math.floor(fraction * p.numel())
-                if count == 0:
-                    continue
-                g = p.grad.reshape(-1)
-                magnitude, index = g.abs().topk(count)
-                index = index[magnitude > group["tau"]]
-                flat = p.view(-1)
-                flat[index] = (flat[index] - torch.sign(g[index])).clamp_(-1, 1)
-        self.param_groups[0]["step"] += 1
 
 
 def train_lota(model: LoTAModel, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,

@@ -1,4 +1,4 @@
-"""LoTA-QAF (workers/adapters/lota.py): what issue 17 asks the tests to show."""
+"""LoTA-QAF on asymmetric INTk groups (workers/adapters/lota/intk.py): what issue 17 asks the tests to show."""
 
 from __future__ import annotations
 
