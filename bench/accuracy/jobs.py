@@ -1,5 +1,6 @@
-"""The protocol: a bench YAML's jobs, each one CoA-LoRA run through the product path (which also trains Shared-LoRA
-and coa-no-theta and evaluates no-adapter) and then the per-configuration trainings on exactly the configurations it
+"""The protocol: a bench YAML's jobs, each one run through the product path (its ``adapter.kind``: CoA-LoRA by
+default, or LoTA-QAF / one plain LoRA; the run also trains Shared-LoRA, replays CoA-LoRA's steps without θ as
+coa-no-theta, and evaluates no-adapter) and then the per-configuration trainings on exactly the configurations it
 evaluated, plus the references: QLoRA at equal total budget and LoRA on the unquantized base (the ceiling)."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from orchestrator.config import ConfigError, RunConfig, build_config
 from orchestrator import paired
 from orchestrator.driver import Driver
-from orchestrator.finish import CURVES_FILE, EXAMPLES_FILE, Finish
+from orchestrator.finish import CURVES_FILE, EXAMPLES_FILE, RUN_METHOD, Finish
 from orchestrator.optim import train_config
 from orchestrator.runs import start_run
 from orchestrator.schedule import unkey
@@ -86,11 +87,13 @@ def job_config(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri
     run = copy.deepcopy(dict(job.get("run", {})))
     forced: dict[str, dict[str, Any]] = {
         "run": {"name": job_key(job, seed), "root": str(work / "runs")},
-        "evaluation": {"baselines": ["no_adapter", "shared_lora", "no_theta"]},
+        "evaluation": {"baselines": ["no_adapter", "shared_lora"]},
         "tracking": {"uri": uri, "experiment": PRODUCT_EXPERIMENT},
     }
+    own = build_config(run, overrides)
+    if own.adapter.kind == "coa":  # the ablation that isolates θ: only CoA-LoRA has a θ to remove
+        forced["evaluation"]["baselines"].append("no_theta")
     if seed is not None:  # every seed holds out what the job's own seed would
-        own = build_config(run, overrides)
         forced["run"]["seed"] = seed
         forced["data"] = {"split_seed": own.run.seed if own.data.split_seed is None else own.data.split_seed}
     for section, values in forced.items():
@@ -138,11 +141,12 @@ def timed_driver(times: dict[str, float]) -> Iterator[None]:
 
 
 
-def evaluated_configurations(run_dir: Path) -> list[tuple[str, np.ndarray]]:
-    """(name, encoding) of every configuration the driver evaluated, in its order (from the ledger)."""
+def evaluated_configurations(run_dir: Path, main: str) -> list[tuple[str, np.ndarray]]:
+    """(name, encoding) of every configuration the driver evaluated, in its order (from the ledger's rows of the
+    run's own method ``main``)."""
     out, seen = [], set()
     for e in Ledger(run_dir / "ledger.jsonl").entries():
-        if e["kind"] == "final" and e["method"] == "coa-lora" and e["configuration"] not in seen:
+        if e["kind"] == "final" and e["method"] == main and e["configuration"] not in seen:
             seen.add(e["configuration"])
             out.append((e["configuration"], unkey(e["config"])))
     return out
@@ -154,10 +158,10 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     """One run of a job (at training seed ``seed`` when given): its result and every (method, configuration)'s
     per-example validation scores."""
     cfg, opts = job_config(job, overrides, work, uri, seed)
-    name = cfg.run.name
+    name, main = cfg.run.name, RUN_METHOD[cfg.adapter.kind]
     torch.set_num_threads(1)
     times: dict[str, float] = {}
-    log(f"[{name}] CoA-LoRA run (product path: start_run, {cfg.search.rounds} rounds x "
+    log(f"[{name}] {main} run (product path: start_run, {cfg.search.rounds} rounds x "
         f"{cfg.training.steps_per_round} steps, K = {cfg.training.configs_per_step}) + Shared-LoRA + no-adapter")
     t0 = time.perf_counter()
     with timed_driver(times):
@@ -165,11 +169,13 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     run_s = time.perf_counter() - t0
     final_s, shared_s = times.get("final_evaluation", 0.0), times.get("_train_shared", 0.0)
     no_theta_s = times.get("_train_no_theta", 0.0)
-    minutes = {"coa-lora": (run_s - final_s) / 60, "shared-lora": shared_s / 60, "coa-no-theta": no_theta_s / 60,
-               "no-adapter": 0.0}
-    eval_minutes = {"driver (coa-lora, coa-no-theta, shared-lora, no-adapter)": (final_s - shared_s - no_theta_s) / 60}
+    minutes = {main: (run_s - final_s) / 60, "shared-lora": shared_s / 60, "no-adapter": 0.0}
+    if "no_theta" in cfg.evaluation.baselines:
+        minutes["coa-no-theta"] = no_theta_s / 60
+    driven = ", ".join(m for m in minutes)
+    eval_minutes = {f"driver ({driven})": (final_s - shared_s - no_theta_s) / 60}
 
-    configs = evaluated_configurations(run_dir)
+    configs = evaluated_configurations(run_dir, main)
     targets = [(n, x) for n, x in configs if n.startswith("target")]
     target_names = [n for n, _ in targets]
     unseen = [(n, x) for n, x in configs if n.startswith("unseen")]
@@ -206,7 +212,7 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
             scores[(method, name)] = out.scores.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
     eval_minutes["per-configuration baselines"] = eval_s / 60
-    differences = paired.paired_table(scores, "coa-lora", "classification" if cfg.model.task == "classification"
+    differences = paired.paired_table(scores, main, "classification" if cfg.model.task == "classification"
                                       else "causal-lm")
     result = {**summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences), "curves": curves}
     return result, scores

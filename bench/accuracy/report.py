@@ -13,7 +13,10 @@ from orchestrator.report import loss_curves_plot
 from orchestrator.tracking import Tracker
 
 from .baselines import equal_budget_steps
-from .stats import CEILING, methods_of
+from .stats import CEILING, DRIVER_BASELINES, main_method, methods_of
+
+DISPLAY = {"coa-lora": "CoA-LoRA", "lota": "LoTA", "lora": "LoRA"}
+"""How the text names each kind's run method."""
 
 BENCH_EXPERIMENT = "coalora-bench"
 
@@ -50,7 +53,7 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 
     metric, rows = result["metric"], result["rows"]
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
-    styles = {"coa-lora": ("C3", "o"), "coa-no-theta": ("C6", "X"), "qlora": ("C0", "s"), "qlora-budget": ("C9", "<"),
+    styles = {"coa-lora": ("C3", "o"), "lota": ("C5", "h"), "lora": ("C7", "d"), "coa-no-theta": ("C6", "X"), "qlora": ("C0", "s"), "qlora-budget": ("C9", "<"),
               "qlora-gptq": ("C4", "P"), "qlora-projq": ("C8", "*"), "lq-lora": ("C2", "^"), "shared-lora": ("C1", "D"),
               "no-adapter": ("0.5", "v")}
     for m, (color, marker) in styles.items():
@@ -103,7 +106,8 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
     for m in methods_of(r["rows"]):
         out.append(f"| {m} | " + " | ".join(_f(p["mean_target"].get(m, float("nan"))) for p in per_seed)
                    + f" | {_f(r['mean_target'][m])} |")
-    out += ["", "CoA-LoRA − other over all targets at each seed (difference [95% interval over examples]):", "",
+    out += ["", f"{DISPLAY[main_method(r)]} − other over all targets at each seed (difference [95% interval over "
+            "examples]):", "",
             "| other | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
     others = sorted({o for p in per_seed for o in p["paired_coa_minus"]})
     for o in others:
@@ -123,14 +127,15 @@ def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:
         return []
     metric, by = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}
     budget = r["config"]["search"]
-    methods = ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter")
+    main = main_method(r)
+    methods = [m for m in (main, *DRIVER_BASELINES) if m in r["ilp_unseen_mean"]]
     out = ["", f"### Unseen configurations drawn like the pool ({len(names)}: the ILP allocation at seeded random "
            f"budgets in [{budget['budget_min']:g}, {budget['budget_max']:g}] bits, never trained on)", "",
            "| method | mean |", "|---|---|"]
     out += [f"| {m} | {_f(r['ilp_unseen_mean'].get(m, float('nan')))} |" for m in methods]
     out += ["", "| configuration | avg bits | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for n in names:
-        out.append(f"| {n} | {_f(by[('coa-lora', n)]['avg_bits'], 3)} | "
+        out.append(f"| {n} | {_f(by[(main, n)]['avg_bits'], 3)} | "
                    + " | ".join(_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in methods) + " |")
     return out
 
@@ -156,6 +161,9 @@ def init_error_table(r: Mapping[str, Any]) -> list[str]:
 def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     metric, by = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}
     tnames = r["targets"]
+    main = main_method(r)
+    name = DISPLAY[main]
+    driven = [m for m in (main, *DRIVER_BASELINES) if m in r["unseen_mean"]]
     better = "higher" if r["higher_is_better"] else "lower"
     out = [f"## {r['job']}: {r['model']} + {r['dataset']} ({metric}, {better} is better)", ""]
     head = ["method"] + [f"{n.split()[1]} bits" for n in tnames] + ["mean", "HV (targets)", "train min", "served"]
@@ -166,26 +174,26 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
                   str(r["served_configurations"][m])]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Average bits of the target configurations (the ILP allocation at each budget, identical for every "
-            "method): " + ", ".join(f"{n.split()[1]} → {by[('coa-lora', n)]['avg_bits']:.3f}" for n in tnames) + ".", ""]
-    gaps = (f"Gap CoA-LoRA − QLoRA (mean over targets): **{r['gap_coa_minus_qlora']:+.4f}**; − LQ-LoRA: "
+            "method): " + ", ".join(f"{n.split()[1]} → {by[(main, n)]['avg_bits']:.3f}" for n in tnames) + ".", ""]
+    gaps = (f"Gap {name} − QLoRA (mean over targets): **{r['gap_coa_minus_qlora']:+.4f}**; − LQ-LoRA: "
             f"{r['gap_coa_minus_lq_lora']:+.4f}; − Shared-LoRA: {r['gap_coa_minus_shared_lora']:+.4f}. "
-            f"CoA-LoRA is better on {r['coa_wins_on_targets']['qlora']}/{len(tnames)} targets vs QLoRA, "
+            f"{name} is better on {r['coa_wins_on_targets']['qlora']}/{len(tnames)} targets vs QLoRA, "
             f"{r['coa_wins_on_targets']['lq-lora']}/{len(tnames)} vs LQ-LoRA, "
             f"{r['coa_wins_on_targets']['shared-lora']}/{len(tnames)} vs Shared-LoRA.")
     if not r["higher_is_better"]:
         gaps += (" (Perplexity: means are geometric means, exp of the mean log-perplexity; a negative gap means "
-                 "CoA-LoRA is better.)")
+                 f"{name} is better.)")
     out += [gaps, ""]
     if r["higher_is_better"]:
         n_val = r["config"]["data"]["val_examples"]
-        p = min(max(r["mean_target"]["coa-lora"], 0.01), 0.99)
+        p = min(max(r["mean_target"][main], 0.01), 0.99)
         se = math.sqrt(p * (1 - p) / n_val)
         out += [f"Resolution: {n_val} validation examples, so one example = {1 / n_val:.4f} and the binomial standard "
                 f"error of one accuracy is ≈ {se:.3f}: a difference between two methods at one configuration below ≈ "
                 f"{2 * math.sqrt(2) * se:.3f}, or between two means over the four targets below ≈ "
                 f"{math.sqrt(2) * se:.3f} (two standard errors, unpaired), is within noise. The no-adapter model keeps the untrained "
                 "classification head, so it predicts one class.", ""]
-    flat = [m for m in ("qlora", "lq-lora", "shared-lora", "coa-lora")
+    flat = [m for m in ("qlora", "lq-lora", "shared-lora", main)
             if abs(r["mean_target"][m] - r["mean_target"]["no-adapter"]) < 1e-9 + (1 / r["config"]["data"]["val_examples"]
                                                                                if r["higher_is_better"] else 0)]
     if flat:
@@ -198,23 +206,22 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]
-    for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora"):
+    for m in (*driven, "qlora"):
         all_u = r["unseen_mean"].get(m, float("nan"))
         out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
                    f"{_f(r['unseen_qlora_subset_mean'].get(m, float('nan')))} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
     out += ["", "Per unseen configuration:", ""]
-    head = ["configuration", "avg bits", "coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora (trained on it)"]
+    head = ["configuration", "avg bits", *driven, "qlora (trained on it)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in r["unseen"]:
-        cells = [n, _f(by[("coa-lora", n)]["avg_bits"], 3)]
-        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–"
-                  for m in ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter", "qlora")]
+        cells = [n, _f(by[(main, n)]["avg_bits"], 3)]
+        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in (*driven, "qlora")]
         out.append("| " + " | ".join(cells) + " |")
     out += ilp_unseen_table(r)
     ev = "; ".join(f"{k}: {v:.2f} min" for k, v in r["evaluation_minutes"].items())
     out += ["", "### Wall time (minutes, training only; evaluation excluded)", "",
             "| method | minutes | what it covers |", "|---|---|---|",
-            f"| coa-lora | {r['minutes']['coa-lora']:.2f} | model load, Fisher cost table, ILP pool, "
+            f"| {main} | {r['minutes'][main]:.2f} | model load, Fisher cost table, ILP pool, "
             f"{r['coa_steps']} steps x K = {r['coa_configs_per_step']}, search; serves any configuration |",
             f"| shared-lora | {r['minutes']['shared-lora']:.2f} | {r['coa_steps']} steps, one target drawn per step |",
             *([f"| coa-no-theta | {r['minutes']['coa-no-theta']:.2f} | CoA-LoRA's {r['coa_steps']} steps replayed "
@@ -228,7 +235,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
             f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
             f"{r['baseline_steps_per_configuration']} steps) |",
             *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
-               f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps (CoA-LoRA's total, shared) |",
+               f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps ({name}'s total, shared) |",
                f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
                "unquantized base |"] if "lora-fp" in r["minutes"] else []),
             f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
@@ -236,8 +243,9 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
             "", f"Evaluation time: {ev}.", ""]
     out += [f"![{metric} vs average bits]({pngs[0]})", ""]
     if len(pngs) > 1:
-        out += ["Training loss per step (faint: each step; solid: 5-step moving average). CoA-LoRA's and "
-                "coa-no-theta's losses average K configurations drawn from the training set, which spans the bit "
+        out += ["Training loss per step (faint: each step; solid: 5-step moving average). "
+                f"{name}'s{' and coa-no-theta' + chr(39) + 's' if 'coa-no-theta' in driven else ''} losses average "
+                "K configurations drawn from the training set, which spans the bit "
                 "axis, so their level is not comparable with a single low-bit target's; what matters is whether "
                 "every curve has flattened.", "", f"![training loss per step]({pngs[1]})", ""]
     return "\n".join(out)
@@ -279,7 +287,8 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     r0 = results[0]
     c = r0["config"]
     lines = [
-        f"# CoA-LoRA vs per-configuration fine-tuning at CPU scale ({meta['mode']} mode)", "",
+        f"# {' / '.join(dict.fromkeys(DISPLAY[main_method(r)] for r in results))} vs per-configuration fine-tuning "
+        f"at CPU scale ({meta['mode']} mode)", "",
         f"Produced by `{meta['command']}` on {meta['machine']}, {meta['date']} "
         f"(total {meta['total_minutes']:.1f} min). Generated by `bench/accuracy/`; do not edit by hand.", "",
         "**Protocol.** CoA-LoRA runs once through the product path (`orchestrator.runs.start_run`: Fisher cost table → "
@@ -299,7 +308,8 @@ def write_markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         "Every method is evaluated on the same configurations: the ILP allocation at each target budget "
         f"({', '.join(n.split()[1] for n in r0['targets'])} bits) and {len(r0['unseen'])} seeded unseen "
         "configurations between 2.5 and 6 bits (CoA-LoRA and Shared-LoRA without retraining; QLoRA retrained on "
-        f"{len(r0['qlora_unseen'])} of them to show the gap).", "",
+        f"{len(r0['qlora_unseen'])} of them to show the gap). A job of another `adapter.kind` (LoTA-QAF, one plain "
+        "LoRA) runs through the same path in CoA-LoRA's place, without coa-no-theta (it has no θ).", "",
         "**Fairness: the strongest fair baseline.** Each QLoRA / LQ-LoRA configuration is trained for as many optimizer "
         "steps as CoA-LoRA's whole run (search.rounds × training.steps_per_round = "
         f"{r0['baseline_steps_per_configuration']} here), with the same learning rate, warmup + cosine schedule, weight "

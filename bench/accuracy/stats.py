@@ -1,5 +1,6 @@
-"""What a job's rows say: each method's mean over the targets and the unseen configurations, CoA-LoRA's gaps and wins,
-hypervolumes with a fixed reference, and the one-line headline."""
+"""What a job's rows say: each method's mean over the targets and the unseen configurations, the run's own method's
+gaps and wins (CoA-LoRA's, or LoTA's / LoRA's for a job of that ``adapter.kind``; the ``*_coa_*`` keys name the run's
+own method whatever its kind), hypervolumes with a fixed reference, and the one-line headline."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import numpy as np
 
 from orchestrator import paired
 from orchestrator.config import RunConfig
-from orchestrator.finish import ILP_UNSEEN
+from orchestrator.finish import ILP_UNSEEN, RUN_METHOD
 from search.hypervolume import normalized_hypervolume
 
-METHODS = ("coa-lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
+METHODS = ("coa-lora", "lota", "lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
            "lora-fp", "no-adapter")
 CEILING = "lora-fp"
 """LoRA on the unquantized base: a reference line, not a point on the bits axis (no hypervolume)."""
@@ -25,7 +26,19 @@ def methods_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [m for m in METHODS if m in present]
 
 
-DRIVER_METHODS = ("coa-lora", "coa-no-theta", "shared-lora", "no-adapter")
+DRIVER_BASELINES = ("coa-no-theta", "shared-lora", "no-adapter")
+"""What the product run evaluates beside its own method on every configuration (coa-no-theta for CoA-LoRA only)."""
+
+
+def main_method(result: Mapping[str, Any]) -> str:
+    """The run's own method of a job's result (results saved before other kinds were benched are CoA-LoRA's)."""
+    return str(result.get("main", "coa-lora"))
+
+
+def driver_methods(main: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The run's own method and the driver's baselines that ``rows`` hold."""
+    present = {r["method"] for r in rows}
+    return [m for m in (main, *DRIVER_BASELINES) if m in present]
 
 
 
@@ -53,6 +66,7 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
               eval_minutes: dict[str, float], run_dir: Path, steps: int, configs,
               differences: list[dict[str, Any]]) -> dict[str, Any]:
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    main = RUN_METHOD[cfg.adapter.kind]
     bits_range = cfg.load_space().bits_range
     target_names = [f"target {t:g}" for t in cfg.evaluation.targets]
     unseen_names = [n for n, _ in configs if n.startswith("unseen")]
@@ -64,32 +78,33 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         return metric_mean([by[(method, n)][metric] for n in names if (method, n) in by], metric)
 
     present = methods_of(rows)
+    driven = driver_methods(main, rows)
     mean_target = {m: mean(m, target_names) for m in present}
-    unseen_mean = {m: mean(m, unseen_names) for m in DRIVER_METHODS}
-    ilp_unseen_mean = {m: mean(m, ilp_names) for m in DRIVER_METHODS} if ilp_names else {}
-    unseen_q = {m: mean(m, qlora_unseen) for m in ("coa-lora", "coa-no-theta", "shared-lora", "qlora", "no-adapter")}
+    unseen_mean = {m: mean(m, unseen_names) for m in driven}
+    ilp_unseen_mean = {m: mean(m, ilp_names) for m in driven} if ilp_names else {}
+    unseen_q = {m: mean(m, qlora_unseen) for m in [*driven, "qlora"]}
     ref = float(opts["hv_reference"])
     hv_targets = {m: _hv([(by[(m, n)]["avg_bits"], by[(m, n)][metric]) for n in target_names if (m, n) in by],
                          metric, ref, bits_range) for m in present if m != CEILING}
     hv_all = {m: _hv([(r["avg_bits"], r[metric]) for r in rows if r["method"] == m], metric, ref, bits_range)
-              for m in DRIVER_METHODS}
-    sign = 1.0 if metric == "accuracy" else -1.0  # gap > 0: CoA-LoRA is better
-    wins = {b: sum(sign * (by[("coa-lora", n)][metric] - by[(b, n)][metric]) > 0 for n in target_names)
-            for b in METHODS[1:] if all((b, n) in by for n in target_names)}
+              for m in driven}
+    sign = 1.0 if metric == "accuracy" else -1.0  # gap > 0: the run's method is better
+    wins = {b: sum(sign * (by[(main, n)][metric] - by[(b, n)][metric]) > 0 for n in target_names)
+            for b in present if b != main and all((b, n) in by for n in target_names)}
     return {
-        "job": cfg.run.name, "model": cfg.model.name, "task": cfg.model.task, "dataset": cfg.data.dataset,
+        "job": cfg.run.name, "main": main, "model": cfg.model.name, "task": cfg.model.task, "dataset": cfg.data.dataset,
         "metric": metric, "higher_is_better": metric == "accuracy", "baseline_steps_per_configuration": steps,
         "coa_steps": steps, "coa_configs_per_step": cfg.training.configs_per_step,
         "targets": target_names, "unseen": unseen_names, "qlora_unseen": qlora_unseen,
         "mean_target": mean_target, "unseen_mean": unseen_mean, "unseen_qlora_subset_mean": unseen_q,
         "ilp_unseen": ilp_names, "ilp_unseen_mean": ilp_unseen_mean,
-        "gap_coa_minus_qlora": mean_target["coa-lora"] - mean_target["qlora"],
-        "gap_coa_minus_lq_lora": mean_target["coa-lora"] - mean_target["lq-lora"],
-        "gap_coa_minus_shared_lora": mean_target["coa-lora"] - mean_target["shared-lora"],
+        "gap_coa_minus_qlora": mean_target[main] - mean_target["qlora"],
+        "gap_coa_minus_lq_lora": mean_target[main] - mean_target["lq-lora"],
+        "gap_coa_minus_shared_lora": mean_target[main] - mean_target["shared-lora"],
         "coa_wins_on_targets": wins,
         "hv_reference": {"bits": list(bits_range), metric: ref}, "hypervolume_targets": hv_targets,
         "hypervolume_all_evaluated": hv_all, "minutes": minutes, "evaluation_minutes": eval_minutes,
-        "served_configurations": {"coa-lora": "any", "coa-no-theta": "any (one adapter)",
+        "served_configurations": {main: "any", "coa-no-theta": "any (one adapter)",
                                   "shared-lora": "any (one adapter)", "qlora": len(target_names),
                                   "qlora-budget": len(target_names), "qlora-gptq": len(target_names),
                                   "qlora-projq": len(target_names),
@@ -129,7 +144,7 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
     kept = {(r["method"], r["configuration"]) for r in rows}
     scores = {k: np.mean([np.asarray(s[k]) for _, s in runs], axis=0) for k in kept}
     kind = "classification" if metric == "accuracy" else "causal-lm"
-    differences = paired.paired_table(scores, "coa-lora", kind)
+    differences = paired.paired_table(scores, main_method(first), kind)
     minutes = {m: float(np.mean([r["minutes"][m] for r in results])) for m in first["minutes"]}
     eval_minutes = {m: float(np.mean([r["evaluation_minutes"][m] for r in results])) for m in first["evaluation_minutes"]}
     configs = [(n, np.asarray(x)) for n, x in first["configurations"].items()]
@@ -146,7 +161,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
     out: dict[str, Any] = {"bench": "accuracy", "mode": mode, "total_minutes": round(total_minutes, 2)}
     for r in results:
         out[r["job"]] = {
-            "metric": r["metric"],
+            "metric": r["metric"], "main": main_method(r),
             "mean_target": {m: round(v, 4) for m, v in r["mean_target"].items()},
             "gap_coa_minus_qlora": round(r["gap_coa_minus_qlora"], 4),
             "gap_coa_minus_lq_lora": round(r["gap_coa_minus_lq_lora"], 4),

@@ -34,19 +34,21 @@ def _overrides(model_dir: Path) -> list[str]:
     return [a for k, v in pairs.items() for a in ("--override", f"{k}={v}")]
 
 
-def _run(tmp: Path, model_dir: Path, uri: str, seeds: list[int] | None = None) -> tuple[dict, str]:
+def _run(tmp: Path, model_dir: Path, uri: str, seeds: list[int] | None = None,
+         extra: list[str] = (), bench: str = "") -> tuple[dict, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "bench.yaml"
     quick = (ROOT / "conf" / "bench" / "quick.yaml").read_text()
     quick = quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5")
     if seeds is not None:
         quick = quick.replace("hv_reference: 0.5}", f"hv_reference: 0.5, seeds: {seeds}}}")
+    quick = quick.replace("hv_reference: 0.5", f"hv_reference: 0.5{bench}")
     config.write_text(quick)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.accuracy", "--quick", "--config", str(config), "--out", str(tmp),
-         "--tracking-uri", uri, *_overrides(model_dir)],
+         "--tracking-uri", uri, *_overrides(model_dir), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -199,7 +201,7 @@ def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_mod
 
     base, uri, (head, _), _ = two_runs
     again, stdout = _run(base / "a", tiny_model_dir, uri)
-    assert "finished before" in stdout and "CoA-LoRA run" not in stdout
+    assert "finished before" in stdout and "coa-lora run (product path" not in stdout
     assert again["minilm-reviews"]["mean_target"] == head["minilm-reviews"]["mean_target"]
     saved = json.loads((base / "a" / "results" / "jobs" / "minilm-reviews.json").read_text())
     job, overrides = (json.loads(saved["fingerprint"])[k] for k in ("job", "overrides"))
@@ -207,3 +209,29 @@ def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_mod
     assert finished_job(results, "minilm-reviews", _fingerprint(job, overrides, None), print) is not None
     changed = [o if not o.startswith("training.steps_per_round=") else "training.steps_per_round=5" for o in overrides]
     assert finished_job(results, "minilm-reviews", _fingerprint(job, changed, None), print) is None
+
+
+def test_a_lota_job_runs_in_the_run_methods_place(tiny_model_dir, tmp_path):
+    """A job of adapter.kind lota over a space of int codes goes through the same protocol: LoTA is the run's
+    method (its rows, the paired differences and the gaps are LoTA's), the per-configuration rows train on the same
+    int configurations, and there is no coa-no-theta (LoTA has no θ)."""
+    space = tmp_path / "int.yaml"
+    space.write_text("code: [int2, int3, int4]\nscale_bits: [4, 8]\nscale2_format: [fp32]\nblock0: [16, 32]\n"
+                     "block1: [4]\n")
+    extra = ["--override", "adapter.kind=lota", "--override", "adapter.omega=0.25", "--override",
+             f"search.space={space}", "--override", "search.budget_min=2.5", "--override", "search.budget_max=4.75"]
+    head, stdout = _run(tmp_path / "out", tiny_model_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", extra=extra,
+                        bench=", qlora_gptq: false, qlora_projq: false")
+    job = head["minilm-reviews"]
+    assert job["main"] == "lota" and "lota run (product path" in stdout
+    assert set(job["mean_target"]) == {"lota", "qlora", "qlora-budget", "lq-lora", "shared-lora", "lora-fp",
+                                       "no-adapter"}
+    assert set(job["unseen_mean"]) == {"lota", "shared-lora", "no-adapter"}
+    assert job["gap_coa_minus_qlora"] == pytest.approx(job["mean_target"]["lota"] - job["mean_target"]["qlora"],
+                                                       abs=1e-3)
+    assert set(job["paired_coa_minus"]) == {"qlora", "qlora-budget", "lq-lora", "shared-lora", "lora-fp",
+                                            "no-adapter"}
+    raw = json.loads((tmp_path / "out" / "results" / "accuracy.json").read_text())["jobs"][0]
+    assert raw["config"]["search"]["space"] == str(space)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.startswith("# LoTA vs per-configuration fine-tuning") and "Gap LoTA − QLoRA" in md

@@ -29,7 +29,7 @@ def test_lr_table_puts_the_rates_side_by_side_and_marks_collapse_to_the_prior():
     assert lr_table(results[:1]) == []
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "lr"])
+@pytest.mark.parametrize("name", ["quick", "full", "lr", "lota"])
 def test_every_bench_yaml_resolves_at_each_seed(name, tmp_path):
     bench = load_bench(BENCH_DIR / f"{name}.yaml")
     for job in bench["jobs"]:
