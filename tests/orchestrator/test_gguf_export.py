@@ -193,7 +193,9 @@ def test_budgets_and_formats_a_run_cannot_meet_are_refused(exported, tmp_path):
         export_run(run_dir, memory_mb=1.0, fmt="gguf", out=tmp_path / "y")
     with pytest.raises(ConfigError, match="--merge writes one GGUF file: use it with --format gguf"):
         export_run(run_dir, bits=BUDGET, merge=True, out=tmp_path / "z")
-    assert not any((tmp_path / d).exists() for d in "xyz")
+    with pytest.raises(ConfigError, match="--format merged is a LoTA run's export"):
+        export_run(run_dir, bits=BUDGET, fmt="merged", out=tmp_path / "w")
+    assert not any((tmp_path / d).exists() for d in "xyzw")
 
 
 def test_a_blockwise_run_asked_for_gguf_names_the_option(exported, tmp_path):

@@ -15,7 +15,11 @@ Conventions, beside :mod:`.intk`'s:
   first-level block, whose 32/B0 bits would cost more than the codes at B0 = 16;
 - on the unquantized base (no setting) there is no grid to move codes on: the layer is the frozen base alone;
 - the forward decodes the moved codes with the very function a merged export is decoded with
-  (:func:`~workers.quant.blockwise.dequantize_shifted`), so the merged model equals the training forward exactly.
+  (:func:`~workers.quant.blockwise.dequantize_shifted`), so the merged model equals the training forward exactly;
+- that dense W' stays alive for the backward: LoTA's gradient reaches the factors through a dense out × in
+  ∂L/∂W', as full fine-tuning's does, so a step holds one fp32 copy of each target matrix per configuration
+  being differentiated (a LoRA step holds none). Measured on MiniLM (K = 1, batch 32 × 48, one thread): 1.49 s
+  against 1.24 s for the same step with a LoRA.
 
 The model is a :class:`~workers.adapters.lora.LoRAModel` whose layers hold the ternary factors in ``lora_A`` /
 ``lora_B``: the driver, the workers, checkpoints and the evaluation reach it through the LoRA family's interface,
