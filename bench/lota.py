@@ -67,7 +67,7 @@ class Job:
 
     def __init__(self, seed: int, steps: int | None = None):
         from orchestrator.config import build_config
-        from orchestrator.optim import train_config
+        from orchestrator.loop.optim import train_config
         from orchestrator.runs import worker_spec
         from workers.models import quiet_transformers
         from workers.worker import build_task
@@ -98,8 +98,8 @@ class Job:
                                  [self.collate(items[i: i + bs]) for i in range(0, len(items), bs)])
 
     def batches(self):
-        """The driver's batch order (``orchestrator.schedule.batch_ids``), one batch per step."""
-        from orchestrator.schedule import batch_ids
+        """The driver's batch order (``orchestrator.loop.schedule.batch_ids``), one batch per step."""
+        from orchestrator.loop.schedule import batch_ids
 
         for step in range(self.train.total_steps):
             ids = batch_ids(self.seed, len(self.train_items), self.spec.batch_size, step)

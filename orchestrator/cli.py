@@ -139,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _print_final(run_dir: Path, rows: list[dict]) -> None:
-    from .report import text_table
+    from .loop.report import text_table
 
     metric = "accuracy" if rows and "accuracy" in rows[0] else "perplexity"
     print(text_table(rows, ["method", "configuration", "avg_bits", metric, "loss"]))

@@ -180,7 +180,7 @@ def _log_export(cfg: RunConfig, run_dir: Path, directory: Path, label: str) -> N
     the export: a tracking store that is down or lacks the run costs a warning, not the export."""
     from .preflight import tracking_uri
     from .runs import run_key
-    from .tracking import attach_artifacts
+    from .tracking.tracker import attach_artifacts
 
     uri = tracking_uri(cfg)
     try:

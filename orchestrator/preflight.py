@@ -13,9 +13,9 @@ from pathlib import Path
 from workers.models import resolve_model
 
 from .config import ConfigError, RunConfig
-from .finish import check_unseen_feasible
+from .loop.finish import check_unseen_feasible
 from .state import RUN_MARKER
-from .tracking import check_reachable, default_tracking_uri
+from .tracking.tracker import check_reachable, default_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from .config import ConfigError, RunConfig, build_config
 from .preflight import (check_model, check_resources, check_tracking, check_with_model, data_source,
                         preflight, resolve_data, tracking_uri)
 from .state import RUN_MARKER, CheckpointStore, Ledger, RunLock, read_marker, write_json_atomic
-from .outbox import OUTBOX_FILE
-from .tracking import Tracker
+from .tracking.outbox import OUTBOX_FILE
+from .tracking.tracker import Tracker
 
 RUN_FORMAT = 1
 LABELS_FILE = "labels.json"
@@ -119,8 +119,8 @@ def _finish_quietly(tracker: Tracker, status: str) -> None:
 def _drive(cfg: RunConfig, run_dir: Path, executor: Any, tracker: Tracker, *, progress: bool,
            repair_ledger: bool = False, started: float) -> list[dict[str, Any]]:
     """Run (or continue) the loop of an existing, locked run directory; ends the MLflow run as it ends."""
-    from .driver import Driver, RunContext
-    from .watchdog import Watchdog
+    from .loop.driver import Driver, RunContext
+    from .tracking.watchdog import Watchdog
 
     tracker.keep_outbox(run_dir / OUTBOX_FILE)
     print(f"MLflow: {tracker.ui_link()}", file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ class RunLock:
     def __init__(self, run_dir: Path, holder: str | None = None, wait_s: float = 2.0):
         self.path = Path(run_dir) / LOCK_FILE
         self.holder = holder or " ".join(sys.argv)[:200]
-        self.wait_s = wait_s  # rides over the watchdog's brief hold (orchestrator/watchdog.py)
+        self.wait_s = wait_s  # rides over the watchdog's brief hold (orchestrator/tracking/watchdog.py)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":

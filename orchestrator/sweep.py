@@ -15,7 +15,7 @@ A sweep directory holds everything needed to resume it::
 MLflow: one sweep parent run (tags ``coalora.sweep_id`` = the sweep's stored id + ``coalora.role = sweep``), created
 once with an explicit ``MlflowClient``; every trial's coalora parent run (keyed by an id derived from the sweep's id
 and the trial's name, the ``run_uid`` its run directory then stores) is nested under it (``mlflow.parentRunId``). The trial creates
-its coalora parent run itself, before ``start_run``, with exactly the tags :class:`orchestrator.tracking.Tracker`
+its coalora parent run itself, before ``start_run``, with exactly the tags :class:`orchestrator.tracking.tracker.Tracker`
 looks runs up by, so the Tracker adopts it instead of creating a second one; a resumed or retried trial finds it
 again, so no run is ever duplicated. The tracking URI is resolved once, in the sweep driver, and passed to every
 trial explicitly: a trial on another node never falls back to a local ``./mlruns`` or a SQLite file of its own.
@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, RunConfig, build_config, check_safe_name, load_config, parse_override
 from .state import RUN_MARKER, read_marker, write_json_atomic
-from .tracking import ROLE_TAG, RUN_ID_TAG, check_reachable, experiment_id, find_or_create_run
+from .tracking.tracker import ROLE_TAG, RUN_ID_TAG, check_reachable, experiment_id, find_or_create_run
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = 1

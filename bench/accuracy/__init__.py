@@ -44,7 +44,7 @@ Outputs (``--out``, default ``docs/`` for the full mode and ``docs/quick/`` for 
 method); ``results/accuracy.json`` (every row, timings, hypervolumes, the resolved configurations);
 ``results/work/`` (the product run directories and, unless a tracking URI is given, the MLflow SQLite store).
 Paired differences: CoA-LoRA minus every other method on the same validation examples, per configuration and pooled over
-the targets and the unseen configurations, with 95% intervals over the examples (``orchestrator.paired``; the
+the targets and the unseen configurations, with 95% intervals over the examples (``orchestrator.loop.paired``; the
 driver's methods from the run's final/examples.safetensors, the per-configuration baselines scored the same way):
 in results.md and in the headline (``paired_coa_minus``). MLflow: one parent run (experiment ``coalora-bench``) with one nested run per method (per job and method when the
 file has several jobs); the product runs themselves go to experiment ``coalora-bench-product``. The last stdout

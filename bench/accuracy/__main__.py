@@ -26,7 +26,7 @@ from bench.accuracy import __doc__ as DOC  # noqa: E402
 from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, job_key, job_seeds, load_bench, run_job  # noqa: E402
 from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
 from bench.accuracy.stats import headline, methods_of, pool_seeds  # noqa: E402
-from orchestrator import report  # noqa: E402
+from orchestrator.loop import report  # noqa: E402
 from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 
 

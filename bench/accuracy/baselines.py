@@ -17,9 +17,9 @@ import torch
 
 from orchestrator.config import RunConfig
 from orchestrator.executor import init_ray
-from orchestrator.optim import MasterState, train_config, weighted_mean
+from orchestrator.loop.optim import MasterState, train_config, weighted_mean
 from orchestrator.runs import worker_spec
-from orchestrator.schedule import batch_ids
+from orchestrator.loop.schedule import batch_ids
 from workers.adapters.lora import LoRAModel
 from workers.baselines import lq_lora, projq_lora
 from workers.fisher import layer_fisher

@@ -18,12 +18,12 @@ import yaml
 from safetensors.torch import load_file
 
 from orchestrator.config import ConfigError, RunConfig, build_config
-from orchestrator import paired
-from orchestrator.driver import Driver
-from orchestrator.finish import CURVES_FILE, EXAMPLES_FILE, RUN_METHOD, Finish
-from orchestrator.optim import train_config
+from orchestrator.loop import paired
+from orchestrator.loop.driver import Driver
+from orchestrator.loop.finish import CURVES_FILE, EXAMPLES_FILE, RUN_METHOD, Finish
+from orchestrator.loop.optim import train_config
 from orchestrator.runs import start_run
-from orchestrator.schedule import unkey
+from orchestrator.loop.schedule import unkey
 from orchestrator.state import Ledger
 from search.space import parse_code
 

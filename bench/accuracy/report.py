@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from orchestrator import paired
-from orchestrator.finish import ILP_UNSEEN
-from orchestrator.report import loss_curves_plot
-from orchestrator.tracking import Tracker
+from orchestrator.loop import paired
+from orchestrator.loop.finish import ILP_UNSEEN
+from orchestrator.loop.report import loss_curves_plot
+from orchestrator.tracking.tracker import Tracker
 
 from .baselines import equal_budget_steps
 from .stats import CEILING, DRIVER_BASELINES, main_method, methods_of

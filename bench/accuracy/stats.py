@@ -10,9 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from orchestrator import paired
+from orchestrator.loop import paired
 from orchestrator.config import RunConfig
-from orchestrator.finish import ILP_UNSEEN, RUN_METHOD
+from orchestrator.loop.finish import ILP_UNSEEN, RUN_METHOD
 from search.hypervolume import normalized_hypervolume
 
 METHODS = ("coa-lora", "lota", "lora", "coa-no-theta", "qlora", "qlora-budget", "qlora-gptq", "qlora-projq", "lq-lora", "shared-lora",
@@ -177,7 +177,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
 
 def paired_summary(differences: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """CoA-LoRA − each other method per configuration (and pooled), as [difference, 95% low, 95% high]: the
-    paired rows of a job (``orchestrator.paired``), compact for the headline."""
+    paired rows of a job (``orchestrator.loop.paired``), compact for the headline."""
     out: dict[str, dict[str, list[float]]] = {}
     for d in differences:
         out.setdefault(d["other"], {})[d["configuration"]] = [round(d["difference"], 4),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import build_config
-from orchestrator.driver import DivergenceError
+from orchestrator.loop.driver import DivergenceError
 from orchestrator.runs import resume_run, start_run
 
 

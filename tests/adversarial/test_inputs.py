@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, build_config
 from orchestrator.runs import run_key, start_run
-from orchestrator.tracking import filter_literal
+from orchestrator.tracking.tracker import filter_literal
 
 
 def snapshot(root: Path) -> list[str]:

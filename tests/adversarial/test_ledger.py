@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import build_config
-from orchestrator.driver import LedgerMismatch
+from orchestrator.loop.driver import LedgerMismatch
 from orchestrator.runs import resume_run, start_run
 
 

@@ -56,7 +56,7 @@ def test_dead_ray_ends_the_parent_run_failed(make_config, tmp_path, cli_start):
              "round 0's checkpoint")
     assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
     children = psutil.Process(proc.pid).children(recursive=True)
-    ray_procs = [p for p in children if "orchestrator.watchdog" not in " ".join(p.cmdline())]
+    ray_procs = [p for p in children if "orchestrator.tracking.watchdog" not in " ".join(p.cmdline())]
     assert len(ray_procs) == len(children) - 1, "the run's watchdog is one of the driver's children"
     assert {"gcs_server", "raylet"} <= {p.name() for p in ray_procs}
     for p in ray_procs:

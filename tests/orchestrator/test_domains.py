@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.finish import evaluation_configurations
+from orchestrator.loop.finish import evaluation_configurations
 from orchestrator.preflight import check_with_model
 
 ROWS = [576, 576, 576, 1536] * 3  # SmolLM2-like: the K-quants fit only the 1536-wide rows

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.optim import MasterState
+from orchestrator.loop.optim import MasterState
 from search.space import QuantSetting, SearchSpace
 from workers.adapters.lora import LoRAModel
 from workers.adapters.lota import BlockwiseLoTALinear, BlockwiseLoTAModel

@@ -13,7 +13,7 @@ from orchestrator.config import ConfigError, build_config
 from orchestrator.export import export_run, read_summary
 from orchestrator.runs import format_status, resume_run, run_key, run_status, start_run
 from orchestrator.state import Ledger
-from orchestrator.tracking import CHILD_TAG, RUN_ID_TAG
+from orchestrator.tracking.tracker import CHILD_TAG, RUN_ID_TAG
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def recorded(monkeypatch):
     """Records every ``gradients`` call of the run's executor as (method, example ids, configuration keys) and every
     single ``call`` as (method, args), and keeps the worker object (the run shuts its executor down)."""
     import orchestrator.runs as runs
-    from orchestrator.schedule import key
+    from orchestrator.loop.schedule import key
 
     record = {"calls": [], "workers": [], "called": []}
     make_executor = runs._executor
@@ -255,7 +255,7 @@ def test_projq_shared_starts_coa_lora_and_its_baselines_from_the_initial_pool_s_
     (nothing else is quantized), and the step-0 compensation errors reach the ledger and MLflow."""
     from safetensors.torch import load_file
 
-    from orchestrator.schedule import key, unkey
+    from orchestrator.loop.schedule import key, unkey
 
     config, _ = make_config(adapter={"rank": 4, "alpha": 8, "init": "projq-shared", "reference": "none",
                                      "prefit_steps": 60},
@@ -374,7 +374,7 @@ def test_adapter_kind_lota_trains_ternary_factors_and_exports_the_merged_integer
 
 
 def test_stratified_sampling_draws_one_configuration_per_bit_stratum(make_config, recorded):
-    from orchestrator.schedule import unkey
+    from orchestrator.loop.schedule import unkey
 
     config, _ = make_config(training={"steps_per_round": 3, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1,
                                       "config_sampling": "stratified"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.report import loss_curves_plot, moving_average
+from orchestrator.loop.report import loss_curves_plot, moving_average
 
 
 def test_moving_average_is_the_trailing_mean_shorter_at_the_start():

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .state import write_atomic
+from ..state import write_atomic
 
 OUTBOX_FILE = "tracking-outbox.jsonl"
 

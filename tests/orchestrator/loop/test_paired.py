@@ -1,4 +1,4 @@
-"""Paired differences (orchestrator/paired.py) against scipy's paired t-test, on known data."""
+"""Paired differences (orchestrator/loop/paired.py) against scipy's paired t-test, on known data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.paired import paired_difference, paired_table
+from orchestrator.loop.paired import paired_difference, paired_table
 
 
 def classification(correct: np.ndarray, seed: int) -> np.ndarray:

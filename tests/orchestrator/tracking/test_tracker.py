@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import EXPERIMENT_KIND, StepLog, StepMetrics, Tracker, experiment_id
+from orchestrator.tracking.tracker import EXPERIMENT_KIND, StepLog, StepMetrics, Tracker, experiment_id
 
 
 def parent(uri: str):

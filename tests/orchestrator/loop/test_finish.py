@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.finish import evaluation_configurations
+from orchestrator.loop.finish import evaluation_configurations
 from search.allocation import flat_to_encoded, solve_allocation
 
 NUMELS = [384 * 384, 384 * 1536, 1536 * 384] * 4

@@ -23,7 +23,7 @@ class Watchdog:
 
     def __init__(self, uri: str, mlflow_run_id: str, run_dir: Path):
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.watchdog", uri, mlflow_run_id, str(run_dir)],
+            [sys.executable, "-m", "orchestrator.tracking.watchdog", uri, mlflow_run_id, str(run_dir)],
             stdin=subprocess.PIPE, start_new_session=True,  # a Ctrl-C or SIGTERM to the group must not take it too
         )
 
@@ -44,8 +44,8 @@ def _watch(uri: str, mlflow_run_id: str, run_dir: Path) -> int:
         return 0
     from mlflow.tracking import MlflowClient
 
-    from .state import RunInUse, RunLock
-    from .tracking import bound_http_waits
+    from ..state import RunInUse, RunLock
+    from .tracker import bound_http_waits
 
     bound_http_waits(10.0)
     try:

@@ -30,13 +30,13 @@ from workers.init.projq import SHARED_INIT
 from workers.training import TrainConfig
 
 from . import paired, report
-from .config import ConfigError, RunConfig
-from .executor import Executor
-from .faults import commit_point
+from ..config import ConfigError, RunConfig
+from ..executor import Executor
+from ..faults import commit_point
 from .optim import MasterState, weighted_mean
 from .schedule import PURPOSE_SHARED, PURPOSE_UNSEEN, PURPOSE_UNSEEN_ILP, key, seeded, step_configurations, unkey
-from .state import Ledger, finite_or_none, write_atomic, write_json_atomic
-from .tracking import Tracker
+from ..state import Ledger, finite_or_none, write_atomic, write_json_atomic
+from ..tracking.tracker import Tracker
 
 RUN_METHOD: dict[str, str] = {"coa": "coa-lora", "lora": "lora", "lota": "lota"}
 """The final table's name for the run's own adapter, by ``adapter.kind``."""

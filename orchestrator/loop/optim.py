@@ -15,7 +15,7 @@ import torch
 from workers.adapters.lota.ternary import TernarySignSGD, UpdateSchedule
 from workers.training import TrainConfig, param_groups, scheduled_adamw
 
-from .config import RunConfig
+from ..config import RunConfig
 
 
 def train_config(cfg: RunConfig, **changes: Any) -> TrainConfig:

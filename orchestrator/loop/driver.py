@@ -6,10 +6,10 @@
               propose q candidates (BoTorch) → evaluate them in parallel → segmented Pareto training set
                                                                                      → checkpoint r
     final     CoA-LoRA, baselines and no-adapter on the target budgets' ILP configurations (the same ones for
-              every method) and on unseen configurations (orchestrator/finish.py)
+              every method) and on unseen configurations (orchestrator/loop/finish.py)
 
 Determinism: every random choice is drawn from a generator seeded by (seed, purpose, step), never from global
-state (orchestrator/schedule.py), and checkpoints hold every tensor and the ledger length at the round boundary. A
+state (orchestrator/loop/schedule.py), and checkpoints hold every tensor and the ledger length at the round boundary. A
 resume truncates the ledger to that length and replays from there, so it writes the same ledger, pool, training set
 and proposals as an uninterrupted run. Worker calls are pure functions of their arguments, so retried calls cannot double-count.
 """
@@ -39,14 +39,14 @@ from workers.init.projq import SHARED_INIT
 from workers.training import lr_factor
 
 from . import report
-from .config import RunConfig
-from .executor import Executor
-from .faults import commit_point
+from ..config import RunConfig
+from ..executor import Executor
+from ..faults import commit_point
 from .finish import EXAMPLES_FILE, Finish, write_final
 from .optim import MasterState, train_config, weighted_mean
 from .schedule import data_shards, key, step_configurations
-from .state import LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, write_atomic
-from .tracking import StepLog, Tracker
+from ..state import LEDGER_COPY, Checkpoint, CheckpointStore, Ledger, canonical_json, write_atomic
+from ..tracking.tracker import StepLog, Tracker
 
 log = logging.getLogger(__name__)
 

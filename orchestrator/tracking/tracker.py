@@ -9,7 +9,7 @@ The run's key (``coalora.run_id``) is the id stored in its run directory, not it
 its MLflow run. Keys go into MLflow filter strings only after :func:`filter_literal` has checked them (a path with
 an apostrophe once broke the query, and a crafted one could have matched another run). Every request to a tracking
 server is bounded (``tracking.timeout_s``, few retries), and a run's writes that fail wait in its outbox
-(orchestrator/outbox.py) while training goes on: a server or database that restarts mid-run costs no step and no
+(orchestrator/tracking/outbox.py) while training goes on: a server or database that restarts mid-run costs no step and no
 metric. A store that is still away when the run ends is an error naming it after ``tracking.outage_s``; the
 run's state on disk is complete and ``coalora resume`` sends what is left.
 """
@@ -188,7 +188,7 @@ def attach_artifacts(uri: str, experiment: str, run_key: str, directory: Path, a
 class Tracker:
     """The parent run of one coalora run and its children. ``run_key`` is the run's stored id (see the module).
 
-    With an outbox (:meth:`keep_outbox`, a run directory's: orchestrator/outbox.py), writes during the run never fail: one the
+    With an outbox (:meth:`keep_outbox`, a run directory's: orchestrator/tracking/outbox.py), writes during the run never fail: one the
     store does not take waits there, and the outbox is sent, oldest first, at the next write at least ``retry_s``
     later, and by :meth:`settle` at the run's end. Without one (benchmarks), a failed write raises
     :class:`TrackingError`. Opening the run, params and the dataset input are start-up checks and always raise."""
@@ -341,7 +341,7 @@ class Tracker:
         return self._children[child]
 
     def _apply(self, op: dict[str, Any]) -> None:
-        """Send one write to the store (idempotent: see the module and orchestrator/outbox.py)."""
+        """Send one write to the store (idempotent: see the module and orchestrator/tracking/outbox.py)."""
         from mlflow.entities import Metric
 
         kind = op["op"]

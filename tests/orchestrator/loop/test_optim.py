@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestrator.config import build_config
-from orchestrator.optim import MasterState, train_config
+from orchestrator.loop.optim import MasterState, train_config
 from workers.training import TrainConfig
 
 
@@ -61,7 +61,7 @@ def test_train_config_follows_the_run_configuration():
 
 def test_weighted_mean_of_shards_is_the_full_batch_mean_per_configuration():
     """Two shards of 3 and 1 examples, two configurations each: every figure is the 3:1-weighted mean."""
-    from orchestrator.optim import weighted_mean
+    from orchestrator.loop.optim import weighted_mean
 
     shards = [([1.0, 3.0], {"w": torch.tensor([4.0])}, 3), ([5.0, 7.0], {"w": torch.tensor([8.0])}, 1)]
     loss, grads, per_config = weighted_mean(shards)
