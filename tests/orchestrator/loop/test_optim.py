@@ -68,3 +68,36 @@ def test_weighted_mean_of_shards_is_the_full_batch_mean_per_configuration():
     assert per_config == [(3 * 1.0 + 5.0) / 4, (3 * 3.0 + 7.0) / 4]
     assert loss == sum(per_config) / 2
     torch.testing.assert_close(grads["w"], torch.tensor([(3 * 4.0 + 8.0) / 4]))
+
+
+@pytest.mark.parametrize("ternary", [{"b.lora_A"}, {"a.bias", "b.lora_A", "c.weight"}])
+def test_ternary_tensors_take_t_sign_sgd_and_a_resume_continues_its_schedule(ternary):
+    """LoTA's factors (``ternary``) stay in {−1, 0, 1} under t-SignSGD, the rest under AdamW; with every tensor
+    ternary (a causal LM has no head) there is no AdamW at all. A checkpoint taken mid-way and loaded into a fresh
+    master continues exactly as the uninterrupted one."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.bias": (300,), "b.lora_A": (20, 50), "c.weight": (40, 40)}  # big enough that 5% is many entries
+    start = {n: torch.randint(-1, 2, s, generator=g).float() if n in ternary else torch.randn(s, generator=g)
+             for n, s in shapes.items()}
+
+    def grads(seed: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+
+    full = MasterState(start, {"a.bias"}, CONFIG, ternary)
+    assert (full.optimizer is None) == (len(ternary) == 3)
+    for step in range(3):
+        full.step(grads(step))
+    params, opt, meta = full.to_tensors()
+    assert meta["ternary_step"] == 3
+    resumed = MasterState(start, {"a.bias"}, CONFIG, ternary)
+    resumed.load(params, opt, meta)
+    for step in range(3, 6):
+        full.step(grads(step))
+        resumed.step(grads(step))
+    after = full.state()
+    for n in ternary:
+        assert set(torch.unique(after[n]).tolist()) <= {-1.0, 0.0, 1.0}
+        assert not torch.equal(after[n], start[n])
+    for n, t in after.items():
+        assert torch.equal(t, resumed.state()[n]), n
