@@ -172,8 +172,7 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     minutes = {main: (run_s - final_s) / 60, "shared-lora": shared_s / 60, "no-adapter": 0.0}
     if "no_theta" in cfg.evaluation.baselines:
         minutes["coa-no-theta"] = no_theta_s / 60
-    driven = ", ".join(m for m in minutes)
-    eval_minutes = {f"driver ({driven})": (final_s - shared_s - no_theta_s) / 60}
+    eval_minutes = {f"driver ({', '.join(minutes)})": (final_s - shared_s - no_theta_s) / 60}
 
     configs = evaluated_configurations(run_dir, main)
     targets = [(n, x) for n, x in configs if n.startswith("target")]

@@ -1,8 +1,9 @@
 """The driver's master copy of the trainable tensors and its optimizers.
 
 Workers compute gradient shards; the driver averages them and steps AdamW here (t-SignSGD for LoTA's ternary
-factors, ``adapter.kind: lota``), then ships the new state with the next calls. The whole optimizer state round-trips through safetensors + JSON (no pickles), so a resumed run takes
-exactly the step an uninterrupted one would have.
+factors, ``adapter.kind: lota``), then ships the new state with the next calls. The whole optimizer state
+round-trips through safetensors + JSON (no pickles), so a resumed run takes exactly the step an uninterrupted one
+would have.
 """
 
 from __future__ import annotations

@@ -261,8 +261,7 @@ def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tens
                                        s.scale_bits, s.block1, _scale_step(packed.scale2, s), packed.offset, book,
                                        out)
     else:
-        scale_codes = packing.unpack(packed.scale_codes, s.scale_bits, n_pad // s.block0)
-        scales = _dequantize_scales(scale_codes, packed.scale2, packed.offset.reshape(()), s)
+        scales = block_scales(packed)
         table = packing.byte_lookup_table(book, s.code_bits)
         if table is not None:
             values = _gather_rows(table, packed.codes)

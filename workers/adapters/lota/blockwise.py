@@ -39,8 +39,7 @@ from torch import nn
 
 from search.space import QuantSetting, SearchSpace
 
-from ...quant.blockwise import (PackedWeight, code_indices, dequantize_shifted, grid_steps, shift_values,
-                                with_codes)
+from ...quant.blockwise import PackedWeight, code_indices, dequantize_shifted, grid_steps, shift_values, with_codes
 from ...quant.cache import DEFAULT_CACHE_MB, QuantCache
 from ...registry import ModuleRegistry
 from ..lora import CoALoRALinear, LoRAModel, _QuantizedLinear
@@ -106,21 +105,22 @@ class BlockwiseLoTALinear(CoALoRALinear):
         real = (packed.numel - starts).clamp(0, group).float()
         return (scaled.detach() - hard).view(-1, group).sum(1) / real.clamp(min=1)
 
+    def _merged(self, packed: PackedWeight) -> tuple[MergedWeight, torch.Tensor]:
+        """The merged matrix on the grid ``packed`` (moved codes, same scales, μ) and ΔW/ω with its gradient."""
+        codes, hard, scaled = self.moves(packed)
+        mu = self._remainder(packed, hard, scaled)
+        return MergedWeight(with_codes(packed, (codes.float() + hard).to(torch.uint8)), mu), scaled
+
     def merge(self, setting: QuantSetting | None = None) -> MergedWeight:
         """The deployable matrix of ``setting`` (default: the active one): moved codes, same scales, and μ."""
-        packed = self._grid(self.setting if setting is None else setting)
         with torch.no_grad():
-            codes, hard, scaled = self.moves(packed)
-            mu = self._remainder(packed, hard, scaled)
-            return MergedWeight(with_codes(packed, (codes.float() + hard).to(torch.uint8)), mu.contiguous())
+            return self._merged(self._grid(self.setting if setting is None else setting))[0]
 
     def adapted_weight(self) -> torch.Tensor:
         """W' = decode(codes + Ŵ) + h·μ, differentiable in the factors through h·(ΔW/ω) (straight through)."""
         packed = self._grid(self.setting)
-        codes, hard, scaled = self.moves(packed)
-        mu = self._remainder(packed, hard, scaled)
-        moved = with_codes(packed, (codes.float() + hard).to(torch.uint8))
-        weight = dequantize_shifted(moved, mu)
+        merged, scaled = self._merged(packed)
+        weight = merged.dequantize()
         through = shift_values(grid_steps(packed), scaled - scaled.detach(), packed.setting)[: packed.numel]
         return weight + through.view(weight.shape)
 
