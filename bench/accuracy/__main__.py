@@ -23,9 +23,10 @@ import torch  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 
 from bench.accuracy import __doc__ as DOC  # noqa: E402
-from bench.accuracy.jobs import BENCH_DIR, ROOT, job_config, job_key, job_seeds, load_bench, run_job  # noqa: E402
+from bench.accuracy.jobs import (BENCH_DIR, ROOT, check_pairing, job_config, job_key, job_seeds, load_bench,  # noqa: E402
+                                 run_job)
 from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
-from bench.accuracy.stats import headline, methods_of, pool_seeds  # noqa: E402
+from bench.accuracy.stats import headline, mean_scores, methods_of, paired_across_jobs, pool_seeds  # noqa: E402
 from orchestrator.loop import report  # noqa: E402
 from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 
@@ -63,8 +64,9 @@ def finished_job(res_dir: Path, key: str, fingerprint: str, log) -> tuple[dict, 
 
 
 def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, work: Path, uri: str,
-                 log) -> tuple[dict[str, Any], float]:
-    """A job's result (pooled over its seeds when it has several) and its minutes, reusing finished runs."""
+                 log) -> tuple[dict[str, Any], dict[tuple[str, str], np.ndarray], float]:
+    """A job's result and per-example scores (pooled over its seeds when it has several) and its minutes, reusing
+    finished runs."""
     runs, minutes = [], 0.0
     for seed in job_seeds(job):
         key, fingerprint = job_key(job, seed), _fingerprint(job, args.override, seed)
@@ -77,9 +79,10 @@ def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, w
             saved = (result, scores, took)
         runs.append(saved[:2])
         minutes += saved[2]
+    scores = mean_scores([s for _, s in runs])
     if len(runs) == 1:
-        return runs[0][0], minutes
-    return pool_seeds(runs, str(job["name"])), minutes
+        return runs[0][0], scores, minutes
+    return pool_seeds(runs, str(job["name"])), scores, minutes
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -136,18 +139,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = res_dir / "work" / f"{mode}-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{res_dir / 'work' / 'mlflow.db'}"
-    for job in jobs:  # validate every job (at each of its seeds) before any compute
+    by_name = {j["name"]: j for j in bench["jobs"]}
+    for job in jobs:  # validate every job (at each of its seeds) and every pairing before any compute
         for seed in job_seeds(job):
-            job_config(job, args.override, work, uri, seed)
+            cfg = job_config(job, args.override, work, uri, seed)[0]
+            other = job.get("bench", {}).get("paired_with")
+            if other is not None:
+                if other not in {j["name"] for j in jobs}:
+                    raise SystemExit(f"job {job['name']} is paired with job {other}: add it to --jobs (its finished "
+                                     "runs under --out are reused, not run again)")
+                check_pairing(job, cfg, by_name[other], job_config(by_name[other], args.override, work, uri, seed)[0])
 
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    results, minutes = [], []
+    results, minutes, scores = [], [], {}
     for job in jobs:
-        result, took = run_or_reuse(job, args, res_dir, work, uri, log)
+        result, scores[job["name"]], took = run_or_reuse(job, args, res_dir, work, uri, log)
         results.append(result)
         minutes.append(took)
+    done = {j["name"]: r for j, r in zip(jobs, results)}
+    for job, result in zip(jobs, results):
+        other = job.get("bench", {}).get("paired_with")
+        if other is not None:
+            result["paired_jobs"] = paired_across_jobs(result, scores[job["name"]], done[other], scores[other])
     total = sum(minutes)
     cmd_args = [a for a in (sys.argv[1:] if argv is None else list(argv))]
     meta = {

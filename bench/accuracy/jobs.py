@@ -39,8 +39,13 @@ UNQUANTIZED = "unquantized"
 FULL_PRECISION_BITS = 32.0
 
 BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
-                  "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5, "seeds": None}
-"""Per-job ``bench:`` options; ``qlora_gptq`` / ``qlora_projq``: also QLoRA on GPTQ codes / with ProjQ's init
+                  "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5, "seeds": None,
+                  "per_configuration": True, "paired_with": None}
+"""Per-job ``bench:`` options; ``per_configuration``: false runs the product path only (the run's method and the
+driver's baselines), for a job that varies the run against another job of the file whose per-configuration rows
+would be the same trainings; ``paired_with``: the name of that job (same model, data and seeds), whose run method
+this job's is paired with example by example on the configurations both evaluated (:func:`stats.paired_across_jobs`);
+``qlora_gptq`` / ``qlora_projq``: also QLoRA on GPTQ codes / with ProjQ's init
 (``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
 rows already are GPTQ's, and ggml's types take no GPTQ). ``seeds``: run the whole job once per training seed (run.seed)
 on the same held-out examples (data.split_seed = the job's run.seed) and pool them (:func:`stats.pool_seeds`);
@@ -76,7 +81,22 @@ def load_bench(path: Path) -> dict[str, Any]:
                                   or not all(isinstance(s, int) and s >= 0 for s in seeds)):
             raise ConfigError(f"{path}: job {j['name']}: bench.seeds must be a non-empty list of distinct integers "
                               f">= 0, got {seeds!r}")
+        other = j.get("bench", {}).get("paired_with")
+        if other is not None and (other == j["name"] or other not in names):
+            raise ConfigError(f"{path}: job {j['name']}: bench.paired_with must name another job of the file "
+                              f"({[n for n in names if n != j['name']]}), got {other!r}")
     return data
+
+
+def check_pairing(job: Mapping[str, Any], cfg: RunConfig, other: Mapping[str, Any], other_cfg: RunConfig) -> None:
+    """Refuse (before any compute) a ``paired_with`` whose two jobs are not scored on the same examples: the model,
+    the data section and the training seeds must agree; the methods, inits and search may differ."""
+    what = [f for f, a, b in (("model", cfg.model, other_cfg.model), ("data", cfg.data, other_cfg.data),
+                              ("evaluation.targets", cfg.evaluation.targets, other_cfg.evaluation.targets),
+                              ("bench.seeds", job_seeds(job), job_seeds(other))) if a != b]
+    if what:
+        raise ConfigError(f"job {job['name']}: bench.paired_with {other['name']!r} differs in {', '.join(what)}: "
+                          "a paired comparison needs the same model, data, targets and seeds")
 
 
 
@@ -153,6 +173,20 @@ def evaluated_configurations(run_dir: Path, main: str) -> list[tuple[str, np.nda
 
 
 
+def per_configuration_trainings(opts: Mapping[str, Any], targets: Sequence[tuple[str, np.ndarray]],
+                                unseen: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, str, np.ndarray | None]]:
+    """(method, configuration name, encoding) of every per-configuration training the job's options ask for, in the
+    order they run: the targets' rows, the ceiling once, QLoRA on the first ``qlora_unseen`` unseen ones."""
+    if not opts["per_configuration"]:
+        return []
+    methods = ["qlora", "lq-lora", *(["qlora-gptq"] if opts["qlora_gptq"] else []),
+               *(["qlora-projq"] if opts["qlora_projq"] else []), "qlora-budget"]
+    out: list[tuple[str, str, np.ndarray | None]] = [(m, n, x) for m in methods for n, x in targets]
+    out.append(("lora-fp", UNQUANTIZED, None))
+    return out + [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+
+
+
 def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: str, log, seed: int | None = None
             ) -> tuple[dict[str, Any], dict[tuple[str, str], np.ndarray]]:
     """One run of a job (at training seed ``seed`` when given): its result and every (method, configuration)'s
@@ -181,27 +215,22 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
     bits_of = {r["configuration"]: r["avg_bits"] for r in driver_rows}
     rows = [dict(r) for r in driver_rows]
 
-    per_config = [("qlora", n, x) for n, x in targets] + [("lq-lora", n, x) for n, x in targets]
-    if opts["qlora_gptq"]:
-        per_config += [("qlora-gptq", n, x) for n, x in targets]
-    if opts["qlora_projq"]:
-        per_config += [("qlora-projq", n, x) for n, x in targets]
-    per_config += [("qlora-budget", n, x) for n, x in targets] + [("lora-fp", UNQUANTIZED, None)]
-    per_config += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+    per_config = per_configuration_trainings(opts, targets, unseen)
     steps = train_config(cfg).total_steps
-    methods = sorted({m for m, _, _ in per_config})
-    log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each "
-        f"({' / '.join(methods)} on {len(targets)} targets, qlora on {min(len(unseen), int(opts['qlora_unseen']))} unseen)")
-    train_s = {"qlora": 0.0, "qlora-gptq": 0.0, "qlora-projq": 0.0, "lq-lora": 0.0, "qlora-budget": 0.0, "lora-fp": 0.0,
-               "qlora (unseen)": 0.0}
+    if per_config:
+        methods = sorted({m for m, _, _ in per_config})
+        log(f"[{name}] {len(per_config)} per-configuration trainings of {steps} steps each ({' / '.join(methods)} on "
+            f"{len(targets)} targets, qlora on {min(len(unseen), int(opts['qlora_unseen']))} unseen)")
+    train_s: dict[str, float] = {}
     eval_s = 0.0
     saved = load_file(run_dir / "final" / EXAMPLES_FILE)  # the driver's methods, example by example
     scores = {(r["method"], r["configuration"]): saved[f"{r['method']}|{r['configuration']}"].numpy() for r in rows}
     curves = json.loads((run_dir / "final" / CURVES_FILE).read_text())  # the driver's methods, step by step
-    results = run_baselines(cfg, opts, per_config, log)
+    results = run_baselines(cfg, opts, per_config, log) if per_config else []
     for (method, cname, _), out in zip(per_config, results):
         eval_s += out.eval_s
-        train_s[method if not cname.startswith("unseen") else "qlora (unseen)"] += out.train_s
+        key = method if not cname.startswith("unseen") else "qlora (unseen)"
+        train_s[key] = train_s.get(key, 0.0) + out.train_s
         curves[f"{method} | {cname}"] = out.losses
         # the ceiling is one model: it stands at every target (32-bit weights), so CoA-LoRA pairs with it there
         for name in (target_names if cname == UNQUANTIZED else [cname]):
@@ -210,7 +239,8 @@ def run_job(job: Mapping[str, Any], overrides: Sequence[str], work: Path, uri: s
                          "init_error": out.init_error})
             scores[(method, name)] = out.scores.numpy()
     minutes.update({k: v / 60 for k, v in train_s.items()})
-    eval_minutes["per-configuration baselines"] = eval_s / 60
+    if per_config:
+        eval_minutes["per-configuration baselines"] = eval_s / 60
     differences = paired.paired_table(scores, main, "classification" if cfg.model.task == "classification"
                                       else "causal-lm")
     result = {**summarize(cfg, opts, rows, minutes, eval_minutes, run_dir, steps, configs, differences), "curves": curves}

@@ -119,6 +119,20 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
     return out + [""]
 
 
+def paired_jobs_section(r: Mapping[str, Any]) -> list[str]:
+    """This job's run method against another job's (``bench.paired_with``), on the same examples."""
+    pj = r.get("paired_jobs")
+    if not pj:
+        return []
+    same = pj["same_configuration"]
+    differ = [c for c, s in same.items() if not s]
+    where = ("every configuration is the same encoding in both jobs" if not differ else
+             f"{len(same) - len(differ)} of {len(same)} configurations are the same encoding in both jobs; "
+             f"{', '.join(differ)} hold another allocation at the same budget in each")
+    return [f"### Against job {pj['against']}", "",
+            f"Same model, data, held-out examples and seeds; {where}.", "", paired.markdown(pj["rows"])]
+
+
 def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:
     """The unseen configurations drawn like the pool (ILP at random budgets of the pool's range), apart from the
     random-settings ones: closer to what the training set holds, so the easier kind for CoA-LoRA."""
@@ -175,11 +189,12 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Average bits of the target configurations (the ILP allocation at each budget, identical for every "
             "method): " + ", ".join(f"{n.split()[1]} → {by[(main, n)]['avg_bits']:.3f}" for n in tnames) + ".", ""]
-    gaps = (f"Gap {name} − QLoRA (mean over targets): **{r['gap_coa_minus_qlora']:+.4f}**; − LQ-LoRA: "
-            f"{r['gap_coa_minus_lq_lora']:+.4f}; − Shared-LoRA: {r['gap_coa_minus_shared_lora']:+.4f}. "
-            f"{name} is better on {r['coa_wins_on_targets']['qlora']}/{len(tnames)} targets vs QLoRA, "
-            f"{r['coa_wins_on_targets']['lq-lora']}/{len(tnames)} vs LQ-LoRA, "
-            f"{r['coa_wins_on_targets']['shared-lora']}/{len(tnames)} vs Shared-LoRA.")
+    compared = [(m, label) for m, label in (("qlora", "QLoRA"), ("lq-lora", "LQ-LoRA"), ("shared-lora", "Shared-LoRA"))
+                if m in r["coa_wins_on_targets"]]
+    gaps = ("Gaps, mean over targets: "
+            + "; ".join(f"{name} − {label} **{r['gap_coa_minus_' + m.replace('-', '_')]:+.4f}**" for m, label in compared)
+            + f". {name} is better on "
+            + ", ".join(f"{r['coa_wins_on_targets'][m]}/{len(tnames)} targets vs {label}" for m, label in compared) + ".")
     if not r["higher_is_better"]:
         gaps += (" (Perplexity: means are geometric means, exp of the mean log-perplexity; a negative gap means "
                  f"{name} is better.)")
@@ -193,8 +208,8 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
                 f"{2 * math.sqrt(2) * se:.3f}, or between two means over the four targets below ≈ "
                 f"{math.sqrt(2) * se:.3f} (two standard errors, unpaired), is within noise. The no-adapter model keeps the untrained "
                 "classification head, so it predicts one class.", ""]
-    flat = [m for m in ("qlora", "lq-lora", "shared-lora", main)
-            if abs(r["mean_target"][m] - r["mean_target"]["no-adapter"]) < 1e-9 + (1 / r["config"]["data"]["val_examples"]
+    flat = [m for m in ("qlora", "lq-lora", "shared-lora", main) if m in r["mean_target"]
+            and abs(r["mean_target"][m] - r["mean_target"]["no-adapter"]) < 1e-9 + (1 / r["config"]["data"]["val_examples"]
                                                                                if r["higher_is_better"] else 0)]
     if flat:
         out += [f"**Did not learn:** {', '.join(flat)} ended at the no-adapter level at this learning rate (same lr for "
@@ -203,10 +218,11 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     out += seeds_tables(r)
     if r.get("paired"):  # saved results from before the paired protocol have none
         out += ["### Paired differences", "", paired.markdown(r["paired"])]
+    out += paired_jobs_section(r)
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]
-    for m in (*driven, "qlora"):
+    for m in (*driven, *(["qlora"] if r["qlora_unseen"] else [])):
         all_u = r["unseen_mean"].get(m, float("nan"))
         out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
                    f"{_f(r['unseen_qlora_subset_mean'].get(m, float('nan')))} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
@@ -226,20 +242,20 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
             f"| shared-lora | {r['minutes']['shared-lora']:.2f} | {r['coa_steps']} steps, one target drawn per step |",
             *([f"| coa-no-theta | {r['minutes']['coa-no-theta']:.2f} | CoA-LoRA's {r['coa_steps']} steps replayed "
                "with M = I |"] if "coa-no-theta" in r["minutes"] else []),
-            f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} steps "
-            f"(targets only) |",
+            *([f"| qlora | {r['minutes']['qlora']:.2f} | {len(tnames)} x {r['baseline_steps_per_configuration']} "
+               "steps (targets only) |"] if "qlora" in r["minutes"] else []),
             *([f"| qlora-gptq | {r['minutes']['qlora-gptq']:.2f} | Σ of the calibration inputs + {len(tnames)} x "
                f"(GPTQ codes + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-gptq" in methods_of(r["rows"]) else []),
             *([f"| qlora-projq | {r['minutes']['qlora-projq']:.2f} | {len(tnames)} x (ProjQ codes + whitened-SVD "
                f"init + {r['baseline_steps_per_configuration']} steps) |"] if "qlora-projq" in methods_of(r["rows"]) else []),
-            f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
-            f"{r['baseline_steps_per_configuration']} steps) |",
+            *([f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
+               f"{r['baseline_steps_per_configuration']} steps) |"] if "lq-lora" in r["minutes"] else []),
             *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
                f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps ({name}'s total, shared) |",
                f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
                "unquantized base |"] if "lora-fp" in r["minutes"] else []),
-            f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
-            f"{r['baseline_steps_per_configuration']} steps |",
+            *([f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
+               f"{r['baseline_steps_per_configuration']} steps |"] if "qlora (unseen)" in r["minutes"] else []),
             "", f"Evaluation time: {ev}.", ""]
     out += [f"![{metric} vs average bits]({pngs[0]})", ""]
     if len(pngs) > 1:
@@ -357,8 +373,11 @@ def log_mlflow(uri: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str
                                  "jobs": ",".join(r["job"] for r in results)})
         for r in results:
             prefix = "" if len(results) == 1 else f"{r['job']}."
-            tracker.log_metrics({f"{prefix}gap_coa_minus_qlora": r["gap_coa_minus_qlora"],
-                                 f"{prefix}gap_coa_minus_lq_lora": r["gap_coa_minus_lq_lora"]}, step=0)
+            gaps = {f"{prefix}{k}": r[k] for k in ("gap_coa_minus_qlora", "gap_coa_minus_lq_lora")}
+            if r.get("paired_jobs"):  # the run's method against the paired job's, over all targets
+                pooled = [d for d in r["paired_jobs"]["rows"] if d["configuration"] == "all targets"]
+                gaps.update({f"{prefix}paired_jobs_difference_all_targets": d["difference"] for d in pooled})
+            tracker.log_metrics({k: v for k, v in gaps.items() if not math.isnan(v)}, step=0)
             for m in methods_of(r["rows"]):
                 name = m if len(results) == 1 else f"{r['job']}/{m}"
                 child = tracker.child(name)

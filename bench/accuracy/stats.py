@@ -98,9 +98,8 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         "targets": target_names, "unseen": unseen_names, "qlora_unseen": qlora_unseen,
         "mean_target": mean_target, "unseen_mean": unseen_mean, "unseen_qlora_subset_mean": unseen_q,
         "ilp_unseen": ilp_names, "ilp_unseen_mean": ilp_unseen_mean,
-        "gap_coa_minus_qlora": mean_target[main] - mean_target["qlora"],
-        "gap_coa_minus_lq_lora": mean_target[main] - mean_target["lq-lora"],
-        "gap_coa_minus_shared_lora": mean_target[main] - mean_target["shared-lora"],
+        **{f"gap_coa_minus_{m.replace('-', '_')}": mean_target[main] - mean_target.get(m, math.nan)
+           for m in ("qlora", "lq-lora", "shared-lora")},  # NaN for a job without per-configuration rows
         "coa_wins_on_targets": wins,
         "hv_reference": {"bits": list(bits_range), metric: ref}, "hypervolume_targets": hv_targets,
         "hypervolume_all_evaluated": hv_all, "minutes": minutes, "evaluation_minutes": eval_minutes,
@@ -115,6 +114,29 @@ def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]
         "paired": differences,
     }
 
+
+
+def mean_scores(per_seed: Sequence[Mapping[tuple[str, str], np.ndarray]]) -> dict[tuple[str, str], np.ndarray]:
+    """Each (method, configuration)'s per-example scores averaged over the seeds that all hold it: one run's
+    scores as they are, several seeds' as the pooled run they stand for."""
+    kept = [k for k in per_seed[0] if all(k in s for s in per_seed[1:])]
+    return {k: np.mean([np.asarray(s[k]) for s in per_seed], axis=0) for k in kept}
+
+
+def paired_across_jobs(result: Mapping[str, Any], scores: Mapping[tuple[str, str], np.ndarray],
+                       other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray]) -> dict[str, Any]:
+    """One job's run method against another job's (``bench.paired_with``: same model, data and seeds, e.g. another
+    ``adapter.init``), example by example on every configuration both evaluated under the same name, pooled like
+    a job's own paired table. A name may hold another allocation in each job (an ILP on another cost table):
+    ``same_configuration`` says, per name, whether the two encodings agree (if not, the row compares two methods
+    at one budget, each with its own allocation)."""
+    a, b = main_method(result), main_method(other)
+    mine, theirs = f"{a} ({result['job']})", f"{b} ({other['job']})"
+    names = [c for m, c in scores if m == a and (b, c) in other_scores]
+    table = {**{(mine, c): scores[(a, c)] for c in names}, **{(theirs, c): other_scores[(b, c)] for c in names}}
+    kind = "classification" if result["metric"] == "accuracy" else "causal-lm"
+    return {"against": str(other["job"]), "rows": paired.paired_table(table, mine, kind),
+            "same_configuration": {c: result["configurations"].get(c) == other["configurations"].get(c) for c in names}}
 
 
 def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], np.ndarray]]],
@@ -141,8 +163,7 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
         if row.get("init_error") is not None:
             pooled["init_error"] = float(np.mean([x["init_error"] for x in same]))
         rows.append(pooled)
-    kept = {(r["method"], r["configuration"]) for r in rows}
-    scores = {k: np.mean([np.asarray(s[k]) for _, s in runs], axis=0) for k in kept}
+    scores = mean_scores([s for _, s in runs])
     kind = "classification" if metric == "accuracy" else "causal-lm"
     differences = paired.paired_table(scores, main_method(first), kind)
     minutes = {m: float(np.mean([r["minutes"][m] for r in results])) for m in first["minutes"]}
@@ -170,6 +191,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "hv_targets": {m: round(v, 4) for m, v in r["hypervolume_targets"].items()},
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
             "paired_coa_minus": paired_summary(r.get("paired") or []),
+            **({"paired_jobs": paired_summary(r["paired_jobs"]["rows"])} if r.get("paired_jobs") else {}),
             "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
         }
     return out

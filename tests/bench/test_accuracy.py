@@ -34,16 +34,20 @@ def _overrides(model_dir: Path) -> list[str]:
     return [a for k, v in pairs.items() for a in ("--override", f"{k}={v}")]
 
 
-def _run(tmp: Path, model_dir: Path, uri: str, seeds: list[int] | None = None,
-         extra: list[str] = (), bench: str = "") -> tuple[dict, str]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = tmp / "bench.yaml"
+def _bench_yaml(seeds: list[int] | None = None, bench: str = "") -> str:
+    """quick.yaml with smaller per-configuration options, at ``seeds``, with ``bench`` added to its options."""
     quick = (ROOT / "conf" / "bench" / "quick.yaml").read_text()
     quick = quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5")
     if seeds is not None:
         quick = quick.replace("hv_reference: 0.5}", f"hv_reference: 0.5, seeds: {seeds}}}")
-    quick = quick.replace("hv_reference: 0.5", f"hv_reference: 0.5{bench}")
-    config.write_text(quick)
+    return quick.replace("hv_reference: 0.5", f"hv_reference: 0.5{bench}")
+
+
+def _run(tmp: Path, model_dir: Path, uri: str, seeds: list[int] | None = None,
+         extra: list[str] = (), bench: str = "", text: str | None = None) -> tuple[dict, str]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = tmp / "bench.yaml"
+    config.write_text(text if text is not None else _bench_yaml(seeds, bench))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -234,4 +238,63 @@ def test_a_lota_job_runs_in_the_run_methods_place(tiny_model_dir, tmp_path):
     raw = json.loads((tmp_path / "out" / "results" / "accuracy.json").read_text())["jobs"][0]
     assert raw["config"]["search"]["space"] == str(space)
     md = (tmp_path / "out" / "results.md").read_text()
-    assert md.startswith("# LoTA vs per-configuration fine-tuning") and "Gap LoTA − QLoRA" in md
+    assert md.startswith("# LoTA vs per-configuration fine-tuning") and "LoTA − QLoRA **" in md
+
+
+def test_a_job_paired_with_another_runs_the_product_path_only_and_pairs_their_run_methods(two_runs, tiny_model_dir,
+                                                                                          tmp_path):
+    """A second job of the file that varies the init (adapter.init projq-shared), with per_configuration false and
+    paired_with the first: the first is reused from its saved runs, the second trains only the product path, and
+    its run method is paired with the first's example by example on the configurations both evaluated."""
+    import shutil
+
+    import yaml
+
+    base, uri, (head, _), _ = two_runs
+    data = yaml.safe_load(_bench_yaml())
+    second = {**data["jobs"][0], "name": "minilm-reviews-projq-shared",
+              "bench": {"per_configuration": False, "paired_with": "minilm-reviews", "hv_reference": 0.5}}
+    second["run"] = {**second["run"], "adapter": {**second["run"]["adapter"], "init": "projq-shared"}}
+    data["jobs"].append(second)
+    shutil.copytree(base / "a" / "results" / "jobs", tmp_path / "results" / "jobs")
+    both, stdout = _run(tmp_path, tiny_model_dir, uri, text=yaml.safe_dump(data, sort_keys=False))
+    assert "[minilm-reviews] finished before" in stdout
+    assert "[minilm-reviews-projq-shared] coa-lora run (product path" in stdout
+    assert "minilm-reviews-projq-shared] " + "per-configuration trainings" not in stdout
+    job, first = both["minilm-reviews-projq-shared"], both["minilm-reviews"]
+    assert first["mean_target"] == head["minilm-reviews"]["mean_target"]
+    assert set(job["mean_target"]) == {"coa-lora", "coa-no-theta", "shared-lora", "no-adapter"}
+    assert job["gap_coa_minus_qlora"] != job["gap_coa_minus_qlora"]  # NaN: no QLoRA rows in this job
+    pooled = job["paired_jobs"]["coa-lora (minilm-reviews)"]
+    assert set(TARGETS) | {"all targets", "all unseen", "all ilp-unseen"} <= set(pooled)
+    # accuracy pairs example by example: the pooled difference is the difference of the two jobs' target means
+    assert pooled["all targets"][0] == pytest.approx(
+        job["mean_target"]["coa-lora"] - first["mean_target"]["coa-lora"], abs=2e-4)
+    assert pooled["all targets"][1] <= pooled["all targets"][0] <= pooled["all targets"][2]
+    raw = json.loads((tmp_path / "results" / "accuracy.json").read_text())["jobs"][1]
+    assert raw["config"]["adapter"]["init"] == "projq-shared"
+    assert all(raw["paired_jobs"]["same_configuration"][t] for t in TARGETS)  # the base is quantized alike
+    md = (tmp_path / "results.md").read_text()
+    assert "### Against job minilm-reviews" in md and "coa-lora (minilm-reviews-projq-shared) − other" in md
+
+
+def test_a_pairing_that_cannot_pair_is_refused_before_compute(tmp_path):
+    """paired_with must name another job of the file, and the two must share model, data, targets and seeds."""
+    import yaml
+
+    from bench.accuracy.jobs import check_pairing, job_config, load_bench
+    from orchestrator.config import ConfigError
+
+    data = yaml.safe_load(_bench_yaml())
+    data["jobs"][0]["bench"]["paired_with"] = "minilm-reviews"
+    path = tmp_path / "self.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="another job of the file"):
+        load_bench(path)
+    first = yaml.safe_load(_bench_yaml())["jobs"][0]
+    other = {**first, "name": "other", "run": {**first["run"], "data": {**first["run"]["data"], "val_examples": 64}}}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg, other_cfg = (job_config(j, [], tmp_path, uri)[0] for j in (first, other))
+    with pytest.raises(ConfigError, match="differs in data"):
+        check_pairing(first, cfg, other, other_cfg)
+    check_pairing(first, cfg, {**first, "name": "same"}, cfg)  # the same model and data pair
