@@ -254,7 +254,8 @@ def test_a_job_paired_with_another_runs_the_product_path_only_and_pairs_their_ru
     data = yaml.safe_load(_bench_yaml())
     second = {**data["jobs"][0], "name": "minilm-reviews-projq-shared",
               "bench": {"per_configuration": False, "paired_with": "minilm-reviews", "hv_reference": 0.5}}
-    second["run"] = {**second["run"], "adapter": {**second["run"]["adapter"], "init": "projq-shared"}}
+    second["run"] = {**second["run"], "adapter": {**second["run"]["adapter"], "init": "projq-shared",
+                                                             "reference": "none"}}
     data["jobs"].append(second)
     shutil.copytree(base / "a" / "results" / "jobs", tmp_path / "results" / "jobs")
     both, stdout = _run(tmp_path, tiny_model_dir, uri, text=yaml.safe_dump(data, sort_keys=False))
