@@ -46,7 +46,11 @@ method); ``results/accuracy.json`` (every row, timings, hypervolumes, the resolv
 Paired differences: CoA-LoRA minus every other method on the same validation examples, per configuration and pooled over
 the targets and the unseen configurations, with 95% intervals over the examples (``orchestrator.loop.paired``; the
 driver's methods from the run's final/examples.safetensors, the per-configuration baselines scored the same way):
-in results.md and in the headline (``paired_coa_minus``). MLflow: one parent run (experiment ``coalora-bench``) with one nested run per method (per job and method when the
+in results.md and in the headline (``paired_coa_minus``). Two jobs of one file can be compared directly: a job with ``bench.paired_with: <other job>`` (same model, data,
+targets and seeds; e.g. another ``adapter.init``) has its run method paired with the other job's, example by
+example, on every configuration both evaluated (``paired_jobs`` in accuracy.json and the headline, "Against job"
+in results.md); ``bench.per_configuration: false`` leaves out its per-configuration rows when they would repeat
+the other job's (conf/bench/projq-shared.yaml). MLflow: one parent run (experiment ``coalora-bench``) with one nested run per method (per job and method when the
 file has several jobs); the product runs themselves go to experiment ``coalora-bench-product``. The last stdout
 line is one JSON object with the headline figures.
 

@@ -21,15 +21,12 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import ConfigError, build_config
 from orchestrator.runs import start_run
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "orchestrator"))
+from stack import free_port  # noqa: E402  (tests/orchestrator/stack.py: the services' port helper)
+
 
 def snapshot(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refused(config: dict, match: str, tmp_path: Path, bound_s: float) -> None:

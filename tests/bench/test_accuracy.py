@@ -35,9 +35,11 @@ def _overrides(model_dir: Path) -> list[str]:
 
 
 def _bench_yaml(seeds: list[int] | None = None, bench: str = "") -> str:
-    """quick.yaml with smaller per-configuration options, at ``seeds``, with ``bench`` added to its options."""
+    """quick.yaml with smaller per-configuration options but every row (the GPTQ / ProjQ ones too), at ``seeds``,
+    with ``bench`` added to its options."""
     quick = (ROOT / "conf" / "bench" / "quick.yaml").read_text()
-    quick = quick.replace("qlora_unseen: 4", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5")
+    quick = quick.replace("qlora_unseen: 1", f"qlora_unseen: {QLORA_UNSEEN}").replace("lq_iterations: 100", "lq_iterations: 5")
+    quick = quick.replace("qlora_gptq: false,\n            qlora_projq: false", "qlora_gptq: true, qlora_projq: true")
     if seeds is not None:
         quick = quick.replace("hv_reference: 0.5}", f"hv_reference: 0.5, seeds: {seeds}}}")
     return quick.replace("hv_reference: 0.5", f"hv_reference: 0.5{bench}")
