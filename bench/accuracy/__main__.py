@@ -32,8 +32,12 @@ from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 
 
 def _fingerprint(job: dict[str, Any], overrides: Sequence[str], seed: int | None) -> str:
-    """What one run of a job depends on that the command line can change: its YAML entry, the overrides, the seed."""
-    return json.dumps({"job": job, "overrides": list(overrides), "seed": seed}, sort_keys=True, default=str)
+    """What one run of a job depends on that the command line can change: its YAML entry, the overrides, the seed.
+    Not ``bench.seeds``: which other seeds the job pools does not change this seed's run, so a job extended from
+    seeds [0, 1] to [0, 1, 2] (or cut back) reuses the seeds it has."""
+    bench = {k: v for k, v in (job.get("bench") or {}).items() if k != "seeds"}
+    return json.dumps({"job": {**job, "bench": bench}, "overrides": list(overrides), "seed": seed}, sort_keys=True,
+                      default=str)
 
 
 def save_job(res_dir: Path, key: str, fingerprint: str, result: dict[str, Any],
@@ -54,7 +58,8 @@ def finished_job(res_dir: Path, key: str, fingerprint: str, log) -> tuple[dict, 
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if record["fingerprint"] != fingerprint:
+    stored = json.loads(record["fingerprint"])  # recomputed: a record saved before a rule changed still matches
+    if _fingerprint(stored["job"], stored["overrides"], stored["seed"]) != fingerprint:
         log(f"[{key}] {path} was run with other settings: running it again")
         return None
     saved = load(path.with_suffix(".safetensors").read_bytes())

@@ -217,6 +217,29 @@ def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_mod
     assert finished_job(results, "minilm-reviews", _fingerprint(job, changed, None), print) is None
 
 
+def test_a_seed_run_is_reused_when_the_job_pools_other_seeds(tmp_path):
+    """bench.seeds lists the seeds a job pools; one seed's run does not depend on it, so extending [0, 1] to
+    [0, 1, 2] reuses seeds 0 and 1, also from a record saved when the whole YAML entry was its fingerprint."""
+    import numpy as np
+
+    from bench.accuracy.__main__ import _fingerprint, finished_job, save_job
+
+    job = {"name": "j", "bench": {"seeds": [0, 1], "qlora_unseen": 0}, "run": {"training": {"lr": 1e-3}}}
+    save_job(tmp_path, "j-seed1", _fingerprint(job, [], 1), {"x": 1}, {("m", "c"): np.zeros(2)}, 1.0)
+    extended = {**job, "bench": {"seeds": [0, 1, 2], "qlora_unseen": 0}}
+    assert finished_job(tmp_path, "j-seed1", _fingerprint(extended, [], 1), print) is not None
+    assert finished_job(tmp_path, "j-seed1", _fingerprint(extended, [], 2), print) is None
+    assert finished_job(tmp_path, "j-seed1", _fingerprint({**extended, "run": {"training": {"lr": 2e-3}}}, [], 1),
+                        print) is None
+    assert finished_job(tmp_path, "j-seed1", _fingerprint({**extended, "bench": {"seeds": [1], "qlora_unseen": 2}},
+                                                          [], 1), print) is None
+    record = tmp_path / "jobs" / "j-seed1.json"
+    legacy = json.loads(record.read_text())
+    legacy["fingerprint"] = json.dumps({"job": job, "overrides": [], "seed": 1}, sort_keys=True, default=str)
+    record.write_text(json.dumps(legacy))
+    assert finished_job(tmp_path, "j-seed1", _fingerprint(extended, [], 1), print) is not None
+
+
 def test_a_lota_job_runs_in_the_run_methods_place(tiny_model_dir, tmp_path):
     """A job of adapter.kind lota over a space of int codes goes through the same protocol: LoTA is the run's
     method (its rows, the paired differences and the gaps are LoTA's), the per-configuration rows train on the same
