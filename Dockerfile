@@ -29,8 +29,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     RAY_USAGE_STATS_ENABLED=0
 
 # The CUDA runtime images carry no Python; the slim Python image carries no procps (healthchecks use pgrep).
+# tcmalloc: training.allocator auto preloads it into the Ray workers (lower peak memory, docs/performance.md).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends procps curl ca-certificates \
+ && apt-get install -y --no-install-recommends procps curl ca-certificates libtcmalloc-minimal4 \
  && if ! command -v python3 >/dev/null; then \
         apt-get install -y --no-install-recommends python3 python3-venv python3-dev; \
     elif ! python3 -c "import venv, ensurepip" 2>/dev/null; then \

@@ -12,7 +12,9 @@ fixed batch, rank 16 on every target matrix, forward + backward to the trainable
 
 Timing: all variants in one process, interleaved (A, B, C, ... repeated), medians. Memory: one process per
 variant, peak RSS of that process: ``peft``, ``qlora``, ``coa`` (the default job's K = 2, warm and cold steps, the
-default cache), and ``peft`` / ``coa`` again under ``training.low_memory``'s allocator policy (workers/allocator.py).
+default cache, started as a Ray worker is: with ``training.allocator``'s default preloaded), ``coa-system`` (the
+same with the C library's allocator), and ``peft`` / ``coa`` again under ``training.low_memory``'s policy
+(workers/allocator.py).
 Ratios are vs ``peft`` in the same run. The last line is one JSON object with every figure.
 
     python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1]
@@ -36,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from orchestrator.config import TrainingSection  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
-from workers.allocator import pin_mmap_threshold  # noqa: E402
+from workers.allocator import pin_mmap_threshold, preload_library, worker_env  # noqa: E402
 from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.quant.cache import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
@@ -51,7 +54,8 @@ SEED = 0
 KS = (1, 2, 4)
 SHAPES = {"minilm": ("classification", 16, 64), "smollm2": ("causal-lm", 8, 64)}
 TIMING_CACHE_MB = 1024.0  # room for K = 4 configurations, so "warm" means warm for every K
-MEMORY_VARIANTS = ("peft", "qlora", "coa", "peft-low-memory", "coa-low-memory")
+MEMORY_VARIANTS = ("peft", "qlora", "coa", "coa-system", "peft-low-memory", "coa-low-memory")
+PRELOADED = {"coa"}  # started with the default allocator, as the workers are (the others with the C library's)
 
 
 # ---- the three set-ups on one batch --------------------------------------------------------------------------------
@@ -145,6 +149,7 @@ def memory_child(model_name: str, variant: str) -> None:
     if variant.endswith("-low-memory"):
         pin_mmap_threshold()
         variant = variant.removesuffix("-low-memory")
+    variant = variant.removesuffix("-system")
     base = base_model(model_name)
     if variant == "qlora":
         base = nf4_model(base)
@@ -171,13 +176,16 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def memory(model_name: str, threads: int) -> dict[str, float]:
+def memory(model_name: str, threads: int) -> tuple[dict[str, float], str]:
+    """Peak RSS per variant, and the allocator ``coa`` ran with."""
+    preload = preload_library(TrainingSection.model_fields["allocator"].default)
     peaks = {}
     for variant in MEMORY_VARIANTS:
+        env = {**os.environ, "LD_PRELOAD": ""} | (worker_env(preload) if variant in PRELOADED else {})
         out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant, "--threads", str(threads)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    return peaks
+    return peaks, preload or "system"
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ def main() -> None:
         if model_name not in SHAPES:
             parser.error(f"unknown model {model_name!r}; choose from {sorted(SHAPES)}")
         seconds = time_model(model_name, args.repeats)
-        peaks = memory(model_name, args.threads)
+        peaks, allocator = memory(model_name, args.threads)
         ratio = {name: round(s / seconds["peft"], 3) for name, s in seconds.items()}
         rss_ratio = {name: round(mb / peaks["peft"], 3) for name, mb in peaks.items()}
         task, batch, length = SHAPES[model_name]
@@ -208,9 +216,10 @@ def main() -> None:
         print(f"{'variant':<14} {'s/config':>9} {'vs peft':>8}")
         for name, s in seconds.items():
             print(f"{name:<14} {s:>9.3f} {ratio[name]:>7.2f}x")
-        print(f"{'peak RSS':<14} " + "  ".join(f"{v} {mb:.0f} MiB ({rss_ratio[v]:.2f}x)" for v, mb in peaks.items()))
+        print(f"{'peak RSS':<14} " + "  ".join(f"{v} {mb:.0f} MiB ({rss_ratio[v]:.2f}x)" for v, mb in peaks.items())
+              + f"  (coa's allocator: {allocator})")
         figures[model_name] = {"seconds_per_config": seconds, "vs_peft": ratio, "peak_rss_mb": peaks,
-                               "rss_vs_peft": rss_ratio}
+                               "rss_vs_peft": rss_ratio, "coa_allocator": allocator}
     print(json.dumps(figures))
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.space import DEFAULT_SPACE_FILE, SearchSpace, parse_code, show_value
+from workers.allocator import preload_library
 from workers.data.packaged import PACKAGED_TASKS
 from workers.quant.cache import DEFAULT_CACHE_MB
 
@@ -176,6 +177,16 @@ class TrainingSection(_Section):
                                         "a configuration whose weights are not kept is quantized again")
     low_memory: bool = Field(False, description="CPU workers: return large freed blocks to the OS (glibc mmap "
                                                 "threshold pinned); peak memory about PEFT's, steps ~30% slower")
+    allocator: str = Field("auto", description="the Ray workers' memory allocator, preloaded: auto (tcmalloc when "
+                                               "the machine has it, else the C library's), system, tcmalloc, "
+                                               "jemalloc, mimalloc, or an absolute path to a shared library "
+                                               "(workers/allocator.py)")
+
+    @field_validator("allocator")
+    @classmethod
+    def _allocator_exists(cls, value: str) -> str:
+        preload_library(value)  # a missing library is refused here, before any compute
+        return value
 
 
 class SearchSection(_Section):

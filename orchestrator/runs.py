@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from search.pareto import segment_index
+from workers.allocator import loaded, preload_library
 from workers.worker import WorkerSpec
 
 from .config import ConfigError, RunConfig, build_config
@@ -53,7 +55,8 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         fisher_examples=cfg.search.fisher_examples, cost_sample=cfg.search.cost_sample, methods=methods,
         threads=max(1, int(cfg.cluster.cpus_per_worker)), reference=cfg.adapter.reference,
         encoder_hidden=cfg.adapter.encoder_hidden, cache_mb=cfg.training.cache_mb,
-        low_memory=cfg.training.low_memory, quant_method=cfg.quant.method,
+        low_memory=cfg.training.low_memory, preload=preload_library(cfg.training.allocator),
+        quant_method=cfg.quant.method,
         calibration_examples=cfg.quant.calibration_examples, prefit_steps=cfg.adapter.prefit_steps,
         split_seed=cfg.data.split_seed,
     )
@@ -85,6 +88,10 @@ def _executor(cfg: RunConfig, spec: WorkerSpec, address: str | None):
     from .executor import LocalExecutor, RayExecutor
 
     if cfg.cluster.executor == "local":
+        if spec.preload and cfg.training.allocator != "auto" and not loaded(spec.preload):
+            warnings.warn(f"training.allocator = {cfg.training.allocator!r} reaches Ray workers only: the local "
+                          f"executor trains in this process, started without it (LD_PRELOAD={spec.preload} python "
+                          "... would use it)", stacklevel=2)
         return LocalExecutor(spec)
     return RayExecutor(spec, cfg.cluster.workers, cpus=cfg.cluster.cpus_per_worker, gpus=cfg.cluster.gpus_per_worker,
                        max_restarts=cfg.cluster.max_restarts, address=address or cfg.cluster.address,

@@ -15,17 +15,21 @@ from typing import Any
 
 import ray
 
+from .allocator import worker_env
 from .worker import Worker, WorkerSpec
 
 
 def create_actors(
     spec: WorkerSpec, n: int, *, num_cpus: float, num_gpus: float, max_restarts: int
 ) -> list[Any]:
-    """``n`` worker actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs (fractions allowed)."""
+    """``n`` worker actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs (fractions allowed), started
+    with ``spec.preload``'s allocator (a preload must be in the environment before the process starts)."""
+    env = worker_env(spec.preload)
     remote_cls = ray.remote(Worker).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1,
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
     return [remote_cls.remote(spec) for _ in range(n)]

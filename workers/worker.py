@@ -71,6 +71,7 @@ class WorkerSpec:
     encoder_hidden: int = 128
     cache_mb: float = DEFAULT_CACHE_MB  # each replica's quantized-weight cache (workers.quant.cache.QuantCache)
     low_memory: bool = False  # pin glibc's mmap threshold (workers/allocator.py): less memory, slower steps
+    preload: str | None = None  # the allocator library the Ray actors start with (LD_PRELOAD; None: the C library's)
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
     prefit_steps: int = 0  # projq-shared: Adam steps fitting θ to the per-configuration corrections (0: none)

@@ -60,6 +60,8 @@ def with_(config: dict, section: str, **values) -> dict:
         ("evaluation", {"baselines": ["full_ft"]}, r"evaluation\.baselines\.0 = 'full_ft'"),
         ("training", {"lr": 0}, r"training\.lr = 0"),
         ("training", {"configs_per_step": 0}, r"training\.configs_per_step = 0"),
+        ("training", {"allocator": "tcmallok"}, r"training\.allocator = 'tcmallok'.*must be one of \['auto', 'system'"),
+        ("training", {"allocator": "/no/libfast.so"}, r"training\.allocator.*no such file /no/libfast\.so"),
         ("cluster", {"workers": 0}, r"cluster\.workers = 0"),
         ("cluster", {"gpus_per_worker": -1}, r"cluster\.gpus_per_worker = -1"),
         ("cluster", {"gpus_per_worker": 1}, r"gpus_per_worker > 0 needs cluster\.executor = 'ray'"),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import build_config
-from orchestrator.runs import start_run
+from orchestrator.executor import RayExecutor
+from orchestrator.runs import start_run, worker_spec
 from orchestrator.state import Ledger
+from workers.allocator import preload_library
 
 
 @pytest.fixture
@@ -67,3 +72,26 @@ def test_worker_killed_during_evaluation_run_completes_without_duplicates(make_c
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "hypervolume")] == [0, 1, 2]
     children = client.search_runs([parent.info.experiment_id], "tags.`coalora.role` = 'child'")
     assert sorted(c.data.tags["coalora.child"] for c in children) == ["coa-lora", "no-adapter"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: a Linux mechanism")
+def test_workers_start_with_the_configured_allocator_and_train_the_same(make_config, ray_session):
+    """training.allocator reaches the Ray worker processes (the library is mapped there, preloaded before Python
+    started), and the run's numbers do not depend on it: torch aligns its buffers itself."""
+    lib = preload_library("mimalloc")
+    rows = {}
+    for allocator in ("system", "mimalloc"):
+        config, _ = make_config(run={"name": allocator}, training={"allocator": allocator},
+                                cluster={"executor": "ray", "workers": 1, "cpus_per_worker": 1})
+        cfg = build_config(config)
+        spec = worker_spec(cfg)
+        assert spec.preload == (lib if allocator == "mimalloc" else None)
+        executor = RayExecutor(spec, 1, cpus=1, gpus=0, max_restarts=0, address=None)
+        try:
+            (pid,) = executor.pids()
+            mapped = Path(f"/proc/{pid}/maps").read_text()
+        finally:
+            executor.shutdown()
+        assert (Path(lib).name.split(".so")[0] in mapped) == (allocator == "mimalloc")
+        _, rows[allocator] = start_run(cfg, progress=False)
+    assert rows["system"] == rows["mimalloc"]

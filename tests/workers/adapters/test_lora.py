@@ -144,16 +144,3 @@ def test_wrap_targets_seeded(make_model):
     a = wrap_targets(make_model("llama"), ModuleRegistry.from_model(make_model("llama")), 4, 8.0, seed=3)
     b = wrap_targets(make_model("llama"), ModuleRegistry.from_model(make_model("llama")), 4, 8.0, seed=3)
     assert all(torch.equal(x.lora_A, y.lora_A) for x, y in zip(a, b))
-
-
-def test_low_memory_pins_the_allocator_threshold():
-    """glibc: mallopt succeeds; elsewhere nothing changes and False is returned. In a child process: the policy is
-    process-wide and would slow every later test of this one."""
-    import platform
-    import subprocess
-    import sys
-
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    out = subprocess.run([sys.executable, "-c", "from workers.allocator import pin_mmap_threshold as p; "
-                          "print(p(), p(), p.cache_info().currsize)"], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(glibc), str(glibc), "1"]
