@@ -75,20 +75,20 @@ def preload_library(allocator: str) -> str | None:
     this machine, to preload into the workers; None for the C library's own. Raises ValueError, naming what to
     install, when a named allocator is missing: better refused before a run than a run that silently uses another.
     """
+    path = Path(allocator)
+    if allocator not in ALLOCATORS and not (path.is_absolute() and ".so" in path.name):
+        raise ValueError(f"training.allocator must be one of {list(ALLOCATORS)} or an absolute path to a shared "
+                         f"library, got {allocator!r}")
     if allocator == "system" or not _glibc():
         return None
     if allocator == "auto":
         return _find("tcmalloc")
-    if allocator in _SONAMES or allocator == "mimalloc":
+    if allocator in ALLOCATORS:
         found = _find(allocator)
         if found is None:
             raise ValueError(f"training.allocator = {allocator!r}, but this machine has no {allocator} library: "
                              f"{_INSTALL[allocator]}, or choose one of {list(ALLOCATORS)}")
         return found
-    path = Path(allocator)
-    if not path.is_absolute() or ".so" not in path.name:
-        raise ValueError(f"training.allocator must be one of {list(ALLOCATORS)} or an absolute path to a shared "
-                         f"library, got {allocator!r}")
     if not path.is_file():
         raise ValueError(f"training.allocator: no such file {allocator}")
     return str(path)
