@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from .allocator import worker_env
+from .allocator import actor_options
 from .worker import Worker, WorkerSpec
 
 
@@ -24,12 +24,11 @@ def create_actors(
 ) -> list[Any]:
     """``n`` worker actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs (fractions allowed), started
     with ``spec.preload``'s allocator (a preload must be in the environment before the process starts)."""
-    env = worker_env(spec.preload)
     remote_cls = ray.remote(Worker).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1,
-        **({"runtime_env": {"env_vars": env}} if env else {}),
+        **actor_options(spec.preload),
     )
     return [remote_cls.remote(spec) for _ in range(n)]

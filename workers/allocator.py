@@ -55,8 +55,10 @@ def _glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+@lru_cache(maxsize=None)
 def _find(name: str) -> str | None:
-    """The library that provides allocator ``name`` on this machine, or None."""
+    """The library that provides allocator ``name`` on this machine, or None (looked up once per process:
+    ``find_library`` runs ``ldconfig``, and every configuration built validates its allocator)."""
     if name == "mimalloc":  # the cmeel-mimalloc wheel puts it under <site-packages>/cmeel.prefix/lib
         for where in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
             found = sorted(Path(where, "cmeel.prefix", "lib").glob("libmimalloc.so*"))
@@ -97,6 +99,13 @@ def preload_library(allocator: str) -> str | None:
 def worker_env(library: str | None) -> dict[str, str]:
     """Environment variables that make a new worker process allocate through ``library`` (none for None)."""
     return {} if library is None else {"LD_PRELOAD": library}
+
+
+def actor_options(library: str | None) -> dict[str, dict]:
+    """Ray actor options that start the actor's process with ``library`` preloaded; none for None, so actors
+    without a preload share Ray's default worker pool."""
+    env = worker_env(library)
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def loaded(library: str) -> bool:

@@ -21,7 +21,7 @@ from orchestrator.loop.optim import MasterState, train_config, weighted_mean
 from orchestrator.runs import worker_spec
 from orchestrator.loop.schedule import batch_ids
 from workers.adapters.lora import LoRAModel
-from workers.allocator import preload_library, worker_env
+from workers.allocator import actor_options, preload_library
 from workers.baselines import lq_lora, projq_lora
 from workers.fisher import layer_fisher
 from workers.training import TrainConfig
@@ -202,9 +202,9 @@ def run_baselines(cfg: RunConfig, opts: Mapping[str, Any], calls: Sequence[tuple
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # bench/ is not installed: ship it by value
     init_ray(cfg.cluster.address, None)  # started by the CoA-LoRA run already unless it ran in-process
-    env = worker_env(preload_library(cfg.training.allocator))  # the same allocator as the run's workers
+    preload = preload_library(cfg.training.allocator)  # the same allocator as the run's workers
     actor = ray.remote(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=cfg.cluster.gpus_per_worker,
-                       **({"runtime_env": {"env_vars": env}} if env else {}))(BaselineReplica)
+                       **actor_options(preload))(BaselineReplica)
     replicas = [actor.remote(cfg.model_dump(mode="json"), dict(opts)) for _ in range(cfg.cluster.workers)]
     try:
         refs = [replicas[i % len(replicas)].run.remote(method, x) for i, (method, _, x) in enumerate(calls)]
