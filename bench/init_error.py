@@ -10,6 +10,8 @@ nothing; lower is better.
 
 Table 1, every target matrix, round-to-nearest codes:
   svd_of_W            B·A = rank-r SVD of W, base quant(W − B·A) (LQ-LoRA/LoftQ's one-step form; coalora's svd_of_W)
+  lq-shared           B·A = one L for the space's code widths by LQ-LoRA's alternation (adapter.init: lq-shared, at
+                      adapter.init_iterations' default), base quant(W − B·A)
   projq (own)         each configuration's own whitened SVD of its error: one adapter per configuration, the best any
                       rank-r adapter can do on these codes (J_r); QLoRA with ProjQ's init, without noise shaping
   shared, exact cores projq-shared's limit: one (U, V) for the set, each configuration's best r×r core inside it
@@ -46,6 +48,7 @@ from workers.calibration import coa_covariances  # noqa: E402
 from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.data.packaged import packaged_source  # noqa: E402
 from workers.adapters.lora import truncated_svd_factors  # noqa: E402
+from workers.init.lq import code_settings, shared_lq_decompose  # noqa: E402
 from workers.init.projq import (  # noqa: E402
     apply_shared_init,
     projected_hessian,
@@ -102,6 +105,8 @@ def every_matrix(model: CoAModel, covariances: dict[str, torch.Tensor], settings
         w = layer.weight.detach()
         y, _ = whitening(covariances[layer.name])
         l1, l2 = truncated_svd_factors(w, layer.rank)
+        lq = shared_lq_decompose(w, code_settings(model.space, layer.in_features), layer.rank, seed=seed)
+        low = lq.l1 @ lq.l2
         errors = []
         for s in settings:
             error = w - fake_quantize(w, s)
@@ -110,6 +115,7 @@ def every_matrix(model: CoAModel, covariances: dict[str, torch.Tensor], settings
             add("zero_B", s, 1.0)
             add("svd_of_W", s, whitened_ratio((w - l1 @ l2) - fake_quantize(w - l1 @ l2, s), y,
                                               references[layer.name, s]))
+            add("lq-shared", s, whitened_ratio((w - low) - fake_quantize(w - low, s), y, references[layer.name, s]))
             add("projq (own)", s, uncorrectable_error(error, y, layer.rank) / references[layer.name, s])
         sub = shared_subspace(errors, y, layer.rank)
         for s, left in zip(settings, (sub.residual() / sub.energy).tolist()):

@@ -117,14 +117,18 @@ class AdapterSection(_Section):
     omega: float = Field(0.75, gt=0, lt=1, description="kind lota: the threshold ω as a fraction of the rank (a code "
                                                       "moves where |B·A| > ω·r; the paper's 0.75)")
     alpha: float = Field(16.0, gt=0)
-    init: Literal["zero_B", "svd_of_W", "projq-shared"] = Field(
+    init: Literal["zero_B", "svd_of_W", "lq-shared", "projq-shared"] = Field(
         "zero_B", description="zero_B (B = 0, base quant(W)); svd_of_W (B·A = rank-r SVD of W, base quant(W − B·A)); "
+                              "lq-shared (LQ-LoRA's alternation for one B·A shared by the space's code widths, base "
+                              "quant(W − B·A) for every configuration: workers/init/lq.py); "
                               "projq-shared (base quant(W); B, A span the initial pool's common quantization-error "
                               "subspace, whitened by each matrix's inputs, and θ is fitted to each configuration's "
                               "correction in it: docs/projq.md)")
     prefit_steps: int = Field(0, ge=0, le=100_000, description="projq-shared: Adam steps fitting θ to the "
                               "configurations' corrections before training (0: θ starts at M ≈ I). Off by default: "
                               "fitted, θ's M lie far from I and CoA-LoRA stopped learning on MiniLM (docs/projq.md)")
+    init_iterations: int = Field(10, gt=0, le=1000, description="lq-shared: at most this many alternations per "
+                                 "matrix (it stops at the first rise of the error and keeps the best iterate)")
     encoder_hidden: int = Field(128, gt=0)
     reference: Literal["none", "most_precise"] = Field(
         "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
@@ -148,7 +152,7 @@ class AdapterSection(_Section):
     @property
     def quantizes_residual(self) -> bool:
         """Whether the quantized base is quant(W − L) rather than quant(W) (the no-adapter baseline needs quant(W))."""
-        return self.init == "svd_of_W"
+        return self.init in ("svd_of_W", "lq-shared")
 
 
 class QuantSection(_Section):

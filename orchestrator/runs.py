@@ -58,6 +58,7 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         low_memory=cfg.training.low_memory, preload=preload_library(cfg.training.allocator),
         quant_method=cfg.quant.method,
         calibration_examples=cfg.quant.calibration_examples, prefit_steps=cfg.adapter.prefit_steps,
+        init_iterations=cfg.adapter.init_iterations,
         split_seed=cfg.data.split_seed,
     )
 

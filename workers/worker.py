@@ -28,6 +28,7 @@ from .adapters.lora import LoRAModel
 from .adapters.lota import BlockwiseLoTAModel
 from .data import DataPlan, DataSpec
 from .fisher import layer_fisher, setting_costs
+from .init.lq import SHARED_LQ_INIT, apply_shared_lq
 from .init.projq import SHARED_INIT, apply_shared_init
 from .quant.cache import DEFAULT_CACHE_MB, merge_cache_stats
 from .models import quiet_transformers
@@ -75,6 +76,7 @@ class WorkerSpec:
     quant_method: str = "rtn"  # "gptq": codes chosen under each matrix's input statistics (workers/calibration.py)
     calibration_examples: int = 128
     prefit_steps: int = 0  # projq-shared: Adam steps fitting θ to the per-configuration corrections (0: none)
+    init_iterations: int = 10  # lq-shared: alternations of the shared decomposition (workers/init/lq.py)
     split_seed: int | None = None  # which examples are held out (None: seed); seed alone then sets the training order
 
     def source(self) -> tuple[DataSpec, DataPlan]:
@@ -120,12 +122,17 @@ class Worker:
         if unknown or "main" not in spec.methods:
             raise ValueError(f"worker methods must include 'main' and be among {list(METHOD_MODELS)}, got {spec.methods}")
         self.models: dict[str, LoRAModel] = {}
-        layer_init = "zero_B" if spec.init == SHARED_INIT else spec.init  # projq-shared sets B, A later
+        # projq-shared (B, A from the training configurations, later) and lq-shared (below) build from zero_B
+        layer_init = "zero_B" if spec.init in (SHARED_INIT, SHARED_LQ_INIT) else spec.init
         for name, init in (("shared", layer_init), ("bare", "zero_B")):
             if name in spec.methods:  # its own copy of the frozen base, so the replicas never interfere
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         self.models["main"] = self._main_model(task.model, layer_init)
+        self._init_stats: dict[str, float] = {}
+        if spec.init == SHARED_LQ_INIT:  # one L per matrix, adopted by CoA-LoRA and Shared-LoRA alike
+            self._init_stats = apply_shared_lq([self.models[n] for n in ("main", "shared") if n in self.models],
+                                               self.space, spec.rank, iterations=spec.init_iterations, seed=spec.seed)
         for model in self.models.values():
             model.eval()
         self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
@@ -175,6 +182,11 @@ class Worker:
         stats = apply_shared_init(model, [self.space.decode(np.asarray(c)) for c in configurations],
                                   self.covariances(), fit_steps=self.spec.prefit_steps, seed=self.spec.seed)
         return model.trainable_state(), stats
+
+    def init_stats(self) -> dict[str, float]:
+        """The figures of an init computed as the replicas were built (``lq-shared``: its error relative to
+        quantizing W, and the iterate kept; empty for the others)."""
+        return dict(self._init_stats)
 
     def covariances(self) -> dict[str, torch.Tensor]:
         """Σ = XᵀX/N of every target matrix's inputs on the first ``calibration_examples`` training examples (the

@@ -35,6 +35,7 @@ from search.pareto import segment_edges, segment_index
 from search.searcher import ParetoSearcher
 from search.space import SearchSpace
 from workers.quant.cache import merge_cache_stats
+from workers.init.lq import SHARED_LQ_INIT
 from workers.init.projq import SHARED_INIT
 from workers.training import lr_factor
 
@@ -144,6 +145,8 @@ class Driver:
         self.ledger.append("initial_pool", configs=[key(x) for x in self.pool])
         if cfg.adapter.init == SHARED_INIT:
             self._shared_init()
+        elif cfg.adapter.init == SHARED_LQ_INIT:  # built into every worker's replicas: only its figures to log
+            self._log_init(SHARED_LQ_INIT, self.ex.call("init_stats"))
         state = self.master.state()
         losses = self._score_all(self.pool, state, "score initial pool")
         self.loss_ref = float(max(losses)) * 1.1
@@ -162,7 +165,11 @@ class Driver:
             initial, stats = self.ex.call("shared_init", "main", self.pool)
             bar.update(1)
         self.master = MasterState(initial, self.ctx.no_decay, self.train_config, self.ctx.ternary)
-        self.ledger.append("init", method=SHARED_INIT, **stats)
+        self._log_init(SHARED_INIT, stats)
+
+    def _log_init(self, method: str, stats: dict[str, float]) -> None:
+        """A data-dependent init's step-0 figures, in the ledger and MLflow."""
+        self.ledger.append("init", method=method, **stats)
         if self.tracker is not None:
             self.tracker.log_metrics(stats, step=0)
 

@@ -43,7 +43,8 @@ def with_(config: dict, section: str, **values) -> dict:
     [
         ("adapter", {"rank": 0}, r"adapter\.rank = 0: Input should be greater than 0"),
         ("adapter", {"rank": -3}, r"adapter\.rank = -3"),
-        ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B', 'svd_of_W' or 'projq-shared'"),
+        ("adapter", {"init": "gaussian"}, r"adapter\.init = 'gaussian'.*'zero_B', 'svd_of_W', 'lq-shared' or 'projq-shared'"),
+        ("adapter", {"init_iterations": 0}, r"adapter\.init_iterations = 0"),
         ("adapter", {"init": "projq-shared"}, r"adapter.*'projq-shared'.*most precise.*set adapter\.reference = 'none'"),
         ("adapter", {"prefit_steps": -1}, r"adapter\.prefit_steps = -1"),
         ("adapter", {"kind": "lota"}, r"adapter\.kind = 'lota' moves integer codes.*holds \['nf2'"),

@@ -249,6 +249,39 @@ def test_baselines_share_the_method_s_choices_and_the_ablation_replays_its_run(m
     assert parent.data.metrics["cache_misses"] > 0 and 0 < parent.data.metrics["cache_mb"] <= 3 * 0.5
 
 
+def test_lq_shared_gives_coa_lora_and_shared_lora_one_decomposition_and_logs_its_error(make_config, recorded):
+    """adapter.init = lq-shared: CoA-LoRA's and Shared-LoRA's replicas adopt the same L per matrix (same B·A, same
+    base W − L), no-adapter stays quant(W) on its own zero-B replica, the ILP's costs are measured on W − L, and the
+    init's error ratio reaches the ledger and MLflow."""
+    config, _ = make_config(adapter={"rank": 4, "alpha": 8, "init": "lq-shared", "init_iterations": 3},
+                            training={"steps_per_round": 1, "configs_per_step": 2, "lr": 0.005, "warmup_steps": 1},
+                            evaluation={"targets": [2.5], "unseen": 0, "baselines": ["no_adapter", "shared_lora"]})
+    run_dir, rows = start_run(build_config(config), progress=False)
+    (worker,) = recorded["workers"]
+    models = worker.models
+    assert models["main"].init == models["shared"].init == "zero_B" == models["bare"].init  # built, then decomposed
+    initial = {m: worker.initial_state(m) for m in ("main", "shared")}
+    for main, shared, bare in zip(models["main"].layers, models["shared"].layers, models["bare"].layers):
+        assert torch.equal(main.residual, shared.residual) and torch.equal(bare.residual, bare.weight)
+        assert not torch.equal(main.residual, main.weight)
+        for name in (f"{main.name}.lora_A", f"{main.name}.lora_B"):
+            (a,) = [t for n, t in initial["main"].items() if n.endswith(name)]
+            (b,) = [t for n, t in initial["shared"].items() if n.endswith(name)]
+            assert torch.equal(a, b)
+    from workers.fisher import setting_costs
+
+    layer = models["main"].layers[0]
+    np.testing.assert_allclose(worker.cost_rows([0])[0], setting_costs(
+        layer.residual, worker.space, worker._fisher[layer.name], layer.name, worker.spec.cost_sample or None))
+    (init,) = [e for e in Ledger(run_dir / "ledger.jsonl").entries() if e["kind"] == "init"]
+    assert init["method"] == "lq-shared" and 0 < init["lq_shared/error_ratio"] < 1
+    assert {r["method"] for r in rows} == {"coa-lora", "no-adapter", "shared-lora"}
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                   "tags.`coalora.role` = 'parent'")
+    assert parent.data.metrics["lq_shared/error_ratio"] == pytest.approx(init["lq_shared/error_ratio"])
+
+
 def test_projq_shared_starts_coa_lora_and_its_baselines_from_the_initial_pool_s_error_subspace(make_config, recorded):
     """adapter.init = projq-shared: round 0's state is the worker's shared init over the ledger's initial pool, the
     θ-free baselines start from the same init over the same pool, no-adapter is quant(W) on CoA-LoRA's own replica
