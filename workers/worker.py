@@ -129,18 +129,19 @@ class Worker:
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         self.models["main"] = self._main_model(task.model, layer_init)
+        for model in self.models.values():
+            model.eval()
+        self._fisher: dict[str, torch.Tensor] | None = None
         self._init_stats: dict[str, float] = {}
         if spec.init == SHARED_LQ_INIT:  # one L per matrix, adopted by CoA-LoRA and Shared-LoRA alike
             self._init_stats = apply_shared_lq([self.models[n] for n in ("main", "shared") if n in self.models],
-                                               self.space, spec.rank, iterations=spec.init_iterations, seed=spec.seed)
-        for model in self.models.values():
-            model.eval()
+                                               self.space, spec.rank, iterations=spec.init_iterations,
+                                               fisher=self.fisher(), seed=spec.seed)
         self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
             for model in self.models.values():
                 model.set_calibration(self.covariances())
         self._initial = {name: model.trainable_state() for name, model in self.models.items()}
-        self._fisher: dict[str, torch.Tensor] | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
     def pid(self) -> int:
@@ -293,18 +294,24 @@ class Worker:
     def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the
         ILP's (N, n_settings) cost table, measured on what is quantized (W, or W − L under ``svd_of_W``). The
-        Fisher is estimated once per worker, on the quantization-free model."""
-        model = self.models["main"]
+        Fisher is :meth:`fisher`'s."""
+        fisher, sample = self.fisher(), self.spec.cost_sample or None
+        return np.stack([
+            setting_costs(layer.residual, self.space, fisher[layer.name], layer.name, sample)
+            for layer in (self.models["main"].layers[i] for i in rows)
+        ])
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """Every target matrix's diagonal Fisher on the first ``fisher_examples`` training examples, estimated once
+        per worker on the full-precision model (whatever the init: :func:`workers.fisher.layer_fisher`): the ILP's
+        cost weights and lq-shared's."""
         if self._fisher is None:
+            model = self.models["main"]
             single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
             with model.adapters_disabled():
                 model.set_configuration(None)
                 self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
-        sample = self.spec.cost_sample or None
-        return np.stack([
-            setting_costs(layer.residual, self.space, self._fisher[layer.name], layer.name, sample)
-            for layer in (model.layers[i] for i in rows)
-        ])
+        return self._fisher
 
 
 def _injected_fault(call: str) -> None:

@@ -14,7 +14,7 @@ code width of the space), found by the same alternation, started from ``svd_of_W
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
@@ -141,12 +141,14 @@ def shared_lq_decompose(
     rank: int,
     *,
     iterations: int = 10,
+    fisher: torch.Tensor | None = None,
     seed: int = 0,
     quantizer: Quantizer = _default_quantizer,
 ) -> SharedLQResult:
     """One L = L1·L2 for every setting of ``settings``, from L⁽⁰⁾ = rank-r SVD of W (``svd_of_W``): each iteration
     quantizes W − L under every setting, E_c = W − L − quant_c(W − L), and moves to L ← rank-r SVD of L + Σ_c E_c.
     Stops at the first rise of the mean error and returns the best iterate seen (never worse than ``svd_of_W``).
+    With ``fisher`` (the matrix's diagonal Fisher) the errors and the SVDs are weighted as in :func:`lq_decompose`.
 
     Why the sum: given the Q_c, the exact minimiser of Σ_c ‖W − Q_c − L‖² is the SVD of L + mean_c E_c, a step of
     1/|settings| of the one LQ-LoRA takes for a single setting; on MiniLM's matrices with four code widths it had not
@@ -158,7 +160,8 @@ def shared_lq_decompose(
     if not settings:
         raise ValueError("a shared decomposition needs at least one setting")
     w = weight.detach().float()
-    l1, l2 = low_rank_factors(w, rank, generator_seed=seed)
+    weights = None if fisher is None else fisher.float()
+    l1, l2 = low_rank_factors(w, rank, fisher=weights, generator_seed=seed)
     best: SharedLQResult | None = None
     errors: list[float] = []
     for t in range(iterations):
@@ -168,13 +171,13 @@ def shared_lq_decompose(
         for setting in settings:
             error = target - quantizer(target, setting).float()
             total_error += error
-            squared += float(error.square().sum())
+            squared += float((error.square() * weights).sum() if weights is not None else error.square().sum())
         errors.append((squared / len(settings)) ** 0.5)
         if best is not None and errors[-1] > errors[best.best_iteration]:
             break  # the mean error rose: keep the previous (best) iterate
         best = SharedLQResult(l1=l1, l2=l2, best_iteration=t)
         if t + 1 < iterations:
-            l1, l2 = low_rank_factors(l1 @ l2 + total_error, rank, generator_seed=seed + t + 1)
+            l1, l2 = low_rank_factors(l1 @ l2 + total_error, rank, fisher=weights, generator_seed=seed + t + 1)
     assert best is not None
     best.errors = errors
     return best
@@ -191,21 +194,27 @@ def code_settings(space: SearchSpace, row_length: int) -> list[QuantSetting]:
 
 
 def apply_shared_lq(models: Sequence["LoRAModel"], space: SearchSpace, rank: int, *, iterations: int = 10,
-                    seed: int = 0) -> dict[str, float]:
+                    fisher: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, float]:
     """``adapter.init: lq-shared``: for every target matrix, :func:`shared_lq_decompose` over its
     :func:`code_settings`, adopted by the same layer of each of ``models`` (replicas of one frozen base): A, B from
     L1, L2 and the base quant(W − L1·L2) for every configuration. Computed once per matrix whatever the number of
-    replicas; deterministic in ``seed``, so every worker of a run finds the same L. Returns, averaged over the
-    matrices, the root-mean-square error over the settings relative to quantizing W itself (lq_shared/error_ratio)
-    and the iterate kept (lq_shared/best_iteration)."""
+    replicas; deterministic in ``seed`` (and ``fisher``), so every worker of a run finds the same L. ``fisher``:
+    matrix name → its diagonal Fisher, the weights of the errors (a run passes the one its ILP cost table uses: on
+    SmolLM2 the Fisher-weighted L started every configuration tried closer to the unquantized model than the plain
+    one, docs/theta.md). Returns, averaged over the matrices, the root-mean-square error over the settings relative to
+    quantizing W itself (lq_shared/error_ratio, weighted as the decomposition is) and the iterate kept
+    (lq_shared/best_iteration)."""
     if not models:
         raise ValueError("apply_shared_lq needs at least one model")
     ratios, kept = [], []
     for i, layer in enumerate(models[0].layers):
         settings = code_settings(space, layer.in_features)
-        result = shared_lq_decompose(layer.weight, settings, rank, iterations=iterations, seed=seed + 1000 * i)
+        weights = None if fisher is None else fisher[layer.name].float()
+        result = shared_lq_decompose(layer.weight, settings, rank, iterations=iterations, fisher=weights,
+                                     seed=seed + 1000 * i)
         w = layer.weight.detach().float()
-        plain = sum(float((w - fake_quantize(w, s)).square().sum()) for s in settings) / len(settings)
+        plain = sum(float((w - fake_quantize(w, s)).square().mul(1.0 if weights is None else weights).sum())
+                    for s in settings) / len(settings)
         ratios.append(result.error / max(plain ** 0.5, EPS))
         kept.append(result.best_iteration)
         for model in models:

@@ -55,6 +55,27 @@ def test_one_setting_is_lq_lora_and_the_shared_l_serves_the_set_better_than_one_
     assert mean["shared"] < mean["alone"]
 
 
+def test_weights_steer_the_decomposition_and_uniform_weights_change_nothing(down, minilm_calibration):
+    """Weighted by the matrix's input energy per column (diag Σ, the Fisher's input factor), the shared L lowers
+    every setting's weighted error against zero-init, and the mean of them against the unweighted L's."""
+    settings = code_settings(SearchSpace.default(), down.shape[1])
+    plain = shared_lq_decompose(down, settings, RANK, iterations=4)
+    uniform = shared_lq_decompose(down, settings, RANK, iterations=4, fisher=torch.ones_like(down))
+    assert torch.equal(plain.l1, uniform.l1) and plain.errors == pytest.approx(uniform.errors, rel=1e-6)
+    sigma = minilm_calibration["encoder.layer.1.output.dense"][1]
+    fisher = torch.ones(down.shape[0], 1) * sigma.diagonal().float().unsqueeze(0)
+    weighted = shared_lq_decompose(down, settings, RANK, iterations=4, fisher=fisher)
+
+    def weighted_error(result, setting):
+        target = down - result.l1 @ result.l2
+        return float(((target - fake_quantize(target, setting)).square() * fisher).sum())
+
+    for setting in settings:  # weighted by F, each setting's error falls below zero-init's, and below the plain L's
+        zero = float(((down - fake_quantize(down, setting)).square() * fisher).sum())
+        assert weighted_error(weighted, setting) < zero, setting
+    assert sum(weighted_error(weighted, s) for s in settings) < sum(weighted_error(plain, s) for s in settings)
+
+
 def test_code_settings_take_one_setting_per_code_and_only_those_a_matrix_can_take():
     settings = code_settings(SearchSpace.default(), 384)
     assert [s.code for s in settings] == ["nf2", "nf3", "nf4", "nf8"]
@@ -75,7 +96,8 @@ def test_every_replica_adopts_the_same_decomposition(make_model, space):
     """apply_shared_lq computes each matrix's L once and gives it to every replica: the same B·A and the same
     base quant(W − L) on each, and the model at step 0 is quant(W − L) + L."""
     replicas = [plain_lora(make_model("bert"), space, rank=4, alpha=8.0, seed=s) for s in (0, 1)]
-    stats = apply_shared_lq(replicas, space, 4, iterations=3)
+    fisher = {layer.name: torch.rand_like(layer.weight) for layer in replicas[0].layers}
+    stats = apply_shared_lq(replicas, space, 4, iterations=3, fisher=fisher)
     assert 0 < stats["lq_shared/error_ratio"] < 1 and 0 <= stats["lq_shared/best_iteration"] < 3
     for a, b in zip(replicas[0].layers, replicas[1].layers):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
