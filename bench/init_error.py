@@ -10,8 +10,8 @@ nothing; lower is better.
 
 Table 1, every target matrix, round-to-nearest codes:
   svd_of_W            B·A = rank-r SVD of W, base quant(W − B·A) (LQ-LoRA/LoftQ's one-step form; coalora's svd_of_W)
-  lq-shared           B·A = one L for the space's code widths by LQ-LoRA's alternation (adapter.init: lq-shared, at
-                      adapter.init_iterations' default), base quant(W − B·A)
+  lq-shared           B·A = one L for the space's code widths by LQ-LoRA's alternation, weighted by the Fisher of
+                      ``--fisher`` training examples (adapter.init: lq-shared as a run computes it), base quant(W − B·A)
   projq (own)         each configuration's own whitened SVD of its error: one adapter per configuration, the best any
                       rank-r adapter can do on these codes (J_r); QLoRA with ProjQ's init, without noise shaping
   shared, exact cores projq-shared's limit: one (U, V) for the set, each configuration's best r×r core inside it
@@ -29,6 +29,7 @@ The last line is one JSON object. MiniLM: about 4 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -47,8 +48,9 @@ from search.space import QuantSetting, SearchSpace  # noqa: E402
 from workers.calibration import coa_covariances  # noqa: E402
 from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.data.packaged import packaged_source  # noqa: E402
+from workers.fisher import layer_fisher  # noqa: E402
 from workers.adapters.lora import truncated_svd_factors  # noqa: E402
-from workers.init.lq import code_settings, shared_lq_decompose  # noqa: E402
+from workers.init.lq import apply_shared_lq  # noqa: E402
 from workers.init.projq import (  # noqa: E402
     apply_shared_init,
     projected_hessian,
@@ -85,28 +87,39 @@ def whitened_ratio(residual: torch.Tensor, y: torch.Tensor, reference: float) ->
     return float((residual.double() @ y).square().sum()) / reference
 
 
-def build(model_name: str, calibration: int, rank: int, seed: int) -> tuple[CoAModel, dict[str, torch.Tensor]]:
-    """The packaged model wrapped as a run wraps it (zero-B layers, θ unanchored) and Σ of every target."""
+def build(model_name: str, calibration: int, fisher_examples: int, rank: int,
+          seed: int) -> tuple[CoAModel, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The packaged model wrapped as a run wraps it (zero-B layers, θ unanchored), Σ of every target, and every
+    target's diagonal Fisher on the first ``fisher_examples`` training examples (as a worker estimates it)."""
     corpus, kind, space_file = MODELS[model_name]
-    task = build_source_task(model_name, *packaged_source(corpus), n_train=calibration, n_validation=8,
-                             batch_size=16, max_length=64, seed=seed)
+    task = build_source_task(model_name, *packaged_source(corpus), n_train=max(calibration, fisher_examples),
+                             n_validation=8, batch_size=16, max_length=64, seed=seed)
     model = CoAModel(task.model, SearchSpace.from_yaml(space_file), rank=rank, alpha=2 * rank, seed=seed).eval()
-    return model, coa_covariances(model, list(task.train_loader))
+    items = list(task.train_loader.dataset)
+    collate = task.train_loader.collate_fn
+    covariances = coa_covariances(model, [collate(items[i:i + 16]) for i in range(0, calibration, 16)])
+    with model.adapters_disabled():
+        model.set_configuration(None)
+        fisher = layer_fisher(model, [collate([item]) for item in items[:fisher_examples]], fisher_examples)
+    return model, covariances, fisher
 
 
 def every_matrix(model: CoAModel, covariances: dict[str, torch.Tensor], settings: list[QuantSetting],
-                 prefit_steps: int, seed: int) -> Rows:
+                 prefit_steps: int, seed: int, fisher: dict[str, torch.Tensor] | None = None) -> Rows:
     """Table 1: rows → setting code → per-(matrix, configuration) ratios, on round-to-nearest codes."""
     rows: Rows = {}
     add = partial(_add, rows)
     configs = [[s] * len(model.layers) for s in settings]
     references: dict[tuple[str, QuantSetting], float] = {}
+    lq_model = copy.deepcopy(model)  # lq-shared exactly as a worker computes it, on a copy
+    apply_shared_lq([lq_model], model.space, model.rank, fisher=fisher, seed=seed)
+    lq_low = {layer.name: (layer.scaling * layer.lora_B @ layer.lora_A).detach() for layer in lq_model.layers}
+    del lq_model
     for layer in model.layers:  # the closed-form rows, before the init changes B and A
         w = layer.weight.detach()
         y, _ = whitening(covariances[layer.name])
         l1, l2 = truncated_svd_factors(w, layer.rank)
-        lq = shared_lq_decompose(w, code_settings(model.space, layer.in_features), layer.rank, seed=seed)
-        low = lq.l1 @ lq.l2
+        low = lq_low[layer.name]
         errors = []
         for s in settings:
             error = w - fake_quantize(w, s)
@@ -191,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="minilm")
     ap.add_argument("--calibration", type=int, default=128, help="training examples whose inputs give Σ")
+    ap.add_argument("--fisher", type=int, default=32, help="training examples whose Fisher weights lq-shared")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--prefit-steps", type=int, default=300)
     ap.add_argument("--gptq-block", type=int, default=1, help="the block whose matrices Table 2 covers")
@@ -199,9 +213,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, covariances = build(args.model, args.calibration, args.rank, args.seed)
+    model, covariances, fisher = build(args.model, args.calibration, args.fisher, args.rank, args.seed)
     settings = configurations()
-    every = summarise(every_matrix(model, covariances, settings, args.prefit_steps, args.seed))
+    every = summarise(every_matrix(model, covariances, settings, args.prefit_steps, args.seed, fisher))
     block = summarise(one_block(model, covariances, settings, args.gptq_block))
     print_table(f"{args.model}: all {len(model.layers)} target matrices, round-to-nearest codes "
                 f"(block 32 and 64 averaged per code)", every)

@@ -25,6 +25,7 @@ def test_rows_are_ordered_as_the_algebra_says(tiny_classifier):
     model, covariances = tiny_classifier
     settings = init_error.configurations()
     every = init_error.summarise(init_error.every_matrix(model, covariances, settings, 100, 0))
+    assert all(0 < every["lq-shared"][code] for code in init_error.CODES)
     for code in init_error.CODES:
         assert every["zero_B"][code] == 1.0
         # one adapter per configuration beats one subspace for all; the subspace's exact cores beat any other core
