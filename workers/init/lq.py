@@ -34,11 +34,10 @@ EPS = 1e-12
 Quantizer = Callable[[torch.Tensor, QuantSetting], torch.Tensor]
 
 
-@dataclass
-class LQResult:
-    """Best iterate: Q (dequantized, = quant_c(W − L1·L2)), L1 (m×r), L2 (r×n), plus the error trajectory."""
+@dataclass(kw_only=True)
+class Decomposition:
+    """Best iterate of an alternation: L1 (m×r), L2 (r×n), and the error of every iterate computed."""
 
-    q: torch.Tensor
     l1: torch.Tensor
     l2: torch.Tensor
     errors: list[float] = field(default_factory=list)
@@ -47,6 +46,13 @@ class LQResult:
     @property
     def error(self) -> float:
         return self.errors[self.best_iteration]
+
+
+@dataclass(kw_only=True)
+class LQResult(Decomposition):
+    """:func:`lq_decompose`'s best iterate, with its Q (dequantized, = quant_c(W − L1·L2))."""
+
+    q: torch.Tensor
 
 
 def _default_quantizer(weight: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
@@ -120,21 +126,6 @@ def lq_decompose(
     return best
 
 
-@dataclass
-class SharedLQResult:
-    """Best iterate of :func:`shared_lq_decompose`: L1 (m×r), L2 (r×n), and per iterate the root-mean-square
-    error over the settings, sqrt(mean_c ‖W − L1·L2 − quant_c(W − L1·L2)‖²)."""
-
-    l1: torch.Tensor
-    l2: torch.Tensor
-    errors: list[float] = field(default_factory=list)
-    best_iteration: int = 0
-
-    @property
-    def error(self) -> float:
-        return self.errors[self.best_iteration]
-
-
 def shared_lq_decompose(
     weight: torch.Tensor,
     settings: list[QuantSetting],
@@ -144,10 +135,11 @@ def shared_lq_decompose(
     fisher: torch.Tensor | None = None,
     seed: int = 0,
     quantizer: Quantizer = _default_quantizer,
-) -> SharedLQResult:
+) -> Decomposition:
     """One L = L1·L2 for every setting of ``settings``, from L⁽⁰⁾ = rank-r SVD of W (``svd_of_W``): each iteration
     quantizes W − L under every setting, E_c = W − L − quant_c(W − L), and moves to L ← rank-r SVD of L + Σ_c E_c.
-    Stops at the first rise of the mean error and returns the best iterate seen (never worse than ``svd_of_W``).
+    Stops at the first rise of the mean error and returns the best iterate seen (never worse than ``svd_of_W``); its
+    errors are root-mean-square over the settings.
     With ``fisher`` (the matrix's diagonal Fisher) the errors and the SVDs are weighted as in :func:`lq_decompose`.
 
     Why the sum: given the Q_c, the exact minimiser of Σ_c ‖W − Q_c − L‖² is the SVD of L + mean_c E_c, a step of
@@ -162,7 +154,7 @@ def shared_lq_decompose(
     w = weight.detach().float()
     weights = None if fisher is None else fisher.float()
     l1, l2 = low_rank_factors(w, rank, fisher=weights, generator_seed=seed)
-    best: SharedLQResult | None = None
+    best: Decomposition | None = None
     errors: list[float] = []
     for t in range(iterations):
         target = w - l1 @ l2
@@ -175,7 +167,7 @@ def shared_lq_decompose(
         errors.append((squared / len(settings)) ** 0.5)
         if best is not None and errors[-1] > errors[best.best_iteration]:
             break  # the mean error rose: keep the previous (best) iterate
-        best = SharedLQResult(l1=l1, l2=l2, best_iteration=t)
+        best = Decomposition(l1=l1, l2=l2, best_iteration=t)
         if t + 1 < iterations:
             l1, l2 = low_rank_factors(l1 @ l2 + total_error, rank, fisher=weights, generator_seed=seed + t + 1)
     assert best is not None
