@@ -38,8 +38,8 @@ from .training import compute_gradients
 METHOD_MODELS = ("main", "shared", "bare")
 """Replicas a worker holds, over one frozen base each: the run's own adapter (``adapter.kind``: CoA-LoRA with θ, or
 a plain LoRA); plain LoRA with the run's init (Shared-LoRA and the coa-no-theta ablation); and, when the init
-changes what is quantized (``svd_of_W`` quantizes W − L), a zero-B replica whose base is quant(W) itself, for the
-no-adapter baseline."""
+changes what is quantized (``svd_of_W`` and ``lq-shared`` quantize W − L), a zero-B replica whose base is quant(W)
+itself, for the no-adapter baseline."""
 ADAPTER_KINDS: tuple[str, ...] = ("coa", "lora", "lota")
 """``adapter.kind``: the configuration-aware LoRA (:mod:`workers.adapters.coa`), one plain LoRA for every
 configuration (:mod:`workers.adapters.lora`), or LoTA-QAF's ternary factors over a space of int codes
@@ -293,8 +293,8 @@ class Worker:
 
     def cost_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Fisher-weighted reconstruction cost of the given target matrices under every setting: rows of the
-        ILP's (N, n_settings) cost table, measured on what is quantized (W, or W − L under ``svd_of_W``). The
-        Fisher is :meth:`fisher`'s."""
+        ILP's (N, n_settings) cost table, measured on what is quantized (W, or W − L under ``svd_of_W`` and
+        ``lq-shared``). The Fisher is :meth:`fisher`'s."""
         fisher, sample = self.fisher(), self.spec.cost_sample or None
         return np.stack([
             setting_costs(layer.residual, self.space, fisher[layer.name], layer.name, sample)
