@@ -98,9 +98,7 @@ def build(model_name: str, calibration: int, fisher_examples: int, rank: int,
     items = list(task.train_loader.dataset)
     collate = task.train_loader.collate_fn
     covariances = coa_covariances(model, [collate(items[i:i + 16]) for i in range(0, calibration, 16)])
-    with model.adapters_disabled():
-        model.set_configuration(None)
-        fisher = layer_fisher(model, [collate([item]) for item in items[:fisher_examples]], fisher_examples)
+    fisher = layer_fisher(model, [collate([item]) for item in items[:fisher_examples]], fisher_examples)
     return model, covariances, fisher
 
 

@@ -306,11 +306,8 @@ class Worker:
         per worker on the full-precision model (whatever the init: :func:`workers.fisher.layer_fisher`): the ILP's
         cost weights and lq-shared's."""
         if self._fisher is None:
-            model = self.models["main"]
             single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
-            with model.adapters_disabled():
-                model.set_configuration(None)
-                self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
+            self._fisher = layer_fisher(self.models["main"], single, self.spec.fisher_examples)
         return self._fisher
 
 

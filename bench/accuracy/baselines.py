@@ -116,13 +116,10 @@ class Baselines:
     def _fisher_weights(self) -> dict[str, torch.Tensor] | None:
         if not self.opts["lq_fisher"]:
             return None
-        if self._fisher is None:  # the same estimate the worker's cost table uses (quantization-free model)
+        if self._fisher is None:  # the cost table's estimate (same examples, full-precision W), on the QLoRA replica
             w = self.worker
             single = [w.collate([item]) for item in w.train_items[: self.spec.fisher_examples]]
-            model = w.models["shared"]
-            with model.adapters_disabled():
-                model.set_configuration(None)
-                self._fisher = layer_fisher(model, single, self.spec.fisher_examples)
+            self._fisher = layer_fisher(w.models["shared"], single, self.spec.fisher_examples)
         return self._fisher
 
     def _fresh_base(self) -> torch.nn.Module:
