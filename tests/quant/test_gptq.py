@@ -39,8 +39,8 @@ def test_storage_form_is_the_settings_own(minilm_calibration):
     dense = blockwise.dequantize(packed)
     assert torch.equal(blockwise.dequantize(packed, reference=True), dense)
     # re-encoding the GPTQ weights with the stored scales gives the same codes: every value is on the grid
-    again = blockwise._codes(blockwise._flat(dense), blockwise._encode_scales(blockwise._flat(w), setting, "w", False),
-                             setting, False)
+    again = blockwise._codes(blockwise._flat(dense), blockwise._encode_scales(blockwise._flat(w), setting, "w", None),
+                             setting, None)
     assert torch.equal(blockwise.packing.pack(again, setting.code_bits), packed.codes)
 
 

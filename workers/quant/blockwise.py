@@ -2,8 +2,8 @@
 
 Both forms come from the same steps (block absmax, scales, nearest codes), and the packed form decodes with the
 same arithmetic, so ``dequantize(quantize(W, s))`` is bit-identical to ``fake_quantize(W, s)``. The two passes over
-the matrix run as Numba kernels on the CPU (:mod:`.fused`); ``reference=True`` selects the pure-torch path, which
-is also the path on other devices, and the tests hold the two bit-identical.
+the matrix run as fused kernels (:func:`kernels`: Numba's on the CPU, Triton's on CUDA); ``reference=True`` selects
+the pure-torch path, which is also the path on other devices, and the tests hold them bit-identical.
 
 Padding: a matrix of n entries is flattened row-major and zero-padded to a multiple of B0·B1. The offset o is the
 minimum absmax over blocks that hold at least one real entry (a padding-only block would otherwise force o = 0),
@@ -20,6 +20,7 @@ global minimum absmax) yields scale codes 0 instead of 0/0, and a dequantized sc
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -92,10 +93,20 @@ def _scale_step(scale2: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
     return scale2.float() / float(2**setting.scale_bits - 1)
 
 
-def _fused(weight: torch.Tensor, reference: bool) -> bool:
-    """Whether the Numba kernels (:mod:`.fused`) do the passes over the matrix: on the CPU, unless the caller
-    asks for the torch reference path (or Numba is missing)."""
-    return not reference and fused.AVAILABLE and weight.device.type == "cpu"
+def kernels(device: torch.device, reference: bool = False) -> ModuleType | None:
+    """The fused kernels that make the passes over a matrix on ``device``: Numba's (:mod:`.fused`) on the CPU,
+    Triton's (:mod:`.fused_triton`, imported on first use) on CUDA. None selects the pure-torch reference path: on
+    request (``reference``), on other devices, or where the library is missing. Both kernel modules offer the same
+    functions with the same arguments."""
+    if reference:
+        return None
+    if device.type == "cpu":
+        return fused if fused.AVAILABLE else None
+    if device.type == "cuda":
+        from . import fused_triton
+
+        return fused_triton if fused_triton.AVAILABLE else None
+    return None
 
 
 def _flat(weight: torch.Tensor) -> torch.Tensor:
@@ -108,11 +119,11 @@ def _padded(flat: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
     return flat if n_pad == flat.numel() else torch.cat([flat, flat.new_zeros(n_pad - flat.numel())])
 
 
-def _absmax(flat: torch.Tensor, setting: QuantSetting, name: str, use_fused: bool) -> torch.Tensor:
+def _absmax(flat: torch.Tensor, setting: QuantSetting, name: str, k: ModuleType | None) -> torch.Tensor:
     """s: the absmax of every first-level block of the zero-padded matrix (first pass over the matrix)."""
     n_blocks = padded_numel(flat.numel(), setting) // setting.block0
-    if use_fused:
-        absmax, bad = fused.block_absmax(flat, setting.block0, n_blocks)
+    if k is not None:
+        absmax, bad = k.block_absmax(flat, setting.block0, n_blocks)
         _check_finite(not bad, setting, name)
         return absmax
     absmax = _padded(flat, setting).view(-1, setting.block0).abs().amax(dim=1)
@@ -136,14 +147,14 @@ def _scales(absmax: torch.Tensor, numel: int, setting: QuantSetting) -> _Scales:
     return _Scales(scale_codes=scale_codes, scale2=scale2, offset=offset, scales=scales)
 
 
-def _encode_scales(flat: torch.Tensor, setting: QuantSetting, name: str, use_fused: bool) -> _Scales:
-    return _scales(_absmax(flat, setting, name, use_fused), flat.numel(), setting)
+def _encode_scales(flat: torch.Tensor, setting: QuantSetting, name: str, k: ModuleType | None) -> _Scales:
+    return _scales(_absmax(flat, setting, name, k), flat.numel(), setting)
 
 
-def _codes(flat: torch.Tensor, sc: _Scales, setting: QuantSetting, use_fused: bool) -> torch.Tensor:
+def _codes(flat: torch.Tensor, sc: _Scales, setting: QuantSetting, k: ModuleType | None) -> torch.Tensor:
     """uint8 nearest-code index of every padded entry under its block's dequantized scale (second pass)."""
-    if use_fused:
-        return fused.encode(flat, setting.block0, sc.scales, midpoints(setting.code))
+    if k is not None:
+        return k.encode(flat, setting.block0, sc.scales, midpoints(setting.code))
     safe_scales = torch.where(sc.scales > 0, sc.scales, torch.ones_like(sc.scales))
     blocks = _padded(flat, setting).view(-1, setting.block0)
     return nearest_code(blocks / safe_scales.unsqueeze(1), setting.code).reshape(-1)
@@ -171,19 +182,19 @@ def fake_quantize_each(
     small matrices: the Fisher cost table asks for every setting of the space."""
     for setting in settings:
         validate_weight(weight, setting, name)
-    use_fused = _fused(weight, reference)
+    k = kernels(weight.device, reference)
     flat = _flat(weight)
     encoded: dict[tuple, _Scales] = {}
     for setting in settings:
         shared = (setting.block0, setting.block1, setting.scale_bits, setting.scale2_format)
         if shared not in encoded:
-            encoded[shared] = _encode_scales(flat, setting, name, use_fused)
+            encoded[shared] = _encode_scales(flat, setting, name, k)
         sc = encoded[shared]
-        if use_fused:
-            out = fused.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code),
+        if k is not None:
+            out = k.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code),
                                              codebook(setting.code))
         else:
-            values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, False).long()]
+            values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, None).long()]
             out = _decode_values(values, sc.scales, setting)[: weight.numel()]
         yield out.view(weight.shape).to(weight.dtype)
 
@@ -229,11 +240,11 @@ def quantize(
 ) -> PackedWeight:
     """Quantize ``weight`` under ``setting`` into its packed storage form (``reference``: the torch path)."""
     validate_weight(weight, setting, name)
-    use_fused = _fused(weight, reference)
+    k = kernels(weight.device, reference)
     flat = _flat(weight)
-    sc = _encode_scales(flat, setting, name, use_fused)
-    codes = _codes(flat, sc, setting, use_fused)
-    pack = fused.pack if use_fused else packing.pack
+    sc = _encode_scales(flat, setting, name, k)
+    codes = _codes(flat, sc, setting, k)
+    pack = k.pack if k is not None else packing.pack
     return PackedWeight(
         setting=setting,
         shape=tuple(weight.shape),
@@ -256,8 +267,9 @@ def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tens
     s = packed.setting
     n_pad = packed.padded_numel
     book = codebook(s.code, str(packed.codes.device))
-    if _fused(packed.codes, reference) and s.block0 % packing.group_size(s.code_bits) == 0:
-        flat = fused.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, packed.scale_codes,
+    k = kernels(packed.codes.device, reference)
+    if k is not None and s.block0 % packing.group_size(s.code_bits) == 0:
+        flat = k.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, packed.scale_codes,
                                        s.scale_bits, s.block1, _scale_step(packed.scale2, s), packed.offset, book,
                                        out)
     else:

@@ -47,7 +47,7 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
     u = inverse_cholesky(hessian, cols, damp, name=name)
 
     flat = _flat(weight)
-    scales = _encode_scales(flat, setting, name, use_fused=False)
+    scales = _encode_scales(flat, setting, name, None)
     per_entry = scales.scales.repeat_interleave(setting.block0)[: rows * cols].view(rows, cols)
     safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
     book, mids = codebook(setting.code), midpoints(setting.code)
