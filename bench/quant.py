@@ -12,6 +12,9 @@ alike; medians reported:
 3. The table-1 NF4 row at 2 threads while another process keeps one core busy (the case a shared machine or a
    co-located worker creates).
 
+With ``--device cuda`` the fused kernels are Triton's (workers/quant/fused_triton.py) and bitsandbytes runs its CUDA
+kernels: one row per table (CPU threads do not matter there), every timing synchronised.
+
 The last line is one JSON object of every figure.
 
     python bench/quant.py [--size 4096] [--repeats 9] [--device cpu]
@@ -95,18 +98,19 @@ def versus_bitsandbytes(w: torch.Tensor, repeats: int, sync: Callable[[], None])
             "dequantize_GBps": w.numel() * 4 / d["coalora"] / 1e6}
 
 
-def fused_vs_reference(w: torch.Tensor, code: str, repeats: int) -> dict[str, float]:
+def fused_vs_reference(w: torch.Tensor, code: str, repeats: int, sync: Callable[[], None]) -> dict[str, float]:
     """Table 2's row for one code family (8-bit scales, fp32 second level, B0=64, B1=256)."""
     s = QuantSetting(code, 8, "fp32", 64, 256)
     packed = blockwise.quantize(w, s)
-    ms = interleaved_ms({
+    ops = {
         "fake_fused": lambda: blockwise.fake_quantize(w, s),
         "fake_reference": lambda: blockwise.fake_quantize(w, s, reference=True),
         "quantize_fused": lambda: blockwise.quantize(w, s),
         "quantize_reference": lambda: blockwise.quantize(w, s, reference=True),
         "dequantize_fused": lambda: blockwise.dequantize(packed),
         "dequantize_reference": lambda: blockwise.dequantize(packed, reference=True),
-    }, repeats)
+    }
+    ms = interleaved_ms({name: (lambda fn=fn: (fn(), sync())) for name, fn in ops.items()}, repeats)
     return {**ms, **{f"{op}_speedup": ms[f"{op}_reference"] / ms[f"{op}_fused"]
                      for op in ("fake", "quantize", "dequantize")}}
 
@@ -129,7 +133,8 @@ def main() -> None:
     print(f"1. NF4 double-quant on {args.size}x{args.size} fp32 ({args.device}), median of {args.repeats}")
     print(f"{'threads':<12} {'quant ms':>9} {'bnb':>8} {'ratio':>6} {'dequant ms':>11} {'bnb':>8} {'ratio':>6} "
           f"{'copy ms':>8} {'vs copy':>8}")
-    rows = [(f"{n}", n, False) for n in THREADS] + [("2 + busy", 2, True)]
+    # on a GPU the CPU thread count and a busy core do not matter: one row, Triton's kernels against bitsandbytes'
+    rows = [("cuda", 1, False)] if w.is_cuda else [(f"{n}", n, False) for n in THREADS] + [("2 + busy", 2, True)]
     for label, n, loaded in rows:
         with threads(n), (busy_core() if loaded else _nothing()):
             r = versus_bitsandbytes(w, args.repeats, sync)
@@ -141,9 +146,9 @@ def main() -> None:
     print(f"\n2. fused vs reference, {args.family_size}x{args.family_size}, ms (speed-up)")
     print(f"{'code':<6} {'threads':>7} {'fake-quantize':>20} {'quantize':>20} {'dequantize':>20}")
     for code in CODES:
-        for n in THREADS:
+        for n in (1,) if w.is_cuda else THREADS:
             with threads(n):
-                r = fused_vs_reference(small, code, args.repeats)
+                r = fused_vs_reference(small, code, args.repeats, sync)
             figures["families"][f"{code}/{n}"] = {k: round(v, 3) for k, v in r.items()}
             cells = [f"{r[f'{op}_fused']:.1f} ({r[f'{op}_speedup']:.1f}x)" for op in ("fake", "quantize", "dequantize")]
             print(f"{code:<6} {n:>7} " + " ".join(f"{c:>20}" for c in cells))

@@ -241,7 +241,8 @@ class ClusterSection(_Section):
     address: str | None = None
     workers: int = Field(2, gt=0, le=4096, description="checked against the CPUs/GPUs Ray offers before any compute")
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="> 0: each worker's models, quantized-weight cache and "
+                                                          "quantizer kernels (Triton) live on its GPU, bf16 autocast")
     max_restarts: int = Field(2, ge=0, le=100, description="times Ray restarts a worker actor whose process or "
                                                            "node died; its calls wait and are retried meanwhile")
     connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="bounded wait for a Ray cluster address")

@@ -59,7 +59,7 @@ def worker_spec(cfg: RunConfig) -> WorkerSpec:
         quant_method=cfg.quant.method,
         calibration_examples=cfg.quant.calibration_examples, prefit_steps=cfg.adapter.prefit_steps,
         init_iterations=cfg.adapter.init_iterations,
-        split_seed=cfg.data.split_seed,
+        split_seed=cfg.data.split_seed, device="cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu",
     )
 
 

@@ -78,6 +78,7 @@ class WorkerSpec:
     prefit_steps: int = 0  # projq-shared: Adam steps fitting θ to the per-configuration corrections (0: none)
     init_iterations: int = 10  # lq-shared: alternations of the shared decomposition (workers/init/lq.py)
     split_seed: int | None = None  # which examples are held out (None: seed); seed alone then sets the training order
+    device: str = "cpu"  # where the replicas, their quantized-weight caches and the kernels live ("cuda": a GPU)
 
     def source(self) -> tuple[DataSpec, DataPlan]:
         """The data source (a user's or a packaged corpus) and how to read it."""
@@ -103,6 +104,7 @@ class Worker:
             raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {spec.quant_method!r}")
         if spec.kind not in ADAPTER_KINDS:
             raise ValueError(f"adapter kind must be one of {list(ADAPTER_KINDS)}, got {spec.kind!r}")
+        self.device = worker_device(spec.device)
         torch.set_num_threads(max(1, spec.threads))
         if spec.low_memory:
             pin_mmap_threshold()
@@ -129,7 +131,8 @@ class Worker:
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         self.models["main"] = self._main_model(task.model, layer_init)
-        for model in self.models.values():
+        for model in self.models.values():  # built on the CPU (the same seeded init everywhere), then moved
+            model.to(self.device)
             model.eval()
         self._fisher: dict[str, torch.Tensor] | None = None
         self._init_stats: dict[str, float] = {}
@@ -168,7 +171,7 @@ class Worker:
         """The replica's trainable state as built from the seed (with ``adapter.init: projq-shared``, before the
         data-dependent part, :meth:`shared_init`)."""
         self._model(method)  # an unknown replica is refused by name
-        return {n: t.clone() for n, t in self._initial[method].items()}
+        return _on_host(self._initial[method])
 
     def shared_init(self, method: str, configurations: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor],
                                                                                       dict[str, float]]:
@@ -182,7 +185,7 @@ class Worker:
         model = self._with_state(method, self.initial_state(method))
         stats = apply_shared_init(model, [self.space.decode(np.asarray(c)) for c in configurations],
                                   self.covariances(), fit_steps=self.spec.prefit_steps, seed=self.spec.seed)
-        return model.trainable_state(), stats
+        return _on_host(model.trainable_state()), stats
 
     def init_stats(self) -> dict[str, float]:
         """The figures of an init computed as the replicas were built (``lq-shared``: its error relative to
@@ -193,7 +196,8 @@ class Worker:
         """Σ = XᵀX/N of every target matrix's inputs on the first ``calibration_examples`` training examples (the
         model in full precision, adapters off), computed once: GPTQ's Hessians and ProjQ's whitening."""
         if self._covariances is None:
-            calibration = self._batches(self.train_items[: self.spec.calibration_examples])
+            calibration = [_on(batch, self.device)
+                           for batch in self._batches(self.train_items[: self.spec.calibration_examples])]
             self._covariances = coa_covariances(self.models["main"], calibration)
         return self._covariances
 
@@ -246,10 +250,10 @@ class Worker:
         """One fine-tuning shard: (the loss of each configuration, gradients of their mean, number of examples). A
         configuration of None trains on the unquantized base (the LoRA ceiling a benchmark compares against)."""
         model = self._model(method)
-        batch = self.collate([self.train_items[i] for i in example_ids])
+        batch = _on(self.collate([self.train_items[i] for i in example_ids]), self.device)
         configs = [self._decoded(c) for c in configurations]
-        losses, grads = compute_gradients(model, state, batch, configs)
-        return losses.tolist(), grads, len(example_ids)
+        losses, grads = compute_gradients(model, _on(state, self.device), batch, configs)
+        return losses.tolist(), _on_host(grads), len(example_ids)
 
     def score(self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray) -> float:
         """Mean loss on the fixed scoring subset: the search's objective for this configuration."""
@@ -309,6 +313,31 @@ class Worker:
             single = [self.collate([item]) for item in self.train_items[: self.spec.fisher_examples]]
             self._fisher = layer_fisher(self.models["main"], single, self.spec.fisher_examples)
         return self._fisher
+
+
+def worker_device(name: str) -> torch.device:
+    """The device a worker's replicas live on; a clear error for one this process cannot use (a Ray actor sees the
+    GPUs it was given, ``cluster.gpus_per_worker``)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"worker device {name!r} is not a device name: use 'cpu' or 'cuda'") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"worker device {name!r}: workers run on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"worker device {name!r}, but this process sees no CUDA device (is torch a CUDA build, and "
+                         "did the worker get a GPU: cluster.gpus_per_worker?)")
+    return device
+
+
+def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device`` (the same tensors where they already are)."""
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _on_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies on the CPU: what a worker returns, so that the driver, which may have no GPU, can take it."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
 
 def _injected_fault(call: str) -> None:

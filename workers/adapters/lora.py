@@ -17,6 +17,7 @@ every configuration (Shared-LoRA, coa-no-theta) or for one (QLoRA). CoA-LoRA (:m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
@@ -58,6 +59,13 @@ class _QuantizedLinear(torch.autograd.Function):
 
 def _decode(packed: StoredWeight, cache: QuantCache, device: torch.device) -> torch.Tensor:
     return dequantize(packed, out=cache.scratch(packed.numel, device))
+
+
+def _stored_on(stored: StoredWeight, device: torch.device) -> StoredWeight:
+    """A stored matrix with every tensor on ``device`` (codes keep their dtypes)."""
+    moved = {f.name: getattr(stored, f.name).to(device) for f in dataclasses.fields(stored)
+             if isinstance(getattr(stored, f.name), torch.Tensor)}
+    return dataclasses.replace(stored, **moved)
 
 
 def truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +162,21 @@ class CoALoRALinear(nn.Module):
         this layer's adapter (ProjQ shapes them for it), so they cannot be re-derived from W alone. A new residual
         or Hessian unpins every setting."""
         self.pinned[setting] = stored
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "CoALoRALinear":
+        """``.to()`` / ``.cuda()`` move W, the bias and the adapter as for any module; what the layer derives from W
+        follows it: a residual that is W itself stays the same tensor (one copy, not two), a residual W − L moves,
+        the Hessian and pinned codes move to W's new device, and cached codes made on the old one are dropped."""
+        tied = self.residual.untyped_storage().data_ptr() == self.weight.untyped_storage().data_ptr()
+        residual = self.residual
+        del self.residual  # a buffer: moved below by hand, so a tied one is not copied on its own
+        super()._apply(fn, recurse)
+        self.register_buffer("residual", self.weight.detach() if tied else fn(residual), persistent=False)
+        device = self.weight.device
+        self.hessian = None if self.hessian is None else self.hessian.to(device)
+        self.pinned = {s: _stored_on(p, device) for s, p in self.pinned.items()}
+        self.cache.drop(self.name)
+        return self
 
     # ---- configuration ------------------------------------------------------------------------------------
     def packed_weight(self, setting: QuantSetting) -> StoredWeight:
