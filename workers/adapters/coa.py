@@ -72,7 +72,7 @@ class CoAModel(LoRAModel):
         settings = [self.resolve(c) for c in configurations]
         self.encoder.reset_parameters(torch.Generator().manual_seed(seed + 1))
         optimizer = torch.optim.Adam(self.encoder.parameters(), lr=lr)
-        eye = torch.eye(self.rank)
+        eye = torch.eye(self.rank, device=targets.device)
         baseline = float((weights * (targets - eye).square()).sum())
         if baseline == 0.0:
             return 0.0

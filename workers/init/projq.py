@@ -199,7 +199,7 @@ def apply_shared_init(model: LoRAModel, configurations: Sequence[Any], covarianc
             layer.lora_B.copy_(init.lora_B)
         lam = init.weights.double()
         w = (lam.view(-1, 1) * lam.view(1, -1)) / subspace.energy.view(-1, 1, 1)  # (K, r, r): relative error
-        eye = torch.eye(layer.rank, dtype=torch.float64)
+        eye = torch.eye(layer.rank, dtype=torch.float64, device=weight.device)
         targets.append(init.targets)
         weights.append(w.float())
         exact.append(subspace.residual() / subspace.energy)

@@ -50,7 +50,7 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
     scales = _encode_scales(flat, setting, name, None)
     per_entry = scales.scales.repeat_interleave(setting.block0)[: rows * cols].view(rows, cols)
     safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
-    book, mids = codebook(setting.code), midpoints(setting.code)
+    book, mids = codebook(setting.code, str(weight.device)), midpoints(setting.code, str(weight.device))
 
     def nearest(j: int, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one bucketize over the midpoints: the count of thresholds strictly below the value, as
@@ -59,9 +59,9 @@ def gptq_quantize(weight: torch.Tensor, setting: QuantSetting, hessian: torch.Te
         return code, book[code] * per_entry[:, j]
 
     codes = sweep(flat.view(rows, cols), u, nearest, block)
-    padded = torch.zeros(_padded(flat, setting).numel(), dtype=torch.uint8)
+    padded = torch.zeros(_padded(flat, setting).numel(), dtype=torch.uint8, device=flat.device)
     padded[: rows * cols] = codes.reshape(-1)
-    padded[rows * cols:] = nearest_code(torch.zeros(padded.numel() - rows * cols), setting.code)
+    padded[rows * cols:] = nearest_code(flat.new_zeros(padded.numel() - rows * cols), setting.code)
     return PackedWeight(setting=setting, shape=(rows, cols), dtype=weight.dtype,
                         codes=packing.pack(padded, setting.code_bits),
                         scale_codes=packing.pack(scales.scale_codes, setting.scale_bits),
@@ -79,7 +79,7 @@ def inverse_cholesky(hessian: torch.Tensor, cols: int, damp: float = DAMP, *, na
     h = hessian.double().clone()
     dead = torch.diag(h) == 0  # inputs that never fire: any code will do, so no feedback through them
     h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True).float()
 
@@ -93,10 +93,10 @@ def sweep(weight: torch.Tensor, u: torch.Tensor, round_column: RoundColumn, bloc
     each column rounded by ``round_column`` in turn, its error fed forward. Returns the (out × in) uint8 codes."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        errors = torch.empty(rows, end - start)
+        errors = w.new_empty(rows, end - start)
         for j in range(start, end):
             codes[:, j], values = round_column(j, w[:, j])
             error = (w[:, j] - values) / u[j, j]

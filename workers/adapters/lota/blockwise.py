@@ -101,7 +101,7 @@ class BlockwiseLoTALinear(CoALoRALinear):
     def _remainder(self, packed: PackedWeight, hard: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
         """μ: the mean of ΔW/ω − Ŵ over each second-level group's real entries (padding has no adapter)."""
         group = packed.setting.group_size
-        starts = torch.arange(0, packed.padded_numel, group)
+        starts = torch.arange(0, packed.padded_numel, group, device=scaled.device)
         real = (packed.numel - starts).clamp(0, group).float()
         return (scaled.detach() - hard).view(-1, group).sum(1) / real.clamp(min=1)
 
