@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def export_run(run_dir: Path, *, bits: float | None = None, memory_mb: float | N
         i = choose_configuration(pool, losses, avg <= bits + 1e-12, f"{bits} bits per weight",
                                  f"{avg.min():.4f} bits")
         label = f"bits-{bits:g}"
-    coa = Worker(worker_spec(cfg)).models["main"]
+    coa = Worker(replace(worker_spec(cfg), device="cpu")).models["main"]  # the run's replica, built as it was
     if memory_mb is not None:  # the rest of the model's bytes need the model
         other = _other_bytes(cfg, coa, numels, fmt)
         mem = np.array([_target_bytes(space.decode(x), numels, lota) for x in pool]) + other

@@ -131,8 +131,7 @@ class Worker:
                 self.models[name] = plain_lora(copy.deepcopy(task.model), self.space, rank=spec.rank,
                                                alpha=spec.alpha, seed=spec.seed, init=init, cache_mb=spec.cache_mb)
         self.models["main"] = self._main_model(task.model, layer_init)
-        for model in self.models.values():  # built on the CPU (the same seeded init everywhere), then moved
-            model.to(self.device)
+        for model in self.models.values():
             model.eval()
         self._fisher: dict[str, torch.Tensor] | None = None
         self._init_stats: dict[str, float] = {}
@@ -140,6 +139,9 @@ class Worker:
             self._init_stats = apply_shared_lq([self.models[n] for n in ("main", "shared") if n in self.models],
                                                self.space, spec.rank, iterations=spec.init_iterations,
                                                fisher=self.fisher(), seed=spec.seed)
+        # The replicas and their init are made on the CPU, where an export rebuilds them bit for bit, then moved
+        for model in self.models.values():
+            model.to(self.device)
         self._covariances: dict[str, torch.Tensor] | None = None  # Σ per matrix, for GPTQ and ProjQ
         if spec.quant_method == "gptq":  # one Σ per matrix, shared by every replica (same frozen W and inputs)
             for model in self.models.values():
