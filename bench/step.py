@@ -17,7 +17,11 @@ same with the C library's allocator), and ``peft`` / ``coa`` again under ``train
 (workers/allocator.py).
 Ratios are vs ``peft`` in the same run. The last line is one JSON object with every figure.
 
-    python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1]
+``--device cuda``: every variant on the GPU under the bf16 autocast the workers train with (PEFT's too), each step
+synchronised; QLoRA's ``Linear4bit`` runs bitsandbytes' CUDA kernels and CoA-LoRA the Triton ones. Memory is then
+the peak of ``torch.cuda.max_memory_allocated`` per variant (``peft``, ``qlora``, ``coa``), one process each.
+
+    python bench/step.py [--models minilm,smollm2] [--repeats 5] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ from workers.adapters.coa import CoAModel  # noqa: E402
 from workers.quant.cache import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
 from workers.registry import ModuleRegistry  # noqa: E402
-from workers.training import compute_gradients  # noqa: E402
+from workers.training import autocast_for, compute_gradients  # noqa: E402
 
 from timing import interleaved  # noqa: E402  (bench/timing.py)
 
 RANK = 16
 SEED = 0
+DEVICE = torch.device("cpu")  # --device
 KS = (1, 2, 4)
 SHAPES = {"minilm": ("classification", 16, 64), "smollm2": ("causal-lm", 8, 64)}
 TIMING_CACHE_MB = 1024.0  # room for K = 4 configurations, so "warm" means warm for every K
@@ -64,9 +69,11 @@ def make_batch(model_name: str, vocab: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(SEED)
     ids = torch.randint(5, vocab, (batch, length), generator=generator)
     if SHAPES[model_name][0] == "classification":
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.randint(0, 2, (batch,), generator=generator)}
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "labels": torch.randint(0, 2, (batch,), generator=generator)}
+    else:
+        tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return {k: v.to(DEVICE) for k, v in tensors.items()}
 
 
 def base_model(model_name: str) -> nn.Module:
@@ -90,8 +97,8 @@ def nf4_model(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.to("cpu"))
-    return model
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to(DEVICE))  # quantizes on a GPU
+    return model.to(DEVICE)
 
 
 def peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
@@ -106,9 +113,18 @@ def peft_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
-        torch.autograd.grad(model(**batch).loss, params)
+        with autocast_for(DEVICE):  # as compute_gradients does for CoA-LoRA
+            loss = model(**batch).loss
+        torch.autograd.grad(loss.float(), params)
 
     return step
+
+
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` that returns once the device has finished its work (a no-op wait on the CPU)."""
+    if DEVICE.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize())
 
 
 def coa_steps(coa: CoAModel, batch: dict[str, torch.Tensor], k: int, generator: torch.Generator
@@ -132,13 +148,14 @@ def time_model(model_name: str, repeats: int) -> dict[str, float]:
     base = base_model(model_name)
     targets = [t.name for t in ModuleRegistry.from_model(base)]
     batch = make_batch(model_name, base.config.vocab_size)
-    fns = {"peft": peft_step(peft_lora(copy.deepcopy(base), targets), batch),
+    fns = {"peft": peft_step(peft_lora(copy.deepcopy(base), targets).to(DEVICE), batch),
            "qlora": peft_step(peft_lora(nf4_model(copy.deepcopy(base)), targets), batch)}
     coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=TIMING_CACHE_MB, seed=SEED)
+    coa.to(DEVICE)
     generator = torch.Generator().manual_seed(SEED)
     for k in KS:
         fns[f"coa-warm-{k}"], fns[f"coa-cold-{k}"] = coa_steps(coa, batch, k, generator)
-    seconds = interleaved(fns, repeats)
+    seconds = interleaved({name: synced(fn) for name, fn in fns.items()}, repeats)
     per_config = {name: s / int(name.rsplit("-", 1)[1]) if name.startswith("coa") else s for name, s in seconds.items()}
     return {name: round(s, 4) for name, s in per_config.items()}
 
@@ -156,14 +173,18 @@ def memory_child(model_name: str, variant: str) -> None:
     batch = make_batch(model_name, base.config.vocab_size)
     if variant == "coa":
         coa = CoAModel(base, SearchSpace.default(), rank=RANK, alpha=2.0 * RANK, cache_mb=DEFAULT_CACHE_MB, seed=SEED)
-        warm, cold = coa_steps(coa, batch, 2, torch.Generator().manual_seed(SEED))
+        warm, cold = coa_steps(coa.to(DEVICE), batch, 2, torch.Generator().manual_seed(SEED))
         for step in (warm, cold, cold, cold, warm):
             step()
     else:
         targets = [t.name for t in ModuleRegistry.from_model(base)]
-        step = peft_step(peft_lora(base, targets), batch)
+        step = peft_step(peft_lora(base, targets).to(DEVICE), batch)
         for _ in range(3):
             step()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        print(json.dumps({"peak_rss_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}))
+        return
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
@@ -177,13 +198,13 @@ def peak_rss_mb() -> float:
 
 
 def memory(model_name: str, threads: int) -> tuple[dict[str, float], str]:
-    """Peak RSS per variant, and the allocator ``coa`` ran with."""
+    """Peak RSS per variant (on a GPU: peak GPU memory allocated), and the allocator ``coa`` ran with."""
     preload = preload_library(TrainingSection.model_fields["allocator"].default)
     peaks = {}
-    for variant in MEMORY_VARIANTS:
+    for variant in MEMORY_VARIANTS if DEVICE.type == "cpu" else ("peft", "qlora", "coa"):
         env = {**os.environ, "LD_PRELOAD": ""} | (worker_env(preload) if variant in PRELOADED else {})
-        out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant, "--threads", str(threads)],
-                             capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant, "--threads", str(threads),
+                              "--device", str(DEVICE)], capture_output=True, text=True, check=True, env=env)
         peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     return peaks, preload or "system"
 
@@ -194,15 +215,19 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch (and kernel) threads of every process")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     quiet_transformers()
     warnings.filterwarnings("ignore")
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    figures: dict[str, object] = {"bench": "step", "threads": args.threads, "repeats": args.repeats, "rank": RANK}
+    figures: dict[str, object] = {"bench": "step", "device": args.device, "threads": args.threads,
+                                  "repeats": args.repeats, "rank": RANK}
     for model_name in args.models.split(","):
         if model_name not in SHAPES:
             parser.error(f"unknown model {model_name!r}; choose from {sorted(SHAPES)}")
