@@ -27,6 +27,8 @@ Fallback: without Triton, :data:`AVAILABLE` is False and CUDA tensors take the t
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from . import packing
@@ -134,10 +136,26 @@ def _search_log(n_thresholds: int) -> int:
 
 def _padded_mids(mids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     """Thresholds padded with +inf to 2^LOG entries, on ``device``, and LOG."""
-    log = _search_log(mids.numel())
-    padded = torch.full((1 << log,), float("inf"), dtype=torch.float32, device=device)
-    padded[: mids.numel()] = mids.to(device=device, dtype=torch.float32)
-    return padded, log
+    return _padded_mids_cached(mids.detach().float().cpu().numpy().tobytes(), str(device))
+
+
+@lru_cache(maxsize=64)
+def _padded_mids_cached(mids: bytes, device: str) -> tuple[torch.Tensor, int]:
+    values = torch.frombuffer(bytearray(mids), dtype=torch.float32)
+    log = _search_log(values.numel())
+    padded = torch.full((1 << log,), float("inf"), dtype=torch.float32)
+    padded[: values.numel()] = values
+    return padded.to(device), log
+
+
+def _book(book: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The codebook on ``device``, copied there once per codebook and device."""
+    return book if book.device == device else _book_cached(book.detach().float().cpu().numpy().tobytes(), str(device))
+
+
+@lru_cache(maxsize=64)
+def _book_cached(book: bytes, device: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(book), dtype=torch.float32).to(device)
 
 
 def block_absmax(flat: torch.Tensor, block0: int, n_blocks: int) -> tuple[torch.Tensor, bool]:
@@ -166,7 +184,7 @@ def fake_quantize_values(
     out = torch.empty_like(flat)
     padded, log = _padded_mids(mids, flat.device)
     _fake_quantize_kernel[_grid(flat.numel(), _BLOCK)](flat, flat.numel(), scales, padded,
-                                                       book.to(flat.device), out, B0=block0, LOG=log, BLOCK=_BLOCK)
+                                                       _book(book, flat.device), out, B0=block0, LOG=log, BLOCK=_BLOCK)
     return out
 
 
@@ -194,7 +212,7 @@ def dequantize_packed(
     target = torch.empty(numel, dtype=torch.float32, device=device) if out is None else out.view(-1)[:numel]
     _decode_kernel[_grid(numel, _BLOCK)](
         packed, numel, scale_codes, step.to(device=device, dtype=torch.float32), float(offset.item()),
-        book.to(device), target, B0=block0, B1=block1, BITS=bits, GROUP=group, GROUP_BYTES=group * bits // 8,
+        _book(book, device), target, B0=block0, B1=block1, BITS=bits, GROUP=group, GROUP_BYTES=group * bits // 8,
         SCALE_BITS=scale_bits, SCALE_GROUP=scale_group, SCALE_GROUP_BYTES=scale_group * scale_bits // 8,
         BLOCK=_BLOCK, enable_fp_fusion=False,
     )
