@@ -114,8 +114,10 @@ class AdapterSection(_Section):
                            "lota (LoTA-QAF: ternary factors trained by t-SignSGD that move integer codes by one "
                            "step, merged into the codes at export: a space of int codes only, docs/lota.md)")
     rank: int = Field(8, gt=0, le=4096)
-    omega: float = Field(0.75, gt=0, lt=1, description="kind lota: the threshold ω as a fraction of the rank (a code "
-                                                      "moves where |B·A| > ω·r; the paper's 0.75)")
+    omega: float | dict[int, float] = Field(
+        0.75, description="kind lota: the threshold ω as a fraction of the rank (a code moves where |B·A| > ω·r; the "
+                          "paper's 0.75), or one per code width, e.g. {2: 0.9, 3: 0.75, 4: 0.5}: a width whose grid "
+                          "is coarse can then move fewer codes than a fine one, from the same ternary factors")
     alpha: float = Field(16.0, gt=0)
     init: Literal["zero_B", "svd_of_W", "lq-shared", "projq-shared"] = Field(
         "zero_B", description="zero_B (B = 0, base quant(W)); svd_of_W (B·A = rank-r SVD of W, base quant(W − B·A)); "
@@ -133,6 +135,16 @@ class AdapterSection(_Section):
     reference: Literal["none", "most_precise"] = Field(
         "most_precise", description="the configuration θ maps to M = I exactly: most_precise (the space's most precise "
                             "setting on every matrix; only differences between configurations move M) or none")
+
+    @field_validator("omega")
+    @classmethod
+    def _omega_fractions(cls, v: float | dict[int, float]) -> float | dict[int, float]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if isinstance(v, dict) and (not v or not all(2 <= k <= 8 for k in v)):
+            raise ValueError(f"per-width ω needs code widths in 2..8 as keys, got {sorted(v)}")
+        if not all(0 < x < 1 for x in values):
+            raise ValueError(f"ω is a fraction of the rank in (0, 1), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _init_fits_kind(self) -> "AdapterSection":
@@ -316,6 +328,12 @@ class RunConfig(_Section):
         if self.adapter.kind == "lota" and not_int:
             raise ConfigError(f"adapter.kind = 'lota' moves integer codes by one step: the space {self.search.space!r} "
                               f"holds {not_int}; use a space of int codes only (conf/space/integer.yaml)")
+        widths = sorted({parse_code(c)[1] for c in space.code})
+        if self.adapter.kind == "lota" and isinstance(self.adapter.omega, dict):
+            missing = [w for w in widths if w not in self.adapter.omega]
+            if missing:
+                raise ConfigError(f"adapter.omega gives ω per code width but not for {missing}, which the space "
+                                  f"{self.search.space!r} holds (its widths: {widths})")
         lo, hi = space.bits_range
         for t in self.evaluation.targets:
             if not lo <= t <= hi:

@@ -66,7 +66,7 @@ class WorkerSpec:
     cost_sample: int = 0  # entries per matrix for the cost estimate (0: exact); see fisher.setting_costs
     methods: tuple[str, ...] = ("main",)
     kind: str = "coa"  # adapter.kind of the main replica (ADAPTER_KINDS)
-    omega: float = 0.75  # kind lota: the threshold ω as a fraction of the rank
+    omega: float | dict[int, float] = 0.75  # kind lota: the threshold ω as a fraction of the rank (or per code width)
     threads: int = 1
     reference: str = "none"  # "most_precise": θ maps the space's most precise configuration to M = I
     encoder_hidden: int = 128

@@ -50,6 +50,8 @@ def with_(config: dict, section: str, **values) -> dict:
         ("adapter", {"kind": "lota"}, r"adapter\.kind = 'lota' moves integer codes.*holds \['nf2'"),
         ("adapter", {"kind": "lota", "init": "svd_of_W"}, r"adapter\.kind = 'lota'.*must be 'zero_B'"),
         ("adapter", {"kind": "lota", "omega": 1.0}, r"adapter\.omega = 1\.0"),
+        ("adapter", {"kind": "lota", "omega": {2: 1.5}}, r"adapter\.omega.*fraction of the rank in \(0, 1\)"),
+        ("adapter", {"kind": "lota", "omega": {9: 0.5}}, r"adapter\.omega.*code widths in 2\.\.8"),
         ("adapter", {"kind": "gaussian"}, r"adapter\.kind = 'gaussian'.*'coa', 'lora' or 'lota'"),
         ("search", {"segments": 0}, r"search\.segments = 0"),
         ("search", {"segments": -1}, r"search\.segments = -1"),
@@ -75,6 +77,12 @@ def with_(config: dict, section: str, **values) -> dict:
 )
 def test_invalid_fields(base, tmp_path, section, values, match):
     expect_error(with_(base, section, **values), match, tmp_path)
+
+
+def test_a_per_width_omega_must_cover_the_spaces_widths(base, tmp_path):
+    config = with_(with_(base, "adapter", kind="lota", omega={2: 0.5, 4: 0.5}), "search",
+                   space="conf/space/integer.yaml")
+    expect_error(config, r"adapter\.omega gives ω per code width but not for \[3, 8\]", tmp_path)
 
 
 def test_a_plain_lora_run_refuses_the_no_theta_ablation(base, tmp_path):

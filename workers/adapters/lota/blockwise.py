@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +62,32 @@ class MergedWeight:
         return dequantize_shifted(self.packed, self.mu)
 
 
+Omega = Union[float, Mapping[int, float]]
+"""ω: one threshold for every code width, or one per width (bits → ω)."""
+
+
 class BlockwiseLoTALinear(CoALoRALinear):
     """A frozen target matrix quantized per the active ``int`` setting, with ternary factors (``lora_A``: r × in,
-    ``lora_B``: out × r, entries in {−1, 0, 1}) that move its codes by one grid step where |B·A| > ω."""
+    ``lora_B``: out × r, entries in {−1, 0, 1}) that move its codes by one grid step where |B·A| > ω; ω may depend
+    on the setting's code width (``omega`` a mapping bits → ω), so one pair of factors moves fewer codes on a
+    coarse grid than on a fine one."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, *, omega: float, init: str = "zero_B",
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, *, omega: Omega, init: str = "zero_B",
                  name: str = "linear", cache: QuantCache | None = None, generator: torch.Generator | None = None):
-        if not 0 < omega < rank:
-            raise ValueError(f"{name}: LoTA's ω must lie in (0, r) = (0, {rank}), got {omega:g}")
+        omegas = {int(k): float(v) for k, v in omega.items()} if isinstance(omega, Mapping) else {None: float(omega)}
+        for w in omegas.values():
+            if not 0 < w < rank:
+                raise ValueError(f"{name}: LoTA's ω must lie in (0, r) = (0, {rank}), got {w:g}")
         super().__init__(base, rank, alpha, init=init, name=name, cache=cache, generator=generator)
-        self.omega = float(omega)
+        self.omegas = omegas
+
+    def omega(self, bits: int) -> float:
+        """ω on a grid of ``bits``-bit codes."""
+        if None in self.omegas:
+            return self.omegas[None]
+        if bits not in self.omegas:
+            raise ValueError(f"{self.name}: no ω for {bits}-bit codes; ω is given for {sorted(self.omegas)} bits")
+        return self.omegas[bits]
 
     def reset_lora(self, init: str = "zero_B", generator: torch.Generator | None = None) -> None:
         """A_T ternarised from a normal draw, B_T = 0: step 0 is the quantized base, code for code."""
@@ -95,7 +111,7 @@ class BlockwiseLoTALinear(CoALoRALinear):
         pad = packed.padded_numel - packed.numel
         delta = F.pad((self.lora_B @ self.lora_A).reshape(-1), (0, pad))
         top = 2**packed.setting.code_bits - 1
-        hard, scaled = ternary_moves(delta, self.omega, codes < top, codes > 0)
+        hard, scaled = ternary_moves(delta, self.omega(packed.setting.code_bits), codes < top, codes > 0)
         return codes, hard, scaled
 
     def _remainder(self, packed: PackedWeight, hard: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
@@ -133,27 +149,37 @@ class BlockwiseLoTALinear(CoALoRALinear):
         return F.linear(x, self.adapted_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"{self.name}: in={self.in_features}, out={self.out_features}, ternary r={self.rank}, ω={self.omega:g}"
+        omega = ", ".join(f"{w:g}" if k is None else f"{k} bits: {w:g}" for k, w in self.omegas.items())
+        return f"{self.name}: in={self.in_features}, out={self.out_features}, ternary r={self.rank}, ω={omega}"
 
 
 class BlockwiseLoTAModel(LoRAModel):
-    """Every registry target of a Hugging Face model wrapped in :class:`BlockwiseLoTALinear` (ω = ``omega`` · r),
-    plus any trainable head; call it like :class:`LoRAModel`: ``model(configuration, **batch)``. Every setting of
-    ``space`` must be of the ``int`` family."""
+    """Every registry target of a Hugging Face model wrapped in :class:`BlockwiseLoTALinear` (ω = ``omega`` · r, or
+    per code width when ``omega`` maps every width of the space to its fraction), plus any trainable head; call it
+    like :class:`LoRAModel`: ``model(configuration, **batch)``. Every setting of ``space`` must be of the ``int``
+    family."""
 
-    def __init__(self, model: nn.Module, space: SearchSpace, *, rank: int = 8, omega: float = OMEGA_FRACTION,
+    def __init__(self, model: nn.Module, space: SearchSpace, *, rank: int = 8, omega: Omega = OMEGA_FRACTION,
                  trainable_modules: Sequence[str] | None = None, cache_mb: float = DEFAULT_CACHE_MB, seed: int = 0,
                  registry: ModuleRegistry | None = None):
         not_int = sorted({s.code for s in space.settings if s.family != "int"})
         if not_int:
             raise ValueError(f"LoTA moves integer codes by one step: the space must hold int codes only, not "
                              f"{not_int} (conf/space/integer.yaml is one)")
-        if not 0 < omega < 1:
-            raise ValueError(f"LoTA's ω is a fraction of the rank in (0, 1), got {omega:g}")
+        fractions = {int(k): float(v) for k, v in omega.items()} if isinstance(omega, Mapping) else float(omega)
+        widths = sorted({s.code_bits for s in space.settings})
+        if isinstance(fractions, dict) and set(widths) - set(fractions):
+            raise ValueError(f"LoTA's ω per code width misses {sorted(set(widths) - set(fractions))} bits, which "
+                             f"the space holds (its widths: {widths})")
+        for f in fractions.values() if isinstance(fractions, dict) else [fractions]:
+            if not 0 < f < 1:
+                raise ValueError(f"LoTA's ω is a fraction of the rank in (0, 1), got {f:g}")
+        thresholds = ({k: f * rank for k, f in fractions.items()} if isinstance(fractions, dict)
+                      else fractions * rank)
         super().__init__(model, space, rank=rank, alpha=float(rank), init="zero_B",
                          trainable_modules=trainable_modules, cache_mb=cache_mb, seed=seed, registry=registry,
-                         layer=partial(BlockwiseLoTALinear, omega=omega * rank))
-        self.omega = float(omega)
+                         layer=partial(BlockwiseLoTALinear, omega=thresholds))
+        self.omega = fractions
 
     def ternary_names(self) -> set[str]:
         """The trainable tensors t-SignSGD steps: every layer's ternary factors."""

@@ -66,7 +66,7 @@ def test_merged_codes_stay_on_the_grid(code):
     moved = after - before
     assert int(moved.abs().max()) == 1 and int((moved != 0).sum()) > 0
     delta = (layer.lora_B.detach() @ layer.lora_A.detach()).reshape(-1)
-    wanted = torch.nn.functional.pad(torch.sign(delta) * (delta.abs() > layer.omega), (0, before.numel() - 96 * 40))
+    wanted = torch.nn.functional.pad(torch.sign(delta) * (delta.abs() > layer.omega(setting.code_bits)), (0, before.numel() - 96 * 40))
     blocked = ((before == top) & (wanted > 0)) | ((before == 0) & (wanted < 0))
     assert int(blocked.sum()) > 0, "no code at the grid's edge wanted to leave it: the masks went untested"
     assert not moved[blocked].any()
@@ -77,6 +77,40 @@ def test_merged_codes_stay_on_the_grid(code):
         assert torch.equal(getattr(merged.packed, part), getattr(base, part))
     assert merged.packed.nbytes == base.nbytes
     assert merged.nbytes == base.nbytes + 4 * (base.padded_numel // setting.group_size)
+
+
+def test_a_per_width_omega_moves_each_grid_by_its_own_threshold():
+    """One pair of factors, ω per code width: each width's merge moves exactly the entries with |B·A| above that
+    width's ω (edges aside), so a higher ω moves fewer codes from the same factors."""
+    omegas = {2: 3.0, 4: 1.0}
+    layer = BlockwiseLoTALinear(torch.nn.Linear(96, 40), 8, 8.0, omega=omegas,
+                                generator=torch.Generator().manual_seed(0))
+    random_ternary_(layer, seed=3)
+    delta = (layer.lora_B.detach() @ layer.lora_A.detach()).reshape(-1)
+    moved = {}
+    for bits, omega in omegas.items():
+        setting = QuantSetting(f"int{bits}", 8, "fp32", 16, 4)
+        before = code_indices(layer.packed_weight(setting)).long()[: 96 * 40]
+        after = code_indices(layer.merge(setting).packed).long()[: 96 * 40]
+        top = 2**bits - 1
+        free = (before > 0) & (before < top)  # codes that could move either way
+        wanted = torch.sign(delta) * (delta.abs() > omega)
+        assert torch.equal((after - before)[free], wanted[free].long()), bits
+        moved[bits] = int((after != before).sum())
+    assert 0 < moved[2] < moved[4]
+    with pytest.raises(ValueError, match="no ω for 3-bit codes"):
+        layer.merge(QuantSetting("int3", 8, "fp32", 16, 4))
+    assert "2 bits: 3" in layer.extra_repr()
+
+
+def test_a_per_width_omega_must_cover_the_space_and_stay_a_fraction(make_model):
+    with pytest.raises(ValueError, match=r"misses \[3, 8\] bits"):
+        BlockwiseLoTAModel(make_model("bert"), INT_SPACE, rank=4, omega={2: 0.5, 4: 0.5})
+    with pytest.raises(ValueError, match="fraction of the rank"):
+        BlockwiseLoTAModel(make_model("bert"), INT_SPACE, rank=4, omega={2: 0.5, 3: 1.5, 4: 0.5, 8: 0.5})
+    lota = BlockwiseLoTAModel(make_model("bert"), INT_SPACE, rank=4, omega={"2": 0.5, 3: 0.5, 4: 0.25, 8: 0.25})
+    assert lota.omega == {2: 0.5, 3: 0.5, 4: 0.25, 8: 0.25}  # keys as JSON gives them are read as widths
+    assert lota.layers[0].omega(2) == 2.0 and lota.layers[0].omega(8) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
