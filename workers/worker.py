@@ -173,7 +173,7 @@ class Worker:
         """The replica's trainable state as built from the seed (with ``adapter.init: projq-shared``, before the
         data-dependent part, :meth:`shared_init`)."""
         self._model(method)  # an unknown replica is refused by name
-        return _on_host(self._initial[method])
+        return _on_host(self._initial[method], copy=True)
 
     def shared_init(self, method: str, configurations: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor],
                                                                                       dict[str, float]]:
@@ -337,9 +337,10 @@ def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, 
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def _on_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies on the CPU: what a worker returns, so that the driver, which may have no GPU, can take it."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+def _on_host(tensors: Mapping[str, torch.Tensor], *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU (new copies with ``copy``): what a worker returns, so that the driver, which may have
+    no GPU, can take it."""
+    return {k: v.detach().to("cpu", copy=copy) for k, v in tensors.items()}
 
 
 def _injected_fault(call: str) -> None:
