@@ -27,6 +27,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+if not torch.cuda.is_available():
+    # The GPU quantizer kernels (workers/quant/fused_triton.py) run in Triton's interpreter here. The flag must be
+    # set before anything imports triton (bitsandbytes and peft may, while the suite is collected): triton's own
+    # library functions are made interpreted or compiled when it is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from search.space import SearchSpace  # noqa: E402
 
 
