@@ -11,10 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 
 from search.space import QuantSetting, SearchSpace
-from workers.models import resolve_model
 from workers.quant import blockwise as bw
 from workers.quant import fused, packing
 from workers.quant.codebooks import codebook, midpoints
@@ -50,12 +48,6 @@ def test_every_setting_of_every_space_on_a_random_matrix():
     weight = torch.randn(37, 50, generator=generator) ** 3
     for setting in ALL_SETTINGS:
         assert_same(weight, setting)
-
-
-@pytest.fixture(scope="module")
-def minilm_query() -> torch.Tensor:
-    with safe_open(f"{resolve_model('minilm').path}/model.safetensors", "pt") as f:
-        return f.get_tensor("encoder.layer.0.attention.self.query.weight")
 
 
 @pytest.mark.integration

@@ -89,16 +89,6 @@ def test_a_real_matrix(minilm_query):
         assert_same(minilm_query, setting)
 
 
-@pytest.fixture(scope="module")
-def minilm_query() -> torch.Tensor:
-    from safetensors import safe_open
-
-    from workers.models import resolve_model
-
-    with safe_open(f"{resolve_model('minilm').path}/model.safetensors", "pt") as f:
-        return f.get_tensor("encoder.layer.0.attention.self.query.weight")
-
-
 def test_constant_zero_and_single_entry_matrices():
     for weight in (torch.zeros(8, 8), torch.full((3, 70), 0.25), torch.tensor([[2.0]]), -torch.ones(1, 17)):
         for setting in (QLORA, QuantSetting("int3", 2, "bf16", 16, 16)):
