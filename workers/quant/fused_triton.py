@@ -15,7 +15,8 @@ The kernels, each one pass over memory:
 - :func:`pack`: uint8 codes into the dense layout of :mod:`.packing` (k·g/8 bytes per group of g codes);
 - :func:`dequantize_packed`: packed codes and packed scale codes straight to code value · ŝ, any width 1..8.
 
-Bit-identical to the reference, also when compiled for a GPU: the division is ``div_rn`` (IEEE round to nearest;
+Bit-identical to the reference (checked in the interpreter; written so that it holds when compiled for a GPU too,
+which is not yet measured): the division is ``div_rn`` (IEEE round to nearest;
 Triton's plain ``/`` on float32 may lower to an approximate division), the only other float operation is one
 multiply, so no fused multiply-add can change a rounding. Decoding computes ŝ = q_s · (t̂ / M0) + o in the
 kernel from the packed scale codes, a multiply and an add, launched with ``enable_fp_fusion=False`` so that they
