@@ -192,7 +192,7 @@ def fake_quantize_each(
         sc = encoded[shared]
         if k is not None:
             out = k.fake_quantize_values(flat, setting.block0, sc.scales, midpoints(setting.code),
-                                             codebook(setting.code))
+                                         codebook(setting.code))
         else:
             values = codebook(setting.code, str(weight.device))[_codes(flat, sc, setting, None).long()]
             out = _decode_values(values, sc.scales, setting)[: weight.numel()]
@@ -270,8 +270,7 @@ def dequantize(packed: PackedWeight, *, reference: bool = False, out: torch.Tens
     k = kernels(packed.codes.device, reference)
     if k is not None and s.block0 % packing.group_size(s.code_bits) == 0:
         flat = k.dequantize_packed(packed.codes, s.code_bits, s.block0, packed.numel, packed.scale_codes,
-                                       s.scale_bits, s.block1, _scale_step(packed.scale2, s), packed.offset, book,
-                                       out)
+                                   s.scale_bits, s.block1, _scale_step(packed.scale2, s), packed.offset, book, out)
     else:
         scales = block_scales(packed)
         table = packing.byte_lookup_table(book, s.code_bits)
