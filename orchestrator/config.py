@@ -328,8 +328,8 @@ class RunConfig(_Section):
         if self.adapter.kind == "lota" and not_int:
             raise ConfigError(f"adapter.kind = 'lota' moves integer codes by one step: the space {self.search.space!r} "
                               f"holds {not_int}; use a space of int codes only (conf/space/integer.yaml)")
-        widths = sorted({parse_code(c)[1] for c in space.code})
         if self.adapter.kind == "lota" and isinstance(self.adapter.omega, dict):
+            widths = sorted({parse_code(c)[1] for c in space.code})
             missing = [w for w in widths if w not in self.adapter.omega]
             if missing:
                 raise ConfigError(f"adapter.omega gives ω per code width but not for {missing}, which the space "

@@ -3,9 +3,9 @@ scales, packed bytes and decoded floats.
 
 On a machine with a GPU the kernels are compiled and run on CUDA tensors through the product's own dispatch
 (``blockwise.kernels``), and compared with the reference computed on the CPU. Without one they run in Triton's
-interpreter (``TRITON_INTERPRET=1``, which tests/conftest.py sets before anything imports triton) on CPU tensors: the same kernel code,
-each float operation done by numpy in IEEE float32, so the tests check the kernels' logic (search, packing,
-scales, masks) everywhere. What the interpreter cannot check is the GPU compiler's float lowering; the kernels use
+interpreter (``TRITON_INTERPRET=1``, which tests/conftest.py sets before anything imports triton) on CPU tensors:
+the same kernel code, each float operation done by numpy in IEEE float32, so the tests check the kernels' logic
+(search, packing, scales, masks) everywhere. What the interpreter cannot check is the GPU compiler's float lowering; the kernels use
 ``div_rn`` and launch the decoder unfused for that reason (see the module docstring)."""
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py 
 
 from search.space import QuantSetting  # noqa: E402
 from workers.quant import blockwise as bw  # noqa: E402
-from workers.quant import fused, packing  # noqa: E402
+from workers.quant import fused, fused_triton, packing  # noqa: E402
 from workers.quant.codebooks import codebook, midpoints  # noqa: E402
 
-fused_triton = pytest.importorskip("workers.quant.fused_triton")
 PRODUCT_KERNELS = bw.kernels
 pytestmark = pytest.mark.skipif(not fused_triton.AVAILABLE, reason="triton is not installed")
 

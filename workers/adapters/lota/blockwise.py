@@ -166,20 +166,19 @@ class BlockwiseLoTAModel(LoRAModel):
         if not_int:
             raise ValueError(f"LoTA moves integer codes by one step: the space must hold int codes only, not "
                              f"{not_int} (conf/space/integer.yaml is one)")
-        fractions = {int(k): float(v) for k, v in omega.items()} if isinstance(omega, Mapping) else float(omega)
         widths = sorted({s.code_bits for s in space.settings})
-        if isinstance(fractions, dict) and set(widths) - set(fractions):
+        per_width = isinstance(omega, Mapping)
+        fractions = {int(k): float(v) for k, v in omega.items()} if per_width else dict.fromkeys(widths, float(omega))
+        if set(widths) - set(fractions):
             raise ValueError(f"LoTA's ω per code width misses {sorted(set(widths) - set(fractions))} bits, which "
                              f"the space holds (its widths: {widths})")
-        for f in fractions.values() if isinstance(fractions, dict) else [fractions]:
+        for f in fractions.values():
             if not 0 < f < 1:
                 raise ValueError(f"LoTA's ω is a fraction of the rank in (0, 1), got {f:g}")
-        thresholds = ({k: f * rank for k, f in fractions.items()} if isinstance(fractions, dict)
-                      else fractions * rank)
         super().__init__(model, space, rank=rank, alpha=float(rank), init="zero_B",
                          trainable_modules=trainable_modules, cache_mb=cache_mb, seed=seed, registry=registry,
-                         layer=partial(BlockwiseLoTALinear, omega=thresholds))
-        self.omega = fractions
+                         layer=partial(BlockwiseLoTALinear, omega={k: f * rank for k, f in fractions.items()}))
+        self.omega = fractions if per_width else float(omega)
 
     def ternary_names(self) -> set[str]:
         """The trainable tensors t-SignSGD steps: every layer's ternary factors."""
