@@ -24,7 +24,7 @@ from safetensors.torch import load, save  # noqa: E402
 
 from bench.accuracy import __doc__ as DOC  # noqa: E402
 from bench.accuracy.jobs import (BENCH_DIR, ROOT, check_pairing, job_config, job_key, job_seeds, load_bench,  # noqa: E402
-                                 run_job)
+                                 own_seed, run_job)
 from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
 from bench.accuracy.stats import headline, mean_scores, methods_of, paired_across_jobs, pool_seeds  # noqa: E402
 from orchestrator.loop import report  # noqa: E402
@@ -76,6 +76,10 @@ def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, w
     for seed in job_seeds(job):
         key, fingerprint = job_key(job, seed), _fingerprint(job, args.override, seed)
         saved = None if args.fresh else finished_job(res_dir, key, fingerprint, log)
+        if saved is None and not args.fresh and seed is not None and seed == own_seed(job, args.override):
+            # the job run once (no bench.seeds) is this seed's run under another name: same seed, same held-out
+            # examples (job_config), so a single run extended to several seeds reuses it as its own seed's
+            saved = finished_job(res_dir, job_key(job, None), _fingerprint(job, args.override, None), log)
         if saved is None:
             t0 = time.perf_counter()
             result, scores = run_job(job, args.override, work, uri, log, seed)

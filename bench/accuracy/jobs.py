@@ -58,6 +58,11 @@ def job_seeds(job: Mapping[str, Any]) -> list[int | None]:
     return [None] if seeds is None else [int(s) for s in seeds]
 
 
+def own_seed(job: Mapping[str, Any], overrides: Sequence[str]) -> int:
+    """The training seed the job's YAML entry (with the overrides) runs at when it runs once: its run.seed."""
+    return build_config(copy.deepcopy(dict(job.get("run", {}))), overrides).run.seed
+
+
 def job_key(job: Mapping[str, Any], seed: int | None) -> str:
     """The name of one run of a job: its own, or ``<name>-seed<s>`` when it runs at several seeds."""
     return str(job["name"]) if seed is None else f"{job['name']}-seed{seed}"

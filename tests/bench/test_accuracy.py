@@ -240,6 +240,36 @@ def test_a_seed_run_is_reused_when_the_job_pools_other_seeds(tmp_path):
     assert finished_job(tmp_path, "j-seed1", _fingerprint(extended, [], 1), print) is not None
 
 
+def test_a_single_run_is_reused_as_its_own_seed_when_the_job_gains_seeds(tmp_path, monkeypatch):
+    """A job that ran once (no bench.seeds) and is then pooled over seeds [0, 1, 2] at run.seed 0 reuses its single
+    run as seed 0 (same seed, same held-out examples); seeds 1 and 2, and seed 0 of a job at run.seed 1, run."""
+    import argparse
+
+    import numpy as np
+
+    import bench.accuracy.__main__ as main_mod
+
+    single = {"name": "j", "bench": {"qlora_unseen": 0}, "run": {"run": {"seed": 0}, "training": {"lr": 1e-3}}}
+    main_mod.save_job(tmp_path, "j", main_mod._fingerprint(single, [], None), {"x": 1}, {("m", "c"): np.ones(2)}, 1.0)
+    ran: list[int | None] = []
+
+    def fake_run(job, overrides, work, uri, log, seed=None):
+        ran.append(seed)
+        return {"x": 2}, {("m", "c"): np.zeros(2)}
+
+    monkeypatch.setattr(main_mod, "run_job", fake_run)
+    monkeypatch.setattr(main_mod, "pool_seeds", lambda runs, name: [r for r, _ in runs])
+    args = argparse.Namespace(override=[], fresh=False)
+    pooled, scores, _ = main_mod.run_or_reuse({**single, "bench": {"qlora_unseen": 0, "seeds": [0, 1, 2]}}, args,
+                                              tmp_path, tmp_path, "", print)
+    assert ran == [1, 2] and pooled == [{"x": 1}, {"x": 2}, {"x": 2}]
+    np.testing.assert_allclose(scores[("m", "c")], [1 / 3, 1 / 3])
+    ran.clear()
+    main_mod.run_or_reuse({**single, "bench": {"qlora_unseen": 0, "seeds": [0]}, "run": {"run": {"seed": 1}}}, args,
+                          tmp_path, tmp_path, "", print)
+    assert ran == [0]
+
+
 def test_a_lota_job_runs_in_the_run_methods_place(tiny_model_dir, tmp_path):
     """A job of adapter.kind lota over a space of int codes goes through the same protocol: LoTA is the run's
     method (its rows, the paired differences and the gaps are LoTA's), the per-configuration rows train on the same
