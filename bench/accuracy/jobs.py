@@ -49,7 +49,7 @@ this job's is paired with example by example on the configurations both evaluate
 (``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
 rows already are GPTQ's, and ggml's types take no GPTQ). ``seeds``: run the whole job once per training seed (run.seed)
 on the same held-out examples (data.split_seed = the job's run.seed) and pool them (:func:`stats.pool_seeds`);
-None: once, at the job's run.seed."""
+None: once, at the job's run.seed. A job that ran once and is given seeds later reuses that run as its run.seed's."""
 
 
 def job_seeds(job: Mapping[str, Any]) -> list[int | None]:
