@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -46,6 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from orchestrator.loop.paired import across_seeds  # noqa: E402
 
 BASE: dict[str, Any] = {
     "model": {"name": "minilm", "task": "classification"},
@@ -76,7 +77,6 @@ VARIANTS: dict[str, list[str]] = {
 OTHERS = ("coa-no-theta", "shared-lora", "no-adapter")
 POOLED = {"target": "all targets", "unseen": "all unseen"}
 """The pooled rows' names in a run's final/paired.json, by configuration kind."""
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_one(variant: str, seed: int, out: Path) -> dict[str, Any]:
@@ -112,13 +112,10 @@ def paired(records: list[dict[str, Any]], kind: str, other: str) -> dict[str, An
 
 
 def over_seeds(per_seed: list[float]) -> dict[str, Any]:
-    """Mean of per-seed differences with a Student-t 95% interval across seeds (none from one seed)."""
-    mean = statistics.fmean(per_seed)
-    ci = None
-    if len(per_seed) > 1:
-        half = T95[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
-        ci = [round(mean - half, 2), round(mean + half, 2)]
-    return {"mean": round(mean, 2), "ci95": ci, "per_seed": [round(x, 2) for x in per_seed]}
+    """Mean of per-seed differences with a Student-t 95% interval across seeds (none from one seed), rounded."""
+    a = across_seeds(per_seed)
+    return {"mean": round(a["difference"], 2), "ci95": a["ci95"] and [round(x, 2) for x in a["ci95"]],
+            "per_seed": [round(x, 2) for x in per_seed]}
 
 
 def across(records: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[str, Any] | None:

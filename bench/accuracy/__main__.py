@@ -68,10 +68,10 @@ def finished_job(res_dir: Path, key: str, fingerprint: str, log) -> tuple[dict, 
     return record["result"], scores, float(record["minutes"])
 
 
-def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, work: Path, uri: str,
-                 log) -> tuple[dict[str, Any], dict[tuple[str, str], np.ndarray], float]:
-    """A job's result and per-example scores (pooled over its seeds when it has several) and its minutes, reusing
-    finished runs."""
+def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, work: Path, uri: str, log
+                 ) -> tuple[dict[str, Any], dict[tuple[str, str], np.ndarray], float, list[tuple[dict, dict]]]:
+    """A job's result and per-example scores (pooled over its seeds when it has several), its minutes and each
+    seed's (result, scores), reusing finished runs."""
     runs, minutes = [], 0.0
     for seed in job_seeds(job):
         key, fingerprint = job_key(job, seed), _fingerprint(job, args.override, seed)
@@ -90,8 +90,8 @@ def run_or_reuse(job: dict[str, Any], args: argparse.Namespace, res_dir: Path, w
         minutes += saved[2]
     scores = mean_scores([s for _, s in runs])
     if len(runs) == 1:
-        return runs[0][0], scores, minutes
-    return pool_seeds(runs, str(job["name"])), scores, minutes
+        return runs[0][0], scores, minutes, runs
+    return pool_seeds(runs, str(job["name"])), scores, minutes, runs
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -162,16 +162,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    results, minutes, scores = [], [], {}
+    results, minutes, scores, seed_runs = [], [], {}, {}
     for job in jobs:
-        result, scores[job["name"]], took = run_or_reuse(job, args, res_dir, work, uri, log)
+        result, scores[job["name"]], took, seed_runs[job["name"]] = run_or_reuse(job, args, res_dir, work, uri, log)
         results.append(result)
         minutes.append(took)
     done = {j["name"]: r for j, r in zip(jobs, results)}
     for job, result in zip(jobs, results):
         other = job.get("bench", {}).get("paired_with")
         if other is not None:
-            result["paired_jobs"] = paired_across_jobs(result, scores[job["name"]], done[other], scores[other])
+            result["paired_jobs"] = paired_across_jobs(result, scores[job["name"]], done[other], scores[other],
+                                                       zip(seed_runs[job["name"]], seed_runs[other]))
     total = sum(minutes)
     cmd_args = [a for a in (sys.argv[1:] if argv is None else list(argv))]
     meta = {

@@ -90,8 +90,9 @@ def _f(v: Any, digits: int = 4) -> str:
 
 
 def seeds_tables(r: Mapping[str, Any]) -> list[str]:
-    """For a job pooled over training seeds: each seed's mean over the targets per method, and each seed's
-    CoA-LoRA − other over all targets with its interval, so the seeds' spread shows beside the pooled figures."""
+    """For a job pooled over training seeds: each seed's mean over the targets per method, and CoA-LoRA − each
+    other method per target and pooled row at each seed and across the seeds, so the seeds' spread shows beside the
+    pooled figures (each seed's intervals over the examples stay in accuracy.json, ``per_seed``)."""
     per_seed = r.get("per_seed")
     if not per_seed:
         return []
@@ -106,16 +107,26 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
     for m in methods_of(r["rows"]):
         out.append(f"| {m} | " + " | ".join(_f(p["mean_target"].get(m, float("nan"))) for p in per_seed)
                    + f" | {_f(r['mean_target'][m])} |")
-    out += ["", f"{DISPLAY[main_method(r)]} − other over all targets at each seed (difference [95% interval over "
-            "examples]):", "",
-            "| other | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    others = sorted({o for p in per_seed for o in p["paired_coa_minus"]})
-    for o in others:
-        cells = []
-        for p in per_seed:
-            d = p["paired_coa_minus"].get(o, {}).get("all targets")
-            cells.append("–" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
-        out.append(f"| {o} | " + " | ".join(cells) + " |")
+    return out + ["", *across_seeds_table(r.get("across_seeds") or {}, seeds, metric, DISPLAY[main_method(r)])]
+
+
+def across_seeds_table(across: Mapping[str, Mapping[str, Mapping[str, Any]]], seeds: Sequence[int], metric: str,
+                       main: str) -> list[str]:
+    """``main`` − each other method per configuration at each seed and across the seeds
+    (:func:`stats.seed_differences`), with how many seeds favour ``main`` (a higher accuracy, a lower loss)."""
+    if not across:
+        return []
+    out = [f"{main} − other at each seed, and across the seeds: their mean with a Student-t 95% interval over the "
+           f"{len(seeds)} seeds' differences (training noise included; the pooled intervals are over the examples), "
+           f"and at how many seeds {main} was the better:", "",
+           "| other | configuration | " + " | ".join(f"seed {x}" for x in seeds) + " | across seeds | better at |",
+           "|---|---|" + "---|" * (len(seeds) + 2)]
+    for o in sorted(across):
+        for c, a in sorted(across[o].items(), key=lambda kv: (not kv[0].startswith("all"), kv[0])):
+            ci = "" if a["ci95"] is None else f" [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}]"
+            better = sum(d > 0 if metric == "accuracy" else d < 0 for d in a["per_seed"])  # a lower loss is better
+            out.append(f"| {o} | {c} | " + " | ".join(f"{d:+.4f}" for d in a["per_seed"])
+                       + f" | {a['difference']:+.4f}{ci} | {better}/{len(seeds)} |")
     return out + [""]
 
 
@@ -130,7 +141,8 @@ def paired_jobs_section(r: Mapping[str, Any]) -> list[str]:
              f"{len(same) - len(differ)} of {len(same)} configurations are the same encoding in both jobs; "
              f"{', '.join(differ)} hold another allocation at the same budget in each")
     return [f"### Against job {pj['against']}", "",
-            f"Same model, data, held-out examples and seeds; {where}.", "", paired.markdown(pj["rows"])]
+            f"Same model, data, held-out examples and seeds; {where}.", "", paired.markdown(pj["rows"]),
+            *across_seeds_table(pj.get("across_seeds") or {}, r.get("seeds", []), r["metric"], DISPLAY[main_method(r)])]
 
 
 def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -124,19 +124,31 @@ def mean_scores(per_seed: Sequence[Mapping[tuple[str, str], np.ndarray]]) -> dic
 
 
 def paired_across_jobs(result: Mapping[str, Any], scores: Mapping[tuple[str, str], np.ndarray],
-                       other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray]) -> dict[str, Any]:
+                       other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray],
+                       seeds: Iterable[tuple[tuple[Mapping, Mapping], tuple[Mapping, Mapping]]] = ()) -> dict[str, Any]:
     """One job's run method against another job's (``bench.paired_with``: same model, data and seeds, e.g. another
     ``adapter.init``), example by example on every configuration both evaluated under the same name, pooled like
     a job's own paired table. A name may hold another allocation in each job (an ILP on another cost table):
     ``same_configuration`` says, per name, whether the two encodings agree (if not, the row compares two methods
-    at one budget, each with its own allocation)."""
+    at one budget, each with its own allocation). ``seeds``: the two jobs' (result, scores) at each shared seed;
+    with more than one, the difference across the seeds too (``across_seeds``, :func:`seed_differences`)."""
+    rows, names = _job_against_job(result, scores, other, other_scores)
+    per_seed = [_job_against_job(r, s, o, os)[0] for (r, s), (o, os) in seeds]
+    return {"against": str(other["job"]), "rows": rows,
+            "same_configuration": {c: result["configurations"].get(c) == other["configurations"].get(c) for c in names},
+            **({"across_seeds": seed_differences(per_seed)} if len(per_seed) > 1 else {})}
+
+
+def _job_against_job(result: Mapping[str, Any], scores: Mapping[tuple[str, str], np.ndarray],
+                     other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray]
+                     ) -> tuple[list[dict], list[str]]:
+    """The paired table of ``result``'s run method against ``other``'s, and the configurations both evaluated."""
     a, b = main_method(result), main_method(other)
     mine, theirs = f"{a} ({result['job']})", f"{b} ({other['job']})"
     names = [c for m, c in scores if m == a and (b, c) in other_scores]
     table = {**{(mine, c): scores[(a, c)] for c in names}, **{(theirs, c): other_scores[(b, c)] for c in names}}
     kind = "classification" if result["metric"] == "accuracy" else "causal-lm"
-    return {"against": str(other["job"]), "rows": paired.paired_table(table, mine, kind),
-            "same_configuration": {c: result["configurations"].get(c) == other["configurations"].get(c) for c in names}}
+    return paired.paired_table(table, mine, kind), names
 
 
 def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], np.ndarray]]],
@@ -174,7 +186,21 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
     seeds = [int(r["config"]["run"]["seed"]) for r in results]
     out.update(job=job, seeds=seeds, curves=first.get("curves", {}), per_seed=[
         {"seed": s, "mean_target": r["mean_target"], "unseen_mean": r["unseen_mean"],
-         "paired_coa_minus": paired_summary(r.get("paired") or [])} for s, r in zip(seeds, results)])
+         "paired_coa_minus": paired_summary(r.get("paired") or [])} for s, r in zip(seeds, results)],
+        across_seeds=seed_differences([r.get("paired") or [] for r in results]))
+    return out
+
+
+def seed_differences(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """CoA-LoRA − each other method across the seeds (:func:`orchestrator.loop.paired.across_seeds` of each seed's
+    paired rows' difference), for the rows that name the same thing at every seed: each target (the ILP allocation
+    at one budget) and the pooled "all ..." rows, not "unseen i", which is another draw at each seed. The pooled
+    interval over examples leaves the seeds' spread out; this one is made of it."""
+    by_seed = [{(d["other"], d["configuration"]): d["difference"] for d in rows} for rows in per_seed]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for other, c in by_seed[0]:
+        if (c.startswith("target") or c.startswith("all ")) and all((other, c) in b for b in by_seed):
+            out.setdefault(other, {})[c] = paired.across_seeds([b[(other, c)] for b in by_seed])
     return out
 
 
@@ -193,6 +219,9 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "paired_coa_minus": paired_summary(r.get("paired") or []),
             **({"paired_jobs": paired_summary(r["paired_jobs"]["rows"])} if r.get("paired_jobs") else {}),
             "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
+            **({"across_seeds": {o: {c: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
+                                     for c, a in rows.items()} for o, rows in r["across_seeds"].items()}}
+               if r.get("across_seeds") and len(r["seeds"]) > 1 else {}),
         }
     return out
 

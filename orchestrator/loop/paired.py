@@ -13,7 +13,8 @@ treats the examples (the random draw) as the unit and never counts one example t
   perplexity ratio.
 
 What the interval covers: which examples were drawn, for these trained adapters. It does not cover training noise
-(another seed gives other adapters): repeat over seeds for that (bench/theta.py).
+(another seed gives other adapters): repeat over seeds for that and take :func:`across_seeds` of the per-seed
+differences (bench/theta.py, bench.accuracy's ``bench.seeds``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ import numpy as np
 Z95 = 1.959963984540054
 """Two-sided 95% quantile of the standard normal."""
 MIN_EXAMPLES = 2
+
+
+def across_seeds(per_seed: Sequence[float]) -> dict[str, Any]:
+    """The mean of one paired difference measured at several training seeds, with a Student-t 95% interval across
+    the seeds (None from one seed). With three seeds t = 4.30: only a difference that every seed agrees on, by a
+    margin larger than the seeds' spread, has an interval clear of zero."""
+    from scipy.stats import t
+
+    values = np.asarray(per_seed, dtype=np.float64)
+    if values.ndim != 1 or not len(values) or not np.all(np.isfinite(values)):
+        raise ValueError(f"need one finite difference per seed, got {per_seed!r}")
+    mean, ci = float(values.mean()), None
+    if len(values) > 1:
+        half = float(t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+        ci = [mean - half, mean + half]
+    return {"difference": mean, "ci95": ci, "per_seed": values.tolist()}
 
 
 def paired_difference(main: Sequence[np.ndarray], other: Sequence[np.ndarray], kind: str) -> dict[str, Any]:

@@ -196,8 +196,14 @@ def test_seeds_are_pooled_on_the_same_held_out_examples(two_runs):
         mean_diff = (acc[0][("coa-lora", t)] - acc[0][("qlora", t)] + acc[1][("coa-lora", t)] - acc[1][("qlora", t)]) / 2
         assert diffs[("qlora", t)] == pytest.approx(mean_diff, abs=1e-9)
     assert [p["seed"] for p in pooled["per_seed"]] == [0, 1]
+    for t in TARGETS:  # across the seeds: the mean of each seed's own paired difference, with a t interval
+        per_seed = [acc[s][("coa-lora", t)] - acc[s][("qlora", t)] for s in (0, 1)]
+        across = pooled["across_seeds"]["qlora"][t]
+        assert across["per_seed"] == pytest.approx(per_seed, abs=1e-9)
+        assert head["minilm-reviews"]["across_seeds"]["qlora"][t][0] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
     md = (base / "b" / "results.md").read_text()
     assert "### Training seeds (2: 0, 1)" in md and "data.split_seed = 0" in md
+    assert "| qlora | target 3 |" in md and "across the seeds" in md
 
 
 def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_model_dir):
@@ -260,9 +266,9 @@ def test_a_single_run_is_reused_as_its_own_seed_when_the_job_gains_seeds(tmp_pat
     monkeypatch.setattr(main_mod, "run_job", fake_run)
     monkeypatch.setattr(main_mod, "pool_seeds", lambda runs, name: [r for r, _ in runs])
     args = argparse.Namespace(override=[], fresh=False)
-    pooled, scores, _ = main_mod.run_or_reuse({**single, "bench": {"qlora_unseen": 0, "seeds": [0, 1, 2]}}, args,
-                                              tmp_path, tmp_path, "", print)
-    assert ran == [1, 2] and pooled == [{"x": 1}, {"x": 2}, {"x": 2}]
+    pooled, scores, _, runs = main_mod.run_or_reuse({**single, "bench": {"qlora_unseen": 0, "seeds": [0, 1, 2]}},
+                                                    args, tmp_path, tmp_path, "", print)
+    assert ran == [1, 2] and pooled == [{"x": 1}, {"x": 2}, {"x": 2}] and [r for r, _ in runs] == pooled
     np.testing.assert_allclose(scores[("m", "c")], [1 / 3, 1 / 3])
     ran.clear()
     main_mod.run_or_reuse({**single, "bench": {"qlora_unseen": 0, "seeds": [0]}, "run": {"run": {"seed": 1}}}, args,

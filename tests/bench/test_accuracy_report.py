@@ -1,4 +1,5 @@
-"""bench/accuracy's report parts that need no run: the learning-rate table across jobs, and the bench YAMLs."""
+"""bench/accuracy's report parts that need no run: the learning-rate table across jobs, the differences across
+training seeds, and the bench YAMLs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.accuracy.jobs import BENCH_DIR, job_config, job_seeds, load_bench
-from bench.accuracy.report import lr_table
+from bench.accuracy.report import lr_table, seeds_tables
+from bench.accuracy.stats import paired_across_jobs, seed_differences
 
 
 def _job(lr: float, means: dict[str, float], dataset: str = "reviews") -> dict:
@@ -27,6 +29,52 @@ def test_lr_table_puts_the_rates_side_by_side_and_marks_collapse_to_the_prior():
     assert "| qlora | 0.7200 | 0.7400 |" in text
     assert "| no-adapter | 0.5810 | 0.5810 |" in text
     assert lr_table(results[:1]) == []
+
+
+def test_differences_across_seeds_cover_the_targets_and_pooled_rows_and_count_the_seeds_that_favour_coa():
+    """Per other method: each target and each pooled row (not "unseen i", another draw per seed) across the seeds,
+    and the report's "better at" counts a higher accuracy, or a lower loss per token, as CoA-LoRA's."""
+    def seed(d25: float, unseen: float) -> list[dict]:
+        rows = {"target 2.5": d25, "all targets": 0.001, "all unseen": unseen, "unseen 1": 0.5}
+        return [{"other": "coa-no-theta", "configuration": c, "difference": d} for c, d in rows.items()]
+
+    across = seed_differences([seed(0.03, -0.002), seed(0.02, 0.004), seed(0.025, 0.001)])
+    assert set(across["coa-no-theta"]) == {"target 2.5", "all targets", "all unseen"}
+    t25 = across["coa-no-theta"]["target 2.5"]
+    assert t25["per_seed"] == [0.03, 0.02, 0.025] and t25["ci95"][0] > 0
+    per_seed = [{"seed": s, "mean_target": {"coa-lora": 0.75}} for s in (0, 1, 2)]
+    for metric, better in (("accuracy", "3/3"), ("loss", "0/3")):
+        r = {"per_seed": per_seed, "metric": metric, "config": {"data": {"split_seed": 0}},
+             "rows": [{"method": "coa-lora", "configuration": "target 2.5"}], "mean_target": {"coa-lora": 0.75},
+             "across_seeds": across}
+        text = "\n".join(seeds_tables(r))
+        row = next(line for line in text.splitlines() if line.startswith("| coa-no-theta | target 2.5 |"))
+        assert row.startswith("| coa-no-theta | target 2.5 | +0.0300 | +0.0200 | +0.0250 | +0.0250 [+0.0126, +0.0374]")
+        assert row.endswith(f"| {better} |") and "| coa-no-theta | all unseen |" in text and "unseen 1" not in text
+
+
+def test_two_jobs_at_several_seeds_are_also_compared_seed_by_seed():
+    """paired_with over seeds: the pooled table on the seed-averaged scores, and each seed's own difference
+    between the jobs' runs at that seed across the seeds."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def run(job: str, p_right: float) -> tuple[dict, dict]:
+        scores = {("coa-lora", c): np.stack([rng.uniform(0.1, 2, 4000), rng.random(4000) < p_right], 1).astype(float)
+                  for c in ("target 2.5", "target 3")}
+        return {"job": job, "metric": "accuracy", "configurations": {"target 2.5": [1], "target 3": [2]}}, scores
+
+    mine, theirs = [run("lq", 0.8) for _ in range(3)], [run("zero", 0.7) for _ in range(3)]
+    mean = lambda runs: {k: np.mean([s[k] for _, s in runs], 0) for k in runs[0][1]}  # noqa: E731
+    out = paired_across_jobs(mine[0][0], mean(mine), theirs[0][0], mean(theirs), zip(mine, theirs))
+    rows = out["across_seeds"]["coa-lora (zero)"]
+    assert set(rows) == {"target 2.5", "target 3", "all targets"}
+    for c in ("target 2.5", "target 3"):
+        expected = [s[("coa-lora", c)][:, 1].mean() - o[("coa-lora", c)][:, 1].mean() for (_, s), (_, o) in zip(mine, theirs)]
+        assert rows[c]["per_seed"] == pytest.approx(expected, abs=1e-12) and rows[c]["ci95"][0] > 0
+    assert "across_seeds" not in paired_across_jobs(mine[0][0], mine[0][1], theirs[0][0], theirs[0][1], [])
+    assert out["same_configuration"] == {"target 2.5": True, "target 3": True}
 
 
 @pytest.mark.parametrize("name", ["quick", "full", "lr", "lota"])
