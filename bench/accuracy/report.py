@@ -98,10 +98,12 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
         return []
     seeds = [p["seed"] for p in per_seed]
     metric = r["metric"]
+    held = r["config"]["data"]["split_seed"]  # None where the first seed is the job's single run: its run.seed
+    held = r["config"]["run"]["seed"] if held is None else held
     out = [f"### Training seeds ({len(seeds)}: {', '.join(map(str, seeds))})", "",
            f"Every figure above pools {len(seeds)} runs of the whole job that differ only in run.seed (initialisation, "
            f"data order, configuration draws), on the same held-out examples (data.split_seed = "
-           f"{r['config']['data']['split_seed']}): metrics averaged over the seeds ({'arithmetic' if metric == 'accuracy' else 'geometric'} "
+           f"{held}): metrics averaged over the seeds ({'arithmetic' if metric == 'accuracy' else 'geometric'} "
            "mean), paired differences on each example's scores averaged over the seeds. Per seed:", "",
            "| method | " + " | ".join(f"seed {x}" for x in seeds) + " | pooled |", "|---|" + "---|" * (len(seeds) + 1)]
     for m in methods_of(r["rows"]):

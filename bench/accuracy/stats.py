@@ -132,19 +132,21 @@ def paired_across_jobs(result: Mapping[str, Any], scores: Mapping[tuple[str, str
     ``same_configuration`` says, per name, whether the two encodings agree (if not, the row compares two methods
     at one budget, each with its own allocation). ``seeds``: the two jobs' (result, scores) at each shared seed;
     with more than one, the difference across the seeds too (``across_seeds``, :func:`seed_differences`)."""
-    rows, names = _job_against_job(result, scores, other, other_scores)
-    per_seed = [_job_against_job(r, s, o, os)[0] for (r, s), (o, os) in seeds]
+    labels = (f"{main_method(result)} ({result['job']})", f"{main_method(other)} ({other['job']})")
+    rows, names = _job_against_job(result, scores, other, other_scores, labels)
+    per_seed = [_job_against_job(r, s, o, os, labels)[0] for (r, s), (o, os) in seeds]  # named as the pooled jobs
     return {"against": str(other["job"]), "rows": rows,
             "same_configuration": {c: result["configurations"].get(c) == other["configurations"].get(c) for c in names},
             **({"across_seeds": seed_differences(per_seed)} if len(per_seed) > 1 else {})}
 
 
 def _job_against_job(result: Mapping[str, Any], scores: Mapping[tuple[str, str], np.ndarray],
-                     other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray]
-                     ) -> tuple[list[dict], list[str]]:
-    """The paired table of ``result``'s run method against ``other``'s, and the configurations both evaluated."""
+                     other: Mapping[str, Any], other_scores: Mapping[tuple[str, str], np.ndarray],
+                     labels: tuple[str, str]) -> tuple[list[dict], list[str]]:
+    """The paired table of ``result``'s run method against ``other``'s (named ``labels``), and the configurations
+    both evaluated."""
     a, b = main_method(result), main_method(other)
-    mine, theirs = f"{a} ({result['job']})", f"{b} ({other['job']})"
+    mine, theirs = labels
     names = [c for m, c in scores if m == a and (b, c) in other_scores]
     table = {**{(mine, c): scores[(a, c)] for c in names}, **{(theirs, c): other_scores[(b, c)] for c in names}}
     kind = "classification" if result["metric"] == "accuracy" else "causal-lm"

@@ -65,9 +65,10 @@ def test_two_jobs_at_several_seeds_are_also_compared_seed_by_seed():
                   for c in ("target 2.5", "target 3")}
         return {"job": job, "metric": "accuracy", "configurations": {"target 2.5": [1], "target 3": [2]}}, scores
 
-    mine, theirs = [run("lq", 0.8) for _ in range(3)], [run("zero", 0.7) for _ in range(3)]
+    mine, theirs = [run(f"lq-seed{s}", 0.8) for s in range(3)], [run(f"zero-seed{s}", 0.7) for s in range(3)]
     mean = lambda runs: {k: np.mean([s[k] for _, s in runs], 0) for k in runs[0][1]}  # noqa: E731
-    out = paired_across_jobs(mine[0][0], mean(mine), theirs[0][0], mean(theirs), zip(mine, theirs))
+    pooled = ({**mine[0][0], "job": "lq"}, mean(mine)), ({**theirs[0][0], "job": "zero"}, mean(theirs))
+    out = paired_across_jobs(*pooled[0], *pooled[1], zip(mine, theirs))  # each seed's run is named <job>-seed<s>
     rows = out["across_seeds"]["coa-lora (zero)"]
     assert set(rows) == {"target 2.5", "target 3", "all targets"}
     for c in ("target 2.5", "target 3"):
