@@ -5,8 +5,8 @@ On a machine with a GPU the kernels are compiled and run on CUDA tensors through
 (``blockwise.kernels``), and compared with the reference computed on the CPU. Without one they run in Triton's
 interpreter (``TRITON_INTERPRET=1``, which tests/conftest.py sets before anything imports triton) on CPU tensors:
 the same kernel code, each float operation done by numpy in IEEE float32, so the tests check the kernels' logic
-(search, packing, scales, masks) everywhere. What the interpreter cannot check is the GPU compiler's float lowering; the kernels use
-``div_rn`` and launch the decoder unfused for that reason (see the module docstring)."""
+(search, packing, scales, masks) everywhere. What the interpreter cannot check is the GPU compiler's float
+lowering; the kernels use ``div_rn`` and launch the decoder unfused for that reason (see the module docstring)."""
 
 from __future__ import annotations
 
