@@ -46,6 +46,7 @@ from orchestrator.config import TrainingSection  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
 from workers.allocator import pin_mmap_threshold, preload_library, worker_env  # noqa: E402
 from workers.adapters.coa import CoAModel  # noqa: E402
+from workers.data import on_device  # noqa: E402
 from workers.quant.cache import DEFAULT_CACHE_MB  # noqa: E402
 from workers.models import load_model, quiet_transformers, resolve_model  # noqa: E402
 from workers.registry import ModuleRegistry  # noqa: E402
@@ -73,7 +74,7 @@ def make_batch(model_name: str, vocab: int) -> dict[str, torch.Tensor]:
                    "labels": torch.randint(0, 2, (batch,), generator=generator)}
     else:
         tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    return {k: v.to(DEVICE) for k, v in tensors.items()}
+    return on_device(tensors, DEVICE)
 
 
 def base_model(model_name: str) -> nn.Module:

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from search.space import SearchSpace
 
+from .data.batches import on_device
 from .quant.formats import fake_quantize_each
 from .registry import ModuleRegistry
 
@@ -37,7 +38,7 @@ def _squared_gradient_sum(
         size = batch["labels"].shape[0]
         if size != 1:
             raise ValueError(f"the diagonal Fisher needs batch size 1, got a batch of {size}")
-        loss = loss_of({k: v.to(device) for k, v in batch.items()})
+        loss = loss_of(on_device(batch, device))
         for name, g in zip(tensors, torch.autograd.grad(loss, list(tensors.values()))):
             fisher[name] += g.float().square()
         count += 1

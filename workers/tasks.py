@@ -218,7 +218,7 @@ def _evaluate(model: nn.Module, configuration: Any | None, loader: Iterable[Mapp
     try:
         model.set_configuration(configuration)
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = data.on_device(batch, device)
             if adapter:
                 out = model.model(**batch)
             else:

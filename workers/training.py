@@ -22,6 +22,7 @@ from torch.func import functional_call
 from search.space import QuantSetting
 
 from .adapters.lora import LoRAModel
+from .data.batches import on_device
 
 Configuration = Sequence[QuantSetting]
 Batch = Mapping[str, torch.Tensor]
@@ -208,7 +209,7 @@ def train(
     while len(losses) < config.total_steps:
         n_before = len(losses)
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = on_device(batch, device)
             configurations = sample_configurations(pool, config.configs_per_step, generator)
             step_losses, grads = compute_gradients(model, _state_view(model), batch, configurations)
             apply_gradients(model, optimizer, scheduler, grads, config.max_grad_norm)

@@ -26,7 +26,7 @@ from .calibration import coa_covariances
 from .adapters.coa import CoAModel, theta_spread
 from .adapters.lora import LoRAModel
 from .adapters.lota import BlockwiseLoTAModel
-from .data import DataPlan, DataSpec
+from .data import DataPlan, DataSpec, on_device
 from .fisher import layer_fisher, setting_costs
 from .init.lq import SHARED_LQ_INIT, apply_shared_lq
 from .init.projq import SHARED_INIT, apply_shared_init
@@ -198,7 +198,7 @@ class Worker:
         """Σ = XᵀX/N of every target matrix's inputs on the first ``calibration_examples`` training examples (the
         model in full precision, adapters off), computed once: GPTQ's Hessians and ProjQ's whitening."""
         if self._covariances is None:
-            calibration = [_on(batch, self.device)
+            calibration = [on_device(batch, self.device)
                            for batch in self._batches(self.train_items[: self.spec.calibration_examples])]
             self._covariances = coa_covariances(self.models["main"], calibration)
         return self._covariances
@@ -252,9 +252,9 @@ class Worker:
         """One fine-tuning shard: (the loss of each configuration, gradients of their mean, number of examples). A
         configuration of None trains on the unquantized base (the LoRA ceiling a benchmark compares against)."""
         model = self._model(method)
-        batch = _on(self.collate([self.train_items[i] for i in example_ids]), self.device)
+        batch = on_device(self.collate([self.train_items[i] for i in example_ids]), self.device)
         configs = [self._decoded(c) for c in configurations]
-        losses, grads = compute_gradients(model, _on(state, self.device), batch, configs)
+        losses, grads = compute_gradients(model, on_device(state, self.device), batch, configs)
         return losses.tolist(), _on_host(grads), len(example_ids)
 
     def score(self, method: str, state: Mapping[str, torch.Tensor] | None, configuration: np.ndarray) -> float:
@@ -330,11 +330,6 @@ def worker_device(name: str) -> torch.device:
         raise ValueError(f"worker device {name!r}, but this process sees no CUDA device (is torch a CUDA build, and "
                          "did the worker get a GPU: cluster.gpus_per_worker?)")
     return device
-
-
-def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """``tensors`` on ``device`` (the same tensors where they already are)."""
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _on_host(tensors: Mapping[str, torch.Tensor], *, copy: bool = False) -> dict[str, torch.Tensor]:

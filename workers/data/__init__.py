@@ -5,7 +5,7 @@ records with the loss on the responses) and ``packaged`` (where the two corpora 
 ordinary sources). A new file format belongs in ``sources``; a new task kind gets its own module beside
 ``batches``."""
 
-from .batches import ClassificationCollator, classification_loader, lm_loader, token_blocks
+from .batches import ClassificationCollator, classification_loader, lm_loader, on_device, token_blocks
 from .instructions import IGNORE_INDEX, InstructionCollator
 from .instructions import encode as encode_instructions
 from .packaged import PACKAGED_TASKS, packaged_source, reviews_file, shakespeare_dir
@@ -14,7 +14,7 @@ from .sources import DataError, DataSpec, SourceRows, read_source
 from .splits import Split, seeded_split, shuffled
 
 __all__ = [
-    "ClassificationCollator", "classification_loader", "lm_loader", "token_blocks",
+    "ClassificationCollator", "classification_loader", "lm_loader", "on_device", "token_blocks",
     "IGNORE_INDEX", "InstructionCollator", "encode_instructions",
     "PACKAGED_TASKS", "packaged_source", "reviews_file", "shakespeare_dir",
     "DataPlan", "classification_items", "documents", "plan_task",

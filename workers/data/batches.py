@@ -4,10 +4,16 @@ cheaper on CPU."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
+
+
+def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A batch (or any name → tensor mapping) on ``device``; tensors already there are the same objects, not
+    copies."""
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 class ClassificationCollator:
