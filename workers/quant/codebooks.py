@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.special import ndtri  # the normal inverse CDF (scipy.stats' norm.ppf, without importing scipy.stats)
 
 from search.space import parse_code
 
@@ -26,8 +26,8 @@ def nf_values(bits: int) -> np.ndarray:
     if not 2 <= bits <= 8:
         raise ValueError(f"NormalFloat bits must be in 2..8, got {bits}")
     half = 2 ** (bits - 1)
-    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy())
-    negative = -norm.ppf(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())
+    positive = ndtri(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy())
+    negative = -ndtri(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())
     table = torch.tensor(np.concatenate([positive, [0.0], negative]), dtype=torch.float32).sort().values
     return (table / table.max()).numpy().astype(np.float64)
 
