@@ -1,0 +1,206 @@
+"""How much could θ add? An oracle for CoA-LoRA's configuration encoder, on a finished run (issue 12).
+
+θ changes a configuration's adapter only through M, one r×r matrix per target matrix between A and B
+(B·M·A). Our benchmarks find θ inert: CoA-LoRA − coa-no-theta stays within a point (docs/theta.md). This bench
+asks whether that is θ's training or the room θ has. It takes a finished run's trained state, freezes A, B, the
+heads and θ, and fits M itself by Adam on the training examples:
+
+- **per-configuration M**: one M per target matrix for each target configuration alone, started from θ's output
+  for that configuration. No network could do better on that configuration with this A and B: it is the most a
+  perfect θ could give;
+- **shared M** (the control): one M per target matrix for all the targets together, started from the mean of θ's
+  outputs, fitted on the same batches with the same number of gradient evaluations per configuration.
+
+per-configuration − shared is what making M depend on the configuration is worth; shared − the run's own
+CoA-LoRA is what further training of M alone is worth (the part any shared adapter could learn as well). Both are
+paired on the run's validation examples with 95% intervals over the examples (orchestrator.loop.paired). The run's
+own CoA-LoRA is evaluated again first and must reproduce its ledger's final accuracy exactly, or the bench stops.
+
+    .venv/bin/python bench/theta_oracle.py RUN_DIR --steps 60 --lr 3e-3 --out docs/theta/oracle
+
+RUN_DIR is a finished ``coalora run`` of ``adapter.kind: coa`` on a classification or language-modelling task
+(bench.accuracy keeps its runs under ``<out>/results/work/``). Writes ``<out>/<run name>.json`` and prints it as
+the last line (one JSON object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from orchestrator.config import ConfigError  # noqa: E402
+from orchestrator.loop.paired import paired_difference  # noqa: E402
+from orchestrator.loop.schedule import batch_ids, unkey  # noqa: E402
+from orchestrator.runs import load_run_config, worker_spec  # noqa: E402
+from orchestrator.state import CheckpointStore, Ledger, write_json_atomic  # noqa: E402
+from workers.adapters.coa import CoAModel  # noqa: E402
+from workers.tasks import evaluate_examples  # noqa: E402
+from workers.worker import Worker  # noqa: E402
+
+MAIN = "coa-lora"
+REPRODUCE_TOLERANCE = 1e-9
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def load_run(run_dir: Path) -> tuple[Any, Worker, list[dict[str, Any]]]:
+    """(config, a worker holding the run's replica with its last checkpoint's trainable state, the ledger's final
+    CoA-LoRA rows of the targets); a clear error for a run this bench cannot read."""
+    cfg = load_run_config(run_dir)
+    if cfg.adapter.kind != "coa":
+        raise ConfigError(f"{run_dir} is an adapter.kind {cfg.adapter.kind!r} run: the oracle fits CoA-LoRA's M")
+    targets = [r for r in Ledger(run_dir / "ledger.jsonl").entries()
+               if r.get("kind") == "final" and r.get("method") == MAIN and r["configuration"].startswith("target")]
+    if not targets:
+        raise ConfigError(f"{run_dir} has no final CoA-LoRA rows at its targets: is the run finished?")
+    ckpt = CheckpointStore(run_dir / "checkpoints").load_latest()
+    if ckpt is None:
+        raise ConfigError(f"{run_dir} has no valid checkpoint")
+    worker = Worker(replace(worker_spec(cfg), device="cpu", methods=("main",)))
+    worker.models["main"].load_trainable_state(ckpt.tensors["trainable"])
+    return cfg, worker, targets
+
+
+# ---- M as the free parameter ------------------------------------------------------------------------------------
+def use_mixing(model: CoAModel, table: dict[str, torch.Tensor]) -> None:
+    """Make ``model`` take each configuration's M from ``table`` (key: the configuration's settings, as text)
+    instead of θ: every evaluation and forward pass of the model then uses the fitted matrices."""
+    model.mixing_matrices = lambda settings: table[repr(list(settings))]  # type: ignore[method-assign]
+
+
+def fit(model: CoAModel, worker: Worker, configurations: Sequence[list], start: torch.Tensor, *, steps: int, lr: float,
+        seed: int, batch_size: int) -> tuple[torch.Tensor, list[float]]:
+    """Adam on one (N, r, r) M from ``start``, the other trainable tensors frozen; each step takes the same batch
+    for every configuration of ``configurations`` and the mean of their losses. Returns M and the step losses."""
+    mixing = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([mixing], lr=lr)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses = []
+    try:
+        for step in range(steps):
+            batch = worker.collate([worker.train_items[i] for i in
+                                    batch_ids(seed, len(worker.train_items), batch_size, step)])
+            loss = torch.stack([_loss(model, settings, mixing, batch) for settings in configurations]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    return mixing.detach(), losses
+
+
+def _loss(model: CoAModel, settings: list, mixing: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.set_configuration(settings, mixing=mixing)
+    return model.model(**batch).loss
+
+
+def _progress(losses: Sequence[float]) -> str:
+    return f"training loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps: θ's output as is"
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------------
+def oracle(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
+    cfg, worker, target_rows = load_run(run_dir)
+    model = worker.models["main"]
+    kind = "classification" if cfg.model.task == "classification" else "causal-lm"
+    metric = "accuracy" if kind == "classification" else "loss"
+    names = [r["configuration"] for r in target_rows]
+    settings = [worker.space.decode(unkey(r["config"])) for r in target_rows]
+    with torch.no_grad():
+        theta = [model.mixing_matrices(s).detach().clone() for s in settings]
+
+    def evaluate(s: list) -> tuple[float, np.ndarray]:
+        metrics, scores = evaluate_examples(model, s, worker.val_batches)
+        return float(metrics[metric]), scores.numpy()
+
+    scores: dict[str, list[np.ndarray]] = {"coa-lora": [], "per-configuration M": [], "shared M": []}
+    values: dict[str, list[float]] = {k: [] for k in scores}
+    for name, s, row in zip(names, settings, target_rows):  # the run's own CoA-LoRA, which must reproduce
+        value, sc = evaluate(s)
+        if abs(value - row["metrics"][metric]) > REPRODUCE_TOLERANCE:
+            raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
+                               "in its ledger; the replica is not the run's")
+        values["coa-lora"].append(value)
+        scores["coa-lora"].append(sc)
+    t0 = time.perf_counter()
+    fitted, curves = [], {}
+    for name, s, start in zip(names, settings, theta):
+        m, curves[name] = fit(model, worker, [s], start, steps=steps, lr=lr, seed=cfg.run.seed,
+                              batch_size=cfg.data.batch_size)
+        fitted.append(m)
+        log(f"per-configuration M, {name}: {_progress(curves[name])}")
+    shared, curves["shared"] = fit(model, worker, settings, torch.stack(theta).mean(0), steps=steps, lr=lr,
+                                   seed=cfg.run.seed, batch_size=cfg.data.batch_size)
+    log(f"shared M: {_progress(curves['shared'])}")
+    minutes = (time.perf_counter() - t0) / 60
+    for method, tables in (("per-configuration M", fitted), ("shared M", [shared] * len(settings))):
+        use_mixing(model, {repr(list(s)): m for s, m in zip(settings, tables)})
+        for s in settings:
+            value, sc = evaluate(s)
+            values[method].append(value)
+            scores[method].append(sc)
+    del model.mixing_matrices  # θ again
+
+    def spread(ms: Sequence[torch.Tensor]) -> float:
+        """RMS over matrices of ‖M_k − M̄‖ (docs/theta.md's theta_spread)."""
+        stack = torch.stack(list(ms))
+        return float((stack - stack.mean(0)).square().sum((-2, -1)).mean().sqrt())
+
+    pairs = {"per-configuration M − shared M": ("per-configuration M", "shared M"),
+             "shared M − coa-lora": ("shared M", "coa-lora"),
+             "per-configuration M − coa-lora": ("per-configuration M", "coa-lora")}
+    paired = {label: {**{name: paired_difference([scores[a][i]], [scores[b][i]], kind)
+                         for i, name in enumerate(names)},
+                      "all targets": paired_difference(scores[a], scores[b], kind)}
+              for label, (a, b) in pairs.items()}
+    return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
+            "steps": steps, "lr": lr, "rank": cfg.adapter.rank, "targets": names,
+            "values": values, "paired": paired, "fit_minutes": round(minutes, 2),
+            "spread": {"theta": spread(theta), "per-configuration M": spread(fitted)},
+            "curves": curves}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path, help="a finished coalora run of adapter.kind coa")
+    ap.add_argument("--steps", type=int, default=60, help="Adam steps per fit (default 60)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of M (default 3e-3)")
+    ap.add_argument("--out", type=Path, required=True, help="directory for <run name>.json")
+    args = ap.parse_args(argv)
+    if args.steps < 0 or args.lr <= 0:
+        ap.error("--steps must be ≥ 0 and --lr > 0")
+    if not (args.run_dir / "ledger.jsonl").exists():
+        ap.error(f"{args.run_dir} is not a coalora run directory (no ledger.jsonl)")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    result = oracle(args.run_dir.resolve(), steps=args.steps, lr=args.lr, log=lambda m: print(m, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / f"{result['run_name']}.json", result)
+    for label, rows in result["paired"].items():
+        unit = 100 if result["metric"] == "accuracy" else 1
+        print(label + ": " + ", ".join(f"{k} {v['difference'] * unit:+.2f} [{v['ci95'][0] * unit:+.2f}, "
+                                       f"{v['ci95'][1] * unit:+.2f}]" for k, v in rows.items()))
+    print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

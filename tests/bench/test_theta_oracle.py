@@ -1,0 +1,68 @@
+"""bench/theta_oracle.py on a tiny finished run: it reproduces the run's CoA-LoRA before fitting anything, at zero
+steps the per-configuration oracle is θ itself (every difference to CoA-LoRA exactly 0), fitting M lowers the
+training loss and moves only M, and runs it cannot read are refused before any compute."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import ConfigError, build_config
+from orchestrator.runs import start_run
+
+SPEC = importlib.util.spec_from_file_location("bench_theta_oracle",
+                                              Path(__file__).resolve().parents[2] / "bench" / "theta_oracle.py")
+oracle = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(oracle)
+
+
+@pytest.fixture
+def run_dir(make_config):
+    config, _ = make_config(data={"val_examples": 48, "score_examples": 16})
+    directory, _ = start_run(build_config(config), progress=False)
+    return directory
+
+
+def test_zero_steps_is_theta_itself_and_fitting_moves_only_m(run_dir, tmp_path, capsys):
+    result = oracle.main([str(run_dir), "--steps", "0", "--out", str(tmp_path)])
+    assert result["targets"] == ["target 2.5", "target 4"]
+    assert result["values"]["per-configuration M"] == result["values"]["coa-lora"]
+    for name in result["targets"] + ["all targets"]:
+        assert result["paired"]["per-configuration M − coa-lora"][name]["difference"] == 0.0
+    assert result["spread"]["per-configuration M"] == pytest.approx(result["spread"]["theta"], abs=1e-7)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["values"] == result["values"]
+    assert json.loads((tmp_path / "tiny.json").read_text())["steps"] == 0
+
+    cfg, worker, rows = oracle.load_run(run_dir)
+    model = worker.models["main"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    settings = worker.space.decode(oracle.unkey(rows[0]["config"]))
+    with torch.no_grad():
+        start = model.mixing_matrices(settings).clone()
+    worker.train_items = worker.train_items[:16]  # one batch, seen at every step
+    batch = worker.collate(worker.train_items)
+    with torch.no_grad():
+        before_loss = float(oracle._loss(model, settings, start, batch))
+    fitted, losses = oracle.fit(model, worker, [settings], start, steps=8, lr=0.05, seed=0, batch_size=16)
+    with torch.no_grad():
+        assert float(oracle._loss(model, settings, fitted, batch)) < before_loss  # M fitted to the data
+    assert len(losses) == 8
+    assert not torch.equal(fitted, start)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # A, B, heads and θ untouched
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # unfrozen again
+
+
+def test_runs_it_cannot_read_are_refused(run_dir, tmp_path):
+    ledger = run_dir / "ledger.jsonl"
+    kept = [line for line in ledger.read_text().splitlines() if '"kind":"final"' not in line.replace(" ", "")]
+    ledger.write_text("\n".join(kept) + "\n")
+    with pytest.raises(ConfigError, match="no final CoA-LoRA rows"):
+        oracle.load_run(run_dir)
+    with pytest.raises(SystemExit):
+        oracle.main([str(tmp_path), "--out", str(tmp_path / "out")])  # no ledger: not a run directory
