@@ -128,19 +128,22 @@ def oracle(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]
     with torch.no_grad():
         theta = [model.mixing_matrices(s).detach().clone() for s in settings]
 
-    def evaluate(s: list) -> tuple[float, np.ndarray]:
-        metrics, scores = evaluate_examples(model, s, worker.val_batches)
-        return float(metrics[metric]), scores.numpy()
+    def evaluate(method: str, s: list) -> float:
+        """``method``'s value on configuration ``s``, its validation loss and per-example scores recorded."""
+        metrics, example_scores = evaluate_examples(model, s, worker.val_batches)
+        values[method].append(float(metrics[metric]))
+        losses[method].append(float(metrics["loss"]))
+        scores[method].append(example_scores.numpy())
+        return float(metrics[metric])
 
     scores: dict[str, list[np.ndarray]] = {"coa-lora": [], "per-configuration M": [], "shared M": []}
     values: dict[str, list[float]] = {k: [] for k in scores}
+    losses: dict[str, list[float]] = {k: [] for k in scores}  # validation loss, also for classification
     for name, s, row in zip(names, settings, target_rows):  # the run's own CoA-LoRA, which must reproduce
-        value, sc = evaluate(s)
+        value = evaluate("coa-lora", s)
         if abs(value - row["metrics"][metric]) > REPRODUCE_TOLERANCE:
             raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
                                "in its ledger; the replica is not the run's")
-        values["coa-lora"].append(value)
-        scores["coa-lora"].append(sc)
     t0 = time.perf_counter()
     fitted, curves = [], {}
     for name, s, start in zip(names, settings, theta):
@@ -155,9 +158,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]
     for method, tables in (("per-configuration M", fitted), ("shared M", [shared] * len(settings))):
         use_mixing(model, {repr(list(s)): m for s, m in zip(settings, tables)})
         for s in settings:
-            value, sc = evaluate(s)
-            values[method].append(value)
-            scores[method].append(sc)
+            evaluate(method, s)
     del model.mixing_matrices  # θ again
 
     def spread(ms: Sequence[torch.Tensor]) -> float:
@@ -174,7 +175,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]
               for label, (a, b) in pairs.items()}
     return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
             "steps": steps, "lr": lr, "rank": cfg.adapter.rank, "targets": names,
-            "values": values, "paired": paired, "fit_minutes": round(minutes, 2),
+            "values": values, "validation_loss": losses, "paired": paired, "fit_minutes": round(minutes, 2),
             "spread": {"theta": spread(theta), "per-configuration M": spread(fitted)},
             "curves": curves}
 
@@ -198,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         unit = 100 if result["metric"] == "accuracy" else 1
         print(label + ": " + ", ".join(f"{k} {v['difference'] * unit:+.2f} [{v['ci95'][0] * unit:+.2f}, "
                                        f"{v['ci95'][1] * unit:+.2f}]" for k, v in rows.items()))
+    print("validation loss: " + ", ".join(f"{m} " + " / ".join(f"{x:.4f}" for x in v)
+                                          for m, v in result["validation_loss"].items()))
     print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
     return result
 
