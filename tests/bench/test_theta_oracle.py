@@ -49,10 +49,10 @@ def test_zero_steps_is_theta_itself_and_fitting_moves_only_m(run_dir, tmp_path, 
     batch = worker.collate(worker.train_items)
     with torch.no_grad():
         before_loss = float(oracle._loss(model, settings, start, batch))
-    fitted, losses = oracle.fit(model, worker, [settings], start, steps=8, lr=0.05, seed=0, batch_size=16)
+    fitted, pairs, losses = oracle.fit(model, worker, [settings], start, steps=8, lr=0.05, seed=0, batch_size=16)
     with torch.no_grad():
         assert float(oracle._loss(model, settings, fitted, batch)) < before_loss  # M fitted to the data
-    assert len(losses) == 8
+    assert len(losses) == 8 and pairs is None
     assert not torch.equal(fitted, start)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # A, B, heads and θ untouched
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # unfrozen again
@@ -66,3 +66,26 @@ def test_runs_it_cannot_read_are_refused(run_dir, tmp_path):
         oracle.load_run(run_dir)
     with pytest.raises(SystemExit):
         oracle.main([str(tmp_path), "--out", str(tmp_path / "out")])  # no ledger: not a run directory
+
+
+def test_with_factors_free_the_pairs_are_fitted_and_the_run_s_restored(run_dir, tmp_path):
+    """--free factors: the fits move every LoRA pair with M (a per-configuration LoRA from the run's state); the
+    model keeps the run's pairs outside them, and at zero steps the per-configuration fit is the run itself."""
+    result = oracle.main([str(run_dir), "--steps", "0", "--free", "factors", "--out", str(tmp_path)])
+    assert result["values"]["per-configuration A, B, M"] == result["values"]["coa-lora"]
+    assert (tmp_path / "tiny-factors.json").exists()
+
+    cfg, worker, rows = oracle.load_run(run_dir)
+    model = worker.models["main"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = worker.space.decode(oracle.unkey(rows[0]["config"]))
+    with torch.no_grad():
+        start = model.mixing_matrices(settings).clone()
+    mixing, pairs, _ = oracle.fit(model, worker, [settings], start, steps=3, lr=0.05, seed=0, batch_size=16,
+                                  factors=True)
+    assert set(pairs) == set(oracle.factor_names(model)) and pairs
+    assert any(not torch.equal(pairs[n], before[n]) for n in pairs)  # the pairs moved in the fit ...
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # ... and the run's are back
+    with oracle.with_factors(model, pairs):
+        assert all(torch.equal(dict(model.named_parameters())[n], pairs[n]) for n in pairs)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
