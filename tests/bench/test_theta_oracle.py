@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator.config import ConfigError, build_config
+from orchestrator.config import ConfigError, load_config
 from orchestrator.runs import start_run
 
 SPEC = importlib.util.spec_from_file_location("bench_theta_oracle",
@@ -20,10 +21,11 @@ oracle = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(oracle)
 
 
-@pytest.fixture
-def run_dir(make_config):
-    config, _ = make_config(data={"val_examples": 48, "score_examples": 16})
-    directory, _ = start_run(build_config(config), progress=False)
+@pytest.fixture(scope="module")
+def run_dir(write_run_config, tmp_path_factory):
+    """One tiny finished run for the module (the tests read it; the one that edits it works on a copy)."""
+    path = write_run_config(tmp_path_factory.mktemp("oracle"), data={"val_examples": 48, "score_examples": 16})
+    directory, _ = start_run(load_config(path), progress=False)
     return directory
 
 
@@ -59,11 +61,13 @@ def test_zero_steps_is_theta_itself_and_fitting_moves_only_m(run_dir, tmp_path, 
 
 
 def test_runs_it_cannot_read_are_refused(run_dir, tmp_path):
-    ledger = run_dir / "ledger.jsonl"
+    copy = tmp_path / "unfinished"
+    shutil.copytree(run_dir, copy)
+    ledger = copy / "ledger.jsonl"
     kept = [line for line in ledger.read_text().splitlines() if '"kind":"final"' not in line.replace(" ", "")]
     ledger.write_text("\n".join(kept) + "\n")
     with pytest.raises(ConfigError, match="no final CoA-LoRA rows"):
-        oracle.load_run(run_dir)
+        oracle.load_run(copy)
     with pytest.raises(SystemExit):
         oracle.main([str(tmp_path), "--out", str(tmp_path / "out")])  # no ledger: not a run directory
 
