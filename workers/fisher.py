@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from search.space import SearchSpace
 
-from .data.batches import on_device
+from .data import on_device
 from .quant.formats import fake_quantize_each
 from .registry import ModuleRegistry
 

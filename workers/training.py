@@ -22,7 +22,7 @@ from torch.func import functional_call
 from search.space import QuantSetting
 
 from .adapters.lora import LoRAModel
-from .data.batches import on_device
+from .data import on_device
 
 Configuration = Sequence[QuantSetting]
 Batch = Mapping[str, torch.Tensor]
