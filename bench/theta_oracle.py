@@ -51,7 +51,7 @@ from orchestrator.loop.paired import paired_difference  # noqa: E402
 from orchestrator.loop.schedule import batch_ids, unkey  # noqa: E402
 from orchestrator.runs import load_run_config, worker_spec  # noqa: E402
 from orchestrator.state import CheckpointStore, Ledger, write_json_atomic  # noqa: E402
-from workers.adapters.coa import CoAModel  # noqa: E402
+from workers.adapters.coa import CoAModel, theta_spread  # noqa: E402
 from workers.tasks import evaluate_examples  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
@@ -170,6 +170,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
     settings = [worker.space.decode(unkey(r["config"])) for r in target_rows]
     with torch.no_grad():
         theta = [model.mixing_matrices(s).detach().clone() for s in settings]
+    spread = {"theta": theta_spread(model, settings)["theta_spread"]}
 
     def evaluate(method: str, s: list) -> float:
         """``method``'s value on configuration ``s``, its validation loss and per-example scores recorded."""
@@ -199,17 +200,14 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
                                      seed=cfg.run.seed, batch_size=cfg.data.batch_size, factors=free == "factors")
     log(f"{shared_name}: {_progress(curves['shared'])}")
     minutes = (time.perf_counter() - t0) / 60
+    use_mixing(model, {repr(list(s)): m for s, (m, _) in zip(settings, fitted)})
+    spread["per-configuration M"] = theta_spread(model, settings)["theta_spread"]  # the fitted M's, as θ's above
     for method, tables in ((own, fitted), (shared_name, [(m, pairs)] * len(settings))):
         for s, (mixing, factors) in zip(settings, tables):
             use_mixing(model, {repr(list(s)): mixing})
             with with_factors(model, factors):
                 evaluate(method, s)
     del model.mixing_matrices  # θ again
-
-    def spread(ms: Sequence[torch.Tensor]) -> float:
-        """RMS over matrices of ‖M_k − M̄‖ (docs/theta.md's theta_spread)."""
-        stack = torch.stack(list(ms))
-        return float((stack - stack.mean(0)).square().sum((-2, -1)).mean().sqrt())
 
     compared = {f"{own} − {shared_name}": (own, shared_name), f"{shared_name} − coa-lora": (shared_name, "coa-lora"),
                 f"{own} − coa-lora": (own, "coa-lora")}
@@ -220,7 +218,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
     return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
             "steps": steps, "lr": lr, "free": free, "rank": cfg.adapter.rank, "targets": names,
             "values": values, "validation_loss": losses, "paired": paired, "fit_minutes": round(minutes, 2),
-            "spread": {"theta": spread(theta), "per-configuration M": spread([m for m, _ in fitted])},
+            "spread": spread,
             "curves": curves}
 
 

@@ -195,9 +195,10 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
 
 def seed_differences(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The run's method − each other method across the seeds (:func:`orchestrator.loop.paired.across_seeds` of each
-    seed's paired rows' difference; the other may be another job's run method), for the rows that name the same thing at every seed: each target (the ILP allocation
-    at one budget) and the pooled "all ..." rows, not "unseen i", which is another draw at each seed. The pooled
-    interval over examples leaves the seeds' spread out; this one is made of it."""
+    seed's paired rows' difference; the other may be another job's run method), for the rows that name the same
+    thing at every seed: each target (the ILP allocation at one budget) and the pooled "all ..." rows, not
+    "unseen i", which is another draw at each seed. The pooled interval over examples leaves the seeds' spread
+    out; this one is made of it."""
     by_seed = [{(d["other"], d["configuration"]): d["difference"] for d in rows} for rows in per_seed]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for other, c in by_seed[0]:
