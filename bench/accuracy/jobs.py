@@ -43,13 +43,18 @@ BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "l
                   "per_configuration": True, "paired_with": None}
 """Per-job ``bench:`` options; ``per_configuration``: false runs the product path only (the run's method and the
 driver's baselines), for a job that varies the run against another job of the file whose per-configuration rows
-would be the same trainings; ``paired_with``: the name of that job (same model, data and seeds), whose run method
+would be the same trainings; a list of :data:`PER_CONFIGURATION_METHODS` runs only those (``qlora`` also stands for
+its ``qlora_unseen`` rows), for a job that adds rows a full job could not afford; ``paired_with``: the name of that job (same model, data and seeds), whose run method
 this job's is paired with example by example on the configurations both evaluated (:func:`stats.paired_across_jobs`);
 ``qlora_gptq`` / ``qlora_projq``: also QLoRA on GPTQ codes / with ProjQ's init
 (``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
 rows already are GPTQ's, and ggml's types take no GPTQ). ``seeds``: run the whole job once per training seed (run.seed)
 on the same held-out examples (data.split_seed = the job's run.seed) and pool them (:func:`stats.pool_seeds`);
 None: once, at the job's run.seed. A job that ran once and is given seeds later reuses that run as its run.seed's."""
+
+
+PER_CONFIGURATION_METHODS = ("qlora", "lq-lora", "qlora-gptq", "qlora-projq", "qlora-budget", "lora-fp")
+"""The per-configuration trainings a job can run, in the order they run (``bench.per_configuration``)."""
 
 
 def job_seeds(job: Mapping[str, Any]) -> list[int | None]:
@@ -86,6 +91,12 @@ def load_bench(path: Path) -> dict[str, Any]:
                                   or not all(isinstance(s, int) and s >= 0 for s in seeds)):
             raise ConfigError(f"{path}: job {j['name']}: bench.seeds must be a non-empty list of distinct integers "
                               f">= 0, got {seeds!r}")
+        chosen = j.get("bench", {}).get("per_configuration", True)
+        if not isinstance(chosen, bool) and (not isinstance(chosen, list) or not chosen
+                                             or not set(chosen) <= set(PER_CONFIGURATION_METHODS)
+                                             or len(set(chosen)) != len(chosen)):
+            raise ConfigError(f"{path}: job {j['name']}: bench.per_configuration must be true, false or a non-empty "
+                              f"list of distinct methods from {list(PER_CONFIGURATION_METHODS)}, got {chosen!r}")
         other = j.get("bench", {}).get("paired_with")
         if other is not None and (other == j["name"] or other not in names):
             raise ConfigError(f"{path}: job {j['name']}: bench.paired_with must name another job of the file "
@@ -182,13 +193,17 @@ def per_configuration_trainings(opts: Mapping[str, Any], targets: Sequence[tuple
                                 unseen: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, str, np.ndarray | None]]:
     """(method, configuration name, encoding) of every per-configuration training the job's options ask for, in the
     order they run: the targets' rows, the ceiling once, QLoRA on the first ``qlora_unseen`` unseen ones."""
-    if not opts["per_configuration"]:
+    chosen = opts["per_configuration"]
+    if chosen is False:
         return []
-    methods = ["qlora", "lq-lora", *(["qlora-gptq"] if opts["qlora_gptq"] else []),
-               *(["qlora-projq"] if opts["qlora_projq"] else []), "qlora-budget"]
-    out: list[tuple[str, str, np.ndarray | None]] = [(m, n, x) for m in methods for n, x in targets]
-    out.append(("lora-fp", UNQUANTIZED, None))
-    return out + [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+    dropped = {m for m, flag in (("qlora-gptq", "qlora_gptq"), ("qlora-projq", "qlora_projq")) if not opts[flag]}
+    methods = [m for m in PER_CONFIGURATION_METHODS if (chosen is True or m in chosen) and m not in dropped]
+    out: list[tuple[str, str, np.ndarray | None]] = [(m, n, x) for m in methods if m != "lora-fp" for n, x in targets]
+    if "lora-fp" in methods:
+        out.append(("lora-fp", UNQUANTIZED, None))
+    if "qlora" in methods:
+        out += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
+    return out
 
 
 

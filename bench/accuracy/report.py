@@ -265,8 +265,9 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
             *([f"| lq-lora | {r['minutes']['lq-lora']:.2f} | {len(tnames)} x (LQ init + "
                f"{r['baseline_steps_per_configuration']} steps) |"] if "lq-lora" in r["minutes"] else []),
             *([f"| qlora-budget | {r['minutes']['qlora-budget']:.2f} | {len(tnames)} x "
-               f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps ({name}'s total, shared) |",
-               f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
+               f"{equal_budget_steps(r['baseline_steps_per_configuration'], len(tnames))} steps ({name}'s total, shared) |"]
+              if "qlora-budget" in r["minutes"] else []),
+            *([f"| lora-fp | {r['minutes']['lora-fp']:.2f} | {r['baseline_steps_per_configuration']} steps on the "
                "unquantized base |"] if "lora-fp" in r["minutes"] else []),
             *([f"| qlora (unseen) | {r['minutes']['qlora (unseen)']:.2f} | {len(r['qlora_unseen'])} x "
                f"{r['baseline_steps_per_configuration']} steps |"] if "qlora (unseen)" in r["minutes"] else []),

@@ -96,3 +96,33 @@ def test_bad_seeds_are_refused_before_any_compute(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="bench.seeds must be a non-empty list of distinct integers"):
         load_bench(path)
+
+
+def test_a_list_of_per_configuration_methods_runs_only_those_in_the_fixed_order():
+    import numpy as np
+
+    from bench.accuracy.jobs import BENCH_DEFAULTS, UNQUANTIZED, per_configuration_trainings
+
+    targets = [("target 2.5", np.zeros(5)), ("target 3", np.ones(5))]
+    unseen = [("unseen 1", np.full(5, 2.0)), ("unseen 2", np.full(5, 3.0))]
+    opts = {**BENCH_DEFAULTS, "qlora_unseen": 1, "per_configuration": ["lora-fp", "qlora-projq", "qlora"]}
+    calls = [(m, n) for m, n, _ in per_configuration_trainings(opts, targets, unseen)]
+    assert calls == [("qlora", "target 2.5"), ("qlora", "target 3"), ("qlora-projq", "target 2.5"),
+                     ("qlora-projq", "target 3"), ("lora-fp", UNQUANTIZED), ("qlora", "unseen 1")]
+    # the run's own flags still drop what its space or quantizer cannot take; without qlora no unseen rows
+    opts = {**opts, "qlora_projq": False, "per_configuration": ["qlora-projq", "lq-lora"]}
+    assert [(m, n) for m, n, _ in per_configuration_trainings(opts, targets, unseen)] == [
+        ("lq-lora", "target 2.5"), ("lq-lora", "target 3")]
+    everything = per_configuration_trainings({**BENCH_DEFAULTS, "qlora_unseen": 0}, targets, unseen)
+    assert len(everything) == 5 * 2 + 1 and per_configuration_trainings(
+        {**BENCH_DEFAULTS, "per_configuration": False}, targets, unseen) == []
+
+
+@pytest.mark.parametrize("value", ["[]", "[qlora, qlora]", "[qlora, dora]", "all"])
+def test_a_bad_per_configuration_list_is_refused_before_any_compute(value, tmp_path: Path):
+    from orchestrator.config import ConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"jobs:\n  - name: a\n    bench: {{per_configuration: {value}}}\n    run: {{}}\n")
+    with pytest.raises(ConfigError, match="bench.per_configuration must be true, false or a non-empty list"):
+        load_bench(path)
