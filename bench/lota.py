@@ -15,7 +15,8 @@ scale and zero-point per group: ``workers/quant/intk.py``), and on that base:
 - and once per seed, **lora-fp**: LoRA on the unquantized base (the ceiling);
 - with ``--config-aware``, **lota-ca**: LoTA's configuration-aware variant, one model trained once over every
   ``--bits`` (each step averages ``--configs-per-step`` uniform configurations drawn from them; ω = 0.75·r at every
-  width), evaluated merged at each width: one training against the per-width LoTA rows.
+  width, or one fraction per width with ``--ca-omegas 4=0.625 3=0.75 2=0.875``), evaluated merged at each width:
+  one training against the per-width LoTA rows.
 
 The task head trains with AdamW at the job's rate, warmup, cosine decay and clipping in every method (LoTA's
 ternary factors take no learning rate). Every method sees ``steps`` batches.
@@ -155,14 +156,14 @@ def merged_outcome(model, job: Job) -> tuple[np.ndarray, dict[str, float]]:
     return correctness(model.merged_model(), job.val_batches), extra
 
 
-def run_lota_config_aware(job: Job, bits: Sequence[int], group: int, configs_per_step: int
-                          ) -> dict[int, tuple[np.ndarray, dict[str, float]]]:
-    """One configuration-aware LoTA model over ``bits`` (uniform configurations, ``configs_per_step`` per step),
-    merged and evaluated at each width: {width: (correctness, extras)}."""
+def run_lota_config_aware(job: Job, bits: Sequence[int], group: int, configs_per_step: int,
+                          omega_fractions: dict[int, float]) -> dict[int, tuple[np.ndarray, dict[str, float]]]:
+    """One configuration-aware LoTA model over ``bits`` (uniform configurations, ``configs_per_step`` per step;
+    ω = ``omega_fractions[k]`` · r at width k), merged and evaluated at each width: {width: (correctness, extras)}."""
     from workers.adapters.lota import LoTAModel, train_lota
 
     model = LoTAModel(copy.deepcopy(job.base), bits=tuple(bits), rank=job.spec.rank, group_size=group, seed=job.seed,
-                      omega=0.75 * job.spec.rank)
+                      omega={k: f * job.spec.rank for k, f in omega_fractions.items()})
     train_lota(model, job.batches(), steps=job.train.total_steps, head=job.train, configurations=list(bits),
                configs_per_step=configs_per_step, seed=job.seed)
     out = {}
@@ -210,6 +211,26 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"diff": 100 * d.mean(), "lo": 100 * (d.mean() - half), "hi": 100 * (d.mean() + half)}
 
 
+def width_fractions(values: Sequence[str], bits: Sequence[int]) -> dict[int, float]:
+    """``--ca-omegas`` (``K=F`` per width) as {width: ω/r}; every width of ``bits`` once, each F in (0, 1). Empty:
+    the paper's 0.75 at every width."""
+    if not values:
+        return dict.fromkeys(bits, 0.75)
+    fractions: dict[int, float] = {}
+    for value in values:
+        width, sep, fraction = value.partition("=")
+        try:
+            k, f = int(width), float(fraction)
+        except ValueError:
+            raise ValueError(f"{value!r} is not WIDTH=FRACTION (e.g. 4=0.625)") from None
+        if not sep or k in fractions or not 0 < f < 1:
+            raise ValueError(f"{value!r}: each width once, with ω/r in (0, 1)")
+        fractions[k] = f
+    if set(fractions) != set(bits):
+        raise ValueError(f"ω is given for {sorted(fractions)} bits; --bits are {sorted(bits)}")
+    return fractions
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -226,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config-aware", action="store_true",
                         help="also lota-ca: one configuration-aware LoTA model trained over every --bits")
     parser.add_argument("--configs-per-step", type=int, default=2, help="lota-ca's configurations per step")
+    parser.add_argument("--ca-omegas", nargs="+", default=[], metavar="K=F",
+                        help="lota-ca's ω/r per width, every --bits once (default: 0.75 at every width)")
     parser.add_argument("--out", type=Path, default=Path("docs/lota"))
     args = parser.parse_args(argv)
     if args.configs_per_step < 1:
@@ -238,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--bits: INTk needs 2 <= k <= 8")
     if any(not 0 < f < 1 for f in args.omegas):
         parser.error("--omegas: ω/r must lie in (0, 1)")
+    if args.ca_omegas and not args.config_aware:
+        parser.error("--ca-omegas needs --config-aware")
+    try:
+        ca_omegas = width_fractions(args.ca_omegas, args.bits)
+    except ValueError as err:
+        parser.error(f"--ca-omegas: {err}")
     methods = METHODS + tuple(f"lota-ω{f:g}" for f in args.omegas) + (("lota-ca",) if args.config_aware else ())
     if args.quant == "gptq":
         methods = tuple(f"{m}+gptq" for m in methods)
@@ -255,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.config_aware and stale:
         parser.error(f"--out {args.out} holds lota-ca rows trained over {list(stale[0])} bits, not {args.bits}: "
                      "use another --out")
+    recorded = {json.dumps(r.get("omega_fractions", dict.fromkeys(map(str, r["configurations"]), 0.75)),
+                           sort_keys=True) for (m, _, _), r in done.items() if m == "lota-ca"}
+    wanted = json.dumps({str(k): f for k, f in ca_omegas.items()}, sort_keys=True)
+    if args.config_aware and recorded - {wanted}:
+        parser.error(f"--out {args.out} holds lota-ca rows trained at ω/r {sorted(recorded - {wanted})[0]}, not "
+                     f"{wanted}: use another --out")
     jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
             (("lora-fp",) if b is None else methods) if not args.methods or m in args.methods]
     for method, bits, seed in jobs:
@@ -265,9 +300,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kind = method.removesuffix("+gptq")
         hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
         if kind == "lota-ca":  # one training serves every width: record them all at once
-            for k, (correct, extra) in run_lota_config_aware(job, args.bits, args.group, args.configs_per_step).items():
+            outcomes = run_lota_config_aware(job, args.bits, args.group, args.configs_per_step, ca_omegas)
+            for k, (correct, extra) in outcomes.items():
                 row = {"method": method, "bits": k, "seed": seed, "accuracy": float(correct.mean()),
-                       "seconds": time.perf_counter() - t0, "configurations": list(args.bits), **extra,
+                       "seconds": time.perf_counter() - t0, "configurations": list(args.bits),
+                       "omega_fractions": {str(w): f for w, f in ca_omegas.items()}, **extra,
                        "correct": correct.astype(int).tolist()}
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -291,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return np.stack([np.asarray(done[(method, bits, s)]["correct"]) for s in args.seeds])
 
     summary: dict[str, Any] = {"bench": "lota", "seeds": args.seeds, "group": args.group, "steps": args.steps or 60,
+                               **({"lota_ca_omega_fractions": ca_omegas} if args.config_aware else {}),
                                "lora_fp": 100 * float(stack("lora-fp", None).mean())
                                if ("lora-fp", None, args.seeds[0]) in done else None}
     for bits in args.bits:

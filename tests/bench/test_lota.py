@@ -4,6 +4,7 @@ tests/workers/adapters/test_lota.py)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,39 @@ def test_config_aware_rows_of_another_bit_set_are_not_reused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lota.main(["--config-aware", "--bits", "4", "3", "--out", str(out)])
     assert "trained over [4, 2] bits, not [4, 3]" in capsys.readouterr().err
+
+
+def test_width_fractions_parse_one_per_width():
+    assert lota.width_fractions([], [4, 2]) == {4: 0.75, 2: 0.75}
+    assert lota.width_fractions(["4=0.625", "2=0.875"], [4, 2]) == {4: 0.625, 2: 0.875}
+
+
+@pytest.mark.parametrize("values, message", [
+    (["4=0.5"], "ω is given for [4] bits; --bits are [2, 4]"),
+    (["4=0.5", "4=0.6", "2=0.7"], "each width once"),
+    (["4=1", "2=0.7"], "in (0, 1)"),
+    (["4:0.5", "2=0.7"], "is not WIDTH=FRACTION"),
+])
+def test_width_fractions_refuse_bad_values(values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lota.width_fractions(values, [4, 2])
+
+
+def test_ca_omegas_need_config_aware_and_are_checked_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lota.main(["--bits", "4", "2", "--ca-omegas", "4=0.5", "2=0.7", "--out", str(tmp_path / "x")])
+    assert "--ca-omegas needs --config-aware" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lota.main(["--config-aware", "--bits", "4", "2", "--ca-omegas", "4=0.5", "--out", str(tmp_path / "x")])
+    assert "ω is given for [4] bits" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_aware_rows_at_another_omega_are_not_reused(tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "runs.jsonl").write_text('{"method": "lota-ca", "bits": 4, "seed": 0, "accuracy": 0.5, '
+                                    '"configurations": [4, 2], "correct": [1, 0]}\n')
+    with pytest.raises(SystemExit):
+        lota.main(["--config-aware", "--bits", "4", "2", "--ca-omegas", "4=0.625", "2=0.875", "--out", str(out)])
+    assert "trained at ω/r" in capsys.readouterr().err
