@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -231,7 +231,8 @@ def width_fractions(values: Sequence[str], bits: Sequence[int]) -> dict[int, flo
     return fractions
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, tuple[str, ...], dict[int, float]]:
+    """The command line, checked before any work: (arguments, the methods to run, lota-ca's ω/r per width)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
@@ -275,55 +276,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if unknown:
             parser.error(f"--methods: unknown {sorted(unknown)}; known: lora-fp, {', '.join(methods)}")
         methods = tuple(m for m in methods if m in args.methods)
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "runs.jsonl"
+    return args, methods, ca_omegas
+
+
+def finished_rows(log: Path, args: argparse.Namespace, ca_omegas: dict[int, float]) -> dict[tuple, dict[str, Any]]:
+    """The rows ``log`` already holds, keyed (method, bits, seed); lota-ca rows trained over other widths or at
+    another ω cannot stand for this run's, so such an --out is refused (SystemExit) rather than mixed."""
     done = {(r["method"], r["bits"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} \
         if log.is_file() else {}
-    stale = sorted({tuple(r["configurations"]) for (m, _, _), r in done.items() if m == "lota-ca"} - {tuple(args.bits)})
-    if args.config_aware and stale:
-        parser.error(f"--out {args.out} holds lota-ca rows trained over {list(stale[0])} bits, not {args.bits}: "
-                     "use another --out")
+    ca_rows = [r for (m, _, _), r in done.items() if m == "lota-ca"]
+    if not args.config_aware or not ca_rows:
+        return done
+    stale = sorted({tuple(r["configurations"]) for r in ca_rows} - {tuple(args.bits)})
+    if stale:
+        raise SystemExit(f"--out {args.out} holds lota-ca rows trained over {list(stale[0])} bits, not {args.bits}: "
+                         "use another --out")
     recorded = {json.dumps(r.get("omega_fractions", dict.fromkeys(map(str, r["configurations"]), 0.75)),
-                           sort_keys=True) for (m, _, _), r in done.items() if m == "lota-ca"}
+                           sort_keys=True) for r in ca_rows}  # rows from before --ca-omegas ran at 0.75
     wanted = json.dumps({str(k): f for k, f in ca_omegas.items()}, sort_keys=True)
-    if args.config_aware and recorded - {wanted}:
-        parser.error(f"--out {args.out} holds lota-ca rows trained at ω/r {sorted(recorded - {wanted})[0]}, not "
-                     f"{wanted}: use another --out")
-    jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
-            (("lora-fp",) if b is None else methods) if not args.methods or m in args.methods]
-    for method, bits, seed in jobs:
-        if (method, bits, seed) in done:
-            continue
-        job = Job(seed, args.steps)  # a fresh base and data per training: nothing carries over between methods
-        t0 = time.perf_counter()
-        kind = method.removesuffix("+gptq")
-        hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
-        if kind == "lota-ca":  # one training serves every width: record them all at once
-            outcomes = run_lota_config_aware(job, args.bits, args.group, args.configs_per_step, ca_omegas)
-            for k, (correct, extra) in outcomes.items():
-                row = {"method": method, "bits": k, "seed": seed, "accuracy": float(correct.mean()),
-                       "seconds": time.perf_counter() - t0, "configurations": list(args.bits),
-                       "omega_fractions": {str(w): f for w, f in ca_omegas.items()}, **extra,
-                       "correct": correct.astype(int).tolist()}
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done[(method, k, seed)] = row
-                print(f"{method:9s} int{k:<2d}  seed {seed}: accuracy {row['accuracy']:.4f}", flush=True)
-            continue
-        if kind.startswith("lota") or kind == "head-only":
-            fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else 0.75
-            correct, extra = run_lota(job, bits, args.group, kind != "head-only", fraction, hessians)
-        else:
-            correct, extra = run_lora(job, bits, args.group, hessians)
-        row = {"method": method, "bits": bits, "seed": seed, "accuracy": float(correct.mean()),
-               "seconds": time.perf_counter() - t0, **extra, "correct": correct.astype(int).tolist()}
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[(method, bits, seed)] = row
-        print(f"{method:9s} {'fp' if bits is None else f'int{bits}':5s} seed {seed}: accuracy {row['accuracy']:.4f}"
-              f" ({row['seconds']:.0f} s)", flush=True)
+    if recorded - {wanted}:
+        raise SystemExit(f"--out {args.out} holds lota-ca rows trained at ω/r {sorted(recorded - {wanted})[0]}, not "
+                         f"{wanted}: use another --out")
+    return done
 
+
+def train_and_evaluate(method: str, bits: int | None, seed: int, args: argparse.Namespace,
+                       ca_omegas: dict[int, float]) -> list[dict[str, Any]]:
+    """One training of ``method`` at ``bits`` and ``seed`` on a fresh base and data: its rows (one per width for
+    lota-ca, which serves every width from one training; one otherwise)."""
+    job = Job(seed, args.steps)  # nothing carries over between methods
+    t0 = time.perf_counter()
+    kind = method.removesuffix("+gptq")
+    hessians = job.hessians(args.calibration_examples) if method.endswith("+gptq") and bits else None
+    if kind == "lota-ca":
+        outcomes = run_lota_config_aware(job, args.bits, args.group, args.configs_per_step, ca_omegas)
+        extra = {"configurations": list(args.bits), "omega_fractions": {str(w): f for w, f in ca_omegas.items()}}
+    elif kind.startswith("lota") or kind == "head-only":
+        fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else 0.75
+        outcomes, extra = {bits: run_lota(job, bits, args.group, kind != "head-only", fraction, hessians)}, {}
+    else:
+        outcomes, extra = {bits: run_lora(job, bits, args.group, hessians)}, {}
+    seconds = time.perf_counter() - t0
+    return [{"method": method, "bits": k, "seed": seed, "accuracy": float(correct.mean()), "seconds": seconds,
+             **extra, **measured, "correct": correct.astype(int).tolist()} for k, (correct, measured) in outcomes.items()]
+
+
+def summarize(done: Mapping[tuple, Mapping[str, Any]], args: argparse.Namespace, methods: Sequence[str],
+              ca_omegas: dict[int, float]) -> dict[str, Any]:
+    """Per width: each method's accuracy (mean and per seed), deployed bits, codes moved, and the paired
+    differences of every LoTA row against LoRA and the head alone, LoRA against the head, lota-ca against lota."""
     def stack(method: str, bits: int | None) -> np.ndarray:
         return np.stack([np.asarray(done[(method, bits, s)]["correct"]) for s in args.seeds])
 
@@ -331,24 +332,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                **({"lota_ca_omega_fractions": ca_omegas} if args.config_aware else {}),
                                "lora_fp": 100 * float(stack("lora-fp", None).mean())
                                if ("lora-fp", None, args.seeds[0]) in done else None}
+    suffix = "+gptq" if args.quant == "gptq" else ""
+    lora, head = "lora" + suffix, "head-only" + suffix
+    pairs = [(m, other) for m in methods if m.startswith("lota") for other in (lora, head)] + [(lora, head)]
     for bits in args.bits:
         row = {m: {"accuracy": 100 * float(stack(m, bits).mean()),
                    "per_seed": [round(100 * done[(m, bits, s)]["accuracy"], 2) for s in args.seeds],
                    "deployed_bits": round(done[(m, bits, args.seeds[0])].get("deployed_bits", math.nan), 3)}
                for m in methods}
-        suffix = "+gptq" if args.quant == "gptq" else ""
-        lora, head = "lora" + suffix, "head-only" + suffix
         for m in methods:
             if m.startswith("lota"):
                 row[m]["codes_moved"] = done[(m, bits, args.seeds[0])]["codes_moved"]
-        pairs = [(m, other) for m in methods if m.startswith("lota") for other in (lora, head)] + [(lora, head)]
         for a, b in pairs + [("lota-ca", "lota")]:
             if a in methods and b in methods:
                 row[f"{a}_minus_{b}"] = paired(stack(a, bits), stack(b, bits))
         summary[f"int{bits}"] = row
     summary["quant"] = args.quant
-    (args.out / ("summary.json" if args.quant == "rtn" else f"summary-{args.quant}.json")).write_text(
-        json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from orchestrator.state import write_json_atomic
+
+    args, methods, ca_omegas = parse_args(argv)
+    torch.set_num_threads(1)
+    log = args.out / "runs.jsonl"
+    done = finished_rows(log, args, ca_omegas)
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, b, s) for s in args.seeds for b in [None, *args.bits] for m in
+            (("lora-fp",) if b is None else methods) if not args.methods or m in args.methods]
+    for method, bits, seed in jobs:
+        if (method, bits, seed) in done:
+            continue
+        for row in train_and_evaluate(method, bits, seed, args, ca_omegas):
+            with log.open("a") as f:  # each finished row at once: a run cut short resumes from it
+                f.write(json.dumps(row) + "\n")
+            done[(row["method"], row["bits"], seed)] = row
+            width = "fp" if row["bits"] is None else f"int{row['bits']}"
+            print(f"{method:9s} {width:5s} seed {seed}: accuracy {row['accuracy']:.4f} ({row['seconds']:.0f} s)",
+                  flush=True)
+    summary = summarize(done, args, methods, ca_omegas)
+    write_json_atomic(args.out / ("summary.json" if args.quant == "rtn" else f"summary-{args.quant}.json"), summary)
     print(json.dumps(summary))
     return summary
 
