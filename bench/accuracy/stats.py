@@ -64,10 +64,12 @@ def metric_mean(values: Sequence[float], metric: str) -> float:
 
 def summarize(cfg: RunConfig, opts: Mapping[str, Any], rows: list[dict[str, Any]], minutes: dict[str, float],
               eval_minutes: dict[str, float], run_dir: Path, steps: int, configs,
-              differences: list[dict[str, Any]]) -> dict[str, Any]:
+              differences: list[dict[str, Any]], bits_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One job's result. ``bits_range`` (the hypervolume's bit axis) is read from the run's space unless given:
+    saved runs pass the range they recorded, since their space file may have been on another machine."""
     metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     main = RUN_METHOD[cfg.adapter.kind]
-    bits_range = cfg.load_space().bits_range
+    bits_range = cfg.load_space().bits_range if bits_range is None else bits_range
     target_names = [f"target {t:g}" for t in cfg.evaluation.targets]
     unseen_names = [n for n, _ in configs if n.startswith("unseen")]
     ilp_names = [n for n, _ in configs if n.startswith(ILP_UNSEEN)]
@@ -184,7 +186,8 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
     eval_minutes = {m: float(np.mean([r["evaluation_minutes"][m] for r in results])) for m in first["evaluation_minutes"]}
     configs = [(n, np.asarray(x)) for n, x in first["configurations"].items()]
     out = summarize(RunConfig.model_validate(first["config"]), first["bench_options"], rows, minutes, eval_minutes,
-                    Path(first["run_dir"]), first["baseline_steps_per_configuration"], configs, differences)
+                    Path(first["run_dir"]), first["baseline_steps_per_configuration"], configs, differences,
+                    bits_range=tuple(first["hv_reference"]["bits"]))  # not the space file: it may be elsewhere
     seeds = [int(r["config"]["run"]["seed"]) for r in results]
     out.update(job=job, seeds=seeds, curves=first.get("curves", {}), per_seed=[
         {"seed": s, "mean_target": r["mean_target"], "unseen_mean": r["unseen_mean"],

@@ -206,6 +206,28 @@ def test_seeds_are_pooled_on_the_same_held_out_examples(two_runs):
     assert "| qlora | target 3 |" in md and "across the seeds" in md
 
 
+def test_saved_seeds_pool_where_their_space_file_is_gone(two_runs):
+    """Saved runs record the absolute path of their space; pooled on another checkout (CI, a colleague's machine)
+    that path does not exist. Pooling takes the bit range the runs recorded instead, and gives the same result."""
+    from safetensors.torch import load
+
+    from bench.accuracy.stats import pool_seeds
+
+    base, _, _, _ = two_runs
+    out = base / "b" / "results"
+    runs = []
+    for seed in (0, 1):
+        result = json.loads((out / "jobs" / f"minilm-reviews-seed{seed}.json").read_text())["result"]
+        result["config"]["search"]["space"] = str(base / "elsewhere" / "space.yaml")
+        saved = load((out / "jobs" / f"minilm-reviews-seed{seed}.safetensors").read_bytes())
+        runs.append((result, {tuple(k.split("|", 1)): v.numpy() for k, v in saved.items()}))
+    pooled = pool_seeds(runs, "minilm-reviews")
+    expected = json.loads((out / "accuracy.json").read_text())["jobs"][0]
+    assert pooled["hv_reference"] == expected["hv_reference"]
+    assert pooled["hypervolume_targets"] == pytest.approx(expected["hypervolume_targets"])
+    assert pooled["mean_target"] == pytest.approx(expected["mean_target"])
+
+
 def test_a_rerun_reuses_finished_jobs_and_reruns_changed_ones(two_runs, tiny_model_dir):
     """Each finished job is saved at once; the same command again renders from it without training, and a job
     whose YAML entry or overrides changed is not taken from the saved file."""
