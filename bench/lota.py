@@ -134,7 +134,7 @@ def train_adamw(model: torch.nn.Module, job: Job) -> None:
     model.eval()
 
 
-def run_lota(job: Job, bits: int, group: int, train_factors: bool, omega_fraction: float = 0.75,
+def run_lota(job: Job, bits: int, group: int, train_factors: bool, omega_fraction: float,
              hessians=None) -> tuple[np.ndarray, dict[str, float]]:
     from workers.adapters.lota import LoTAModel, UpdateSchedule, train_lota
 
@@ -217,8 +217,10 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def width_fractions(values: Sequence[str], bits: Sequence[int]) -> dict[int, float]:
     """``--ca-omegas`` (``K=F`` per width) as {width: ω/r}; every width of ``bits`` once, each F in (0, 1). Empty:
     the paper's 0.75 at every width."""
+    from workers.adapters.lota import OMEGA_FRACTION
+
     if not values:
-        return dict.fromkeys(bits, 0.75)
+        return dict.fromkeys(bits, OMEGA_FRACTION)
     fractions: dict[int, float] = {}
     for value in values:
         width, sep, fraction = value.partition("=")
@@ -294,12 +296,14 @@ def finished_rows(log: Path, args: argparse.Namespace, ca_omegas: dict[int, floa
     if stale:
         raise SystemExit(f"--out {args.out} holds lota-ca rows trained over {list(stale[0])} bits, not {args.bits}: "
                          "use another --out")
-    recorded = {json.dumps(r.get("omega_fractions", dict.fromkeys(map(str, r["configurations"]), 0.75)),
-                           sort_keys=True) for r in ca_rows}  # rows from before --ca-omegas ran at 0.75
-    wanted = json.dumps({str(k): f for k, f in ca_omegas.items()}, sort_keys=True)
-    if recorded - {wanted}:
-        raise SystemExit(f"--out {args.out} holds lota-ca rows trained at ω/r {sorted(recorded - {wanted})[0]}, not "
-                         f"{wanted}: use another --out")
+    from workers.adapters.lota import OMEGA_FRACTION
+
+    for r in ca_rows:  # rows from before --ca-omegas record no ω: they ran at the paper's at every width
+        recorded = {int(k): float(f) for k, f in r.get("omega_fractions", {}).items()} or \
+            dict.fromkeys(r["configurations"], OMEGA_FRACTION)
+        if recorded != ca_omegas:
+            raise SystemExit(f"--out {args.out} holds lota-ca rows trained at ω/r {recorded}, not {ca_omegas}: "
+                             "use another --out")
     return done
 
 
@@ -307,6 +311,8 @@ def train_and_evaluate(method: str, bits: int | None, seed: int, args: argparse.
                        ca_omegas: dict[int, float]) -> list[dict[str, Any]]:
     """One training of ``method`` at ``bits`` and ``seed`` on a fresh base and data: its rows (one per width for
     lota-ca, which serves every width from one training; one otherwise)."""
+    from workers.adapters.lota import OMEGA_FRACTION
+
     job = Job(seed, args.steps)  # nothing carries over between methods
     t0 = time.perf_counter()
     kind = method.removesuffix("+gptq")
@@ -315,7 +321,7 @@ def train_and_evaluate(method: str, bits: int | None, seed: int, args: argparse.
         outcomes = run_lota_config_aware(job, args.bits, args.group, args.configs_per_step, ca_omegas)
         extra = {"configurations": list(args.bits), "omega_fractions": {str(w): f for w, f in ca_omegas.items()}}
     elif kind.startswith("lota") or kind == "head-only":
-        fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else 0.75
+        fraction = float(kind.removeprefix("lota-ω")) if kind.startswith("lota-ω") else OMEGA_FRACTION
         outcomes, extra = {bits: run_lota(job, bits, args.group, kind != "head-only", fraction, hessians)}, {}
     else:
         outcomes, extra = {bits: run_lora(job, bits, args.group, hessians)}, {}
