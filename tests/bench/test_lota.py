@@ -45,13 +45,18 @@ def test_config_aware_options_are_checked_before_any_work(tmp_path, capsys, argv
     assert not (tmp_path / "x").exists()
 
 
-def test_config_aware_rows_of_another_bit_set_are_not_reused(tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "4", "3"], "trained over [4, 2] bits, not [4, 3]"),
+    (["--bits", "4", "2", "--ca-omegas", "4=0.625", "2=0.875"], "trained at ω/r"),
+])
+def test_config_aware_rows_of_another_training_are_not_reused(tmp_path, argv, message):
+    """An --out holding lota-ca rows (here over [4, 2] bits at the paper's ω) serves only the same training."""
     out = tmp_path / "x"
     out.mkdir()
     (out / "runs.jsonl").write_text('{"method": "lota-ca", "bits": 4, "seed": 0, "accuracy": 0.5, '
                                     '"configurations": [4, 2], "correct": [1, 0]}\n')
-    with pytest.raises(SystemExit, match=re.escape("trained over [4, 2] bits, not [4, 3]")):
-        lota.main(["--config-aware", "--bits", "4", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        lota.main(["--config-aware", *argv, "--out", str(out)])
 
 
 def test_width_fractions_parse_one_per_width():
@@ -78,15 +83,6 @@ def test_ca_omegas_need_config_aware_and_are_checked_before_any_work(tmp_path, c
         lota.main(["--config-aware", "--bits", "4", "2", "--ca-omegas", "4=0.5", "--out", str(tmp_path / "x")])
     assert "ω is given for [4] bits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_config_aware_rows_at_another_omega_are_not_reused(tmp_path):
-    out = tmp_path / "x"
-    out.mkdir()
-    (out / "runs.jsonl").write_text('{"method": "lota-ca", "bits": 4, "seed": 0, "accuracy": 0.5, '
-                                    '"configurations": [4, 2], "correct": [1, 0]}\n')
-    with pytest.raises(SystemExit, match="trained at ω/r"):
-        lota.main(["--config-aware", "--bits", "4", "2", "--ca-omegas", "4=0.625", "2=0.875", "--out", str(out)])
 
 
 def test_a_finished_out_is_summarized_without_training(tmp_path):
