@@ -23,10 +23,10 @@ import torch  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 
 from bench.accuracy import __doc__ as DOC  # noqa: E402
-from bench.accuracy.jobs import (BENCH_DIR, ROOT, check_pairing, job_config, job_key, job_seeds, load_bench,  # noqa: E402
+from bench.accuracy.jobs import (BENCH_DIR, ROOT, check_pairing, job_config, job_key, job_methods, job_seeds, load_bench,  # noqa: E402
                                  own_seed, run_job)
 from bench.accuracy.report import TOLERANCE, describe_processes, figures, log_mlflow, write_markdown  # noqa: E402
-from bench.accuracy.stats import headline, mean_scores, methods_of, paired_across_jobs, pool_seeds  # noqa: E402
+from bench.accuracy.stats import contrasts, headline, mean_scores, methods_of, paired_across_jobs, pool_seeds  # noqa: E402
 from orchestrator.loop import report  # noqa: E402
 from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 
@@ -34,8 +34,8 @@ from orchestrator.state import write_atomic, write_json_atomic  # noqa: E402
 def _fingerprint(job: dict[str, Any], overrides: Sequence[str], seed: int | None) -> str:
     """What one run of a job depends on that the command line can change: its YAML entry, the overrides, the seed.
     Not ``bench.seeds``: which other seeds the job pools does not change this seed's run, so a job extended from
-    seeds [0, 1] to [0, 1, 2] (or cut back) reuses the seeds it has."""
-    bench = {k: v for k, v in (job.get("bench") or {}).items() if k != "seeds"}
+    seeds [0, 1] to [0, 1, 2] (or cut back) reuses the seeds it has; nor ``bench.contrasts``, read off the scores."""
+    bench = {k: v for k, v in (job.get("bench") or {}).items() if k not in ("seeds", "contrasts")}
     return json.dumps({"job": {**job, "bench": bench}, "overrides": list(overrides), "seed": seed}, sort_keys=True,
                       default=str)
 
@@ -151,7 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     by_name = {j["name"]: j for j in bench["jobs"]}
     for job in jobs:  # validate every job (at each of its seeds) and every pairing before any compute
         for seed in job_seeds(job):
-            cfg = job_config(job, args.override, work, uri, seed)[0]
+            cfg, opts = job_config(job, args.override, work, uri, seed)
+            unknown = {m for pair in opts["contrasts"] or [] for m in pair} - set(job_methods(cfg, opts))
+            if unknown:
+                raise SystemExit(f"job {job['name']}: bench.contrasts names {sorted(unknown)}, which the job does not "
+                                 f"evaluate (it evaluates {job_methods(cfg, opts)})")
             other = job.get("bench", {}).get("paired_with")
             if other is not None:
                 if other not in {j["name"] for j in jobs}:
@@ -170,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     done = {j["name"]: r for j, r in zip(jobs, results)}
     for job, result in zip(jobs, results):
         other = job.get("bench", {}).get("paired_with")
+        if job.get("bench", {}).get("contrasts"):
+            result["contrasts"] = contrasts(job["bench"]["contrasts"], scores[job["name"]], seed_runs[job["name"]],
+                                            result["metric"])
         if other is not None:
             result["paired_jobs"] = paired_across_jobs(result, scores[job["name"]], done[other], scores[other],
                                                        zip(seed_runs[job["name"]], seed_runs[other]))

@@ -28,7 +28,7 @@ from orchestrator.state import Ledger
 from search.space import parse_code
 
 from .baselines import run_baselines
-from .stats import summarize
+from .stats import METHODS, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "conf" / "bench"
@@ -40,7 +40,7 @@ FULL_PRECISION_BITS = 32.0
 
 BENCH_DEFAULTS = {"qlora_unseen": 4, "lq_iterations": 100, "lq_fisher": True, "lq_lora_lr": None, "hv_reference": None,
                   "qlora_gptq": True, "qlora_projq": True, "projq_iterations": 5, "seeds": None,
-                  "per_configuration": True, "paired_with": None}
+                  "per_configuration": True, "paired_with": None, "contrasts": None}
 """Per-job ``bench:`` options; ``per_configuration``: false runs the product path only (the run's method and the
 driver's baselines), for a job that varies the run against another job of the file whose per-configuration rows
 would be the same trainings; a list of :data:`PER_CONFIGURATION_METHODS` runs only those (``qlora`` also stands for
@@ -50,7 +50,10 @@ this job's is paired with example by example on the configurations both evaluate
 (``projq_iterations`` = its T) at every target (NF/INT spaces with round-to-nearest runs only: a GPTQ run's QLoRA
 rows already are GPTQ's, and ggml's types take no GPTQ). ``seeds``: run the whole job once per training seed (run.seed)
 on the same held-out examples (data.split_seed = the job's run.seed) and pool them (:func:`stats.pool_seeds`);
-None: once, at the job's run.seed. A job that ran once and is given seeds later reuses that run as its run.seed's."""
+None: once, at the job's run.seed. A job that ran once and is given seeds later reuses that run as its run.seed's.
+``contrasts``: [a, b] pairs of the job's methods, each reported as a − b (:func:`stats.contrasts`) beside the run
+method's own paired table: how two baselines compare (QLoRA on GPTQ codes against RTN's, say), which the run
+method's differences cannot give an interval for. Read off the saved scores, so adding one re-runs nothing."""
 
 
 PER_CONFIGURATION_METHODS = ("qlora", "lq-lora", "qlora-gptq", "qlora-projq", "qlora-budget", "lora-fp")
@@ -97,6 +100,11 @@ def load_bench(path: Path) -> dict[str, Any]:
                                              or len(set(chosen)) != len(chosen)):
             raise ConfigError(f"{path}: job {j['name']}: bench.per_configuration must be true, false or a non-empty "
                               f"list of distinct methods from {list(PER_CONFIGURATION_METHODS)}, got {chosen!r}")
+        pairs = j.get("bench", {}).get("contrasts")
+        if pairs is not None and (not isinstance(pairs, list) or not pairs or not all(
+                isinstance(p, list) and len(p) == 2 and p[0] != p[1] and set(p) <= set(METHODS) for p in pairs)):
+            raise ConfigError(f"{path}: job {j['name']}: bench.contrasts must be a non-empty list of [a, b] pairs of "
+                              f"two different methods from {list(METHODS)}, got {pairs!r}")
         other = j.get("bench", {}).get("paired_with")
         if other is not None and (other == j["name"] or other not in names):
             raise ConfigError(f"{path}: job {j['name']}: bench.paired_with must name another job of the file "
@@ -204,6 +212,15 @@ def per_configuration_trainings(opts: Mapping[str, Any], targets: Sequence[tuple
     if "qlora" in methods:
         out += [("qlora", n, x) for n, x in unseen[: int(opts["qlora_unseen"])]]
     return out
+
+
+
+def job_methods(cfg: RunConfig, opts: Mapping[str, Any]) -> list[str]:
+    """The methods one run of a job evaluates, known before any compute: the run's own, the driver's baselines
+    (coa-no-theta for CoA-LoRA) and the per-configuration trainings its options ask for."""
+    driver = [RUN_METHOD[cfg.adapter.kind], "no-adapter", "shared-lora", *(["coa-no-theta"] if cfg.adapter.kind == "coa" else [])]
+    per_config = dict.fromkeys(m for m, _, _ in per_configuration_trainings(opts, [("target", np.zeros(0))], []))
+    return [*driver, *per_config]
 
 
 

@@ -147,6 +147,36 @@ def paired_jobs_section(r: Mapping[str, Any]) -> list[str]:
             *across_seeds_table(pj.get("across_seeds") or {}, r.get("seeds", []), r["metric"], DISPLAY[main_method(r)])]
 
 
+def contrasts_section(r: Mapping[str, Any]) -> list[str]:
+    """Method a − method b for each pair of ``bench.contrasts`` (:func:`stats.contrasts`): pooled over the seeds
+    with the interval over the examples, and across the seeds with the Student-t interval over their differences."""
+    if not r.get("contrasts"):
+        return []
+    accuracy = r["metric"] == "accuracy"
+    scale, unit = (100.0, "accuracy points; > 0: a is better") if accuracy else (1.0, "loss per token; < 0: a is better")
+    seeds = r.get("seeds") or [r["config"]["run"]["seed"]]
+    out = ["### Contrasts between methods", "",
+           f"a − b on the same {r['contrasts'][0]['rows'][0]['examples']} examples ({unit}): pooled over the "
+           f"{len(seeds)} seed(s) with a 95% interval over the examples, and across the seeds with a Student-t 95% "
+           "interval over the seeds' differences (training noise included).", "",
+           "| a − b | configuration | pooled | 95% (examples) | across seeds | 95% (seeds) | a better at |",
+           "|---|---|---|---|---|---|---|"]
+    for c in r["contrasts"]:
+        for row in c["rows"]:
+            name = row["configuration"]
+            if not (name.startswith("target") or name.startswith("all ")):
+                continue  # an "unseen i" is another draw at each seed
+            a = c["across_seeds"].get(name)
+            seeds_ci = "–" if not a or a["ci95"] is None else f"[{scale * a['ci95'][0]:+.2f}, {scale * a['ci95'][1]:+.2f}]"
+            better = "–" if not a else \
+                f"{sum(d > 0 if accuracy else d < 0 for d in a['per_seed'])}/{len(a['per_seed'])}"
+            lo, hi = (scale * x for x in row["ci95"])
+            across = "–" if not a else f"{scale * a['difference']:+.2f}"
+            out.append(f"| {c['method']} − {c['other']} | {name} | {scale * row['difference']:+.2f} | [{lo:+.2f}, "
+                       f"{hi:+.2f}] | {across} | {seeds_ci} | {better} |")
+    return out + [""]
+
+
 def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:
     """The unseen configurations drawn like the pool (ILP at random budgets of the pool's range), apart from the
     random-settings ones: closer to what the training set holds, so the easier kind for CoA-LoRA."""
@@ -233,6 +263,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
     if r.get("paired"):  # saved results from before the paired protocol have none
         out += ["### Paired differences", "", paired.markdown(r["paired"])]
     out += paired_jobs_section(r)
+    out += contrasts_section(r)
     out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
     out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
             "|---|---|---|---|"]

@@ -196,6 +196,30 @@ def pool_seeds(runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], 
     return out
 
 
+def contrasts(pairs: Sequence[Sequence[str]], scores: Mapping[tuple[str, str], np.ndarray],
+              runs: Sequence[tuple[Mapping[str, Any], Mapping[tuple[str, str], np.ndarray]]],
+              metric: str) -> list[dict[str, Any]]:
+    """Method a − method b of one job for each [a, b] of ``bench.contrasts``, example by example like the run
+    method's own table: per configuration both evaluated and pooled (``rows``, on ``scores``: the seeds' mean per
+    example), and, with several seeds, across the seeds (``across_seeds``, :func:`seed_differences`). A pair naming
+    a method the job did not evaluate is refused with what it holds: the runs are saved, so fixing the pair and
+    running the command again computes nothing but this."""
+    held = sorted({m for m, _ in scores})
+    kind = "classification" if metric == "accuracy" else "causal-lm"
+    out = []
+    for a, b in pairs:
+        missing = [m for m in (a, b) if m not in held]
+        if missing:
+            raise ValueError(f"bench.contrasts [{a}, {b}]: the job evaluated no {', '.join(missing)} "
+                             f"(it holds {', '.join(held)})")
+        def two(s: Mapping[tuple[str, str], np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+            return {k: v for k, v in s.items() if k[0] in (a, b)}
+        per_seed = [paired.paired_table(two(s), a, kind) for _, s in runs] if len(runs) > 1 else []
+        out.append({"method": a, "other": b, "rows": paired.paired_table(two(scores), a, kind),
+                    "across_seeds": seed_differences(per_seed).get(b, {}) if per_seed else {}})
+    return out
+
+
 def seed_differences(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The run's method − each other method across the seeds (:func:`orchestrator.loop.paired.across_seeds` of each
     seed's paired rows' difference; the other may be another job's run method), for the rows that name the same
@@ -224,6 +248,11 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
             "paired_coa_minus": paired_summary(r.get("paired") or []),
             **({"paired_jobs": paired_summary(r["paired_jobs"]["rows"])} if r.get("paired_jobs") else {}),
+            **({"contrasts": {f"{c['method']} - {c['other']}": {
+                "pooled": paired_summary(c["rows"])[c["other"]],
+                **({"across_seeds": {k: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
+                                     for k, a in c["across_seeds"].items()}} if c["across_seeds"] else {})}
+                for c in r["contrasts"]}} if r.get("contrasts") else {}),
             "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
             **({"across_seeds": {o: {c: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
                                      for c, a in rows.items()} for o, rows in r["across_seeds"].items()}}

@@ -382,3 +382,55 @@ def test_a_pairing_that_cannot_pair_is_refused_before_compute(tmp_path):
     with pytest.raises(ConfigError, match="differs in data"):
         check_pairing(first, cfg, other, other_cfg)
     check_pairing(first, cfg, {**first, "name": "same"}, cfg)  # the same model and data pair
+
+
+def test_contrasts_pair_two_baselines_across_seeds_from_the_saved_runs(two_runs, tiny_model_dir, tmp_path):
+    """bench.contrasts [[qlora-gptq, qlora]] added to the two-seed job: nothing trains again (the pair is read off
+    the saved scores), the pooled a − b per target is the seeds' mean accuracy difference, the across-seeds one
+    holds each seed's own difference, the reversed pair is its negative, and results.md and the headline show it."""
+    import shutil
+
+    base, uri, _, _ = two_runs
+    shutil.copytree(base / "b" / "results" / "jobs", tmp_path / "results" / "jobs")
+    head, stdout = _run(tmp_path, tiny_model_dir, uri, seeds=[0, 1],
+                        bench=", contrasts: [[qlora-gptq, qlora], [qlora, qlora-gptq]]")
+    assert "finished before" in stdout and "coa-lora run (product path" not in stdout
+    seeds = [json.loads((tmp_path / "results" / "jobs" / f"minilm-reviews-seed{s}.json").read_text())["result"]
+             for s in (0, 1)]
+    acc = [{(r["method"], r["configuration"]): r["accuracy"] for r in s["rows"]} for s in seeds]
+    got = head["minilm-reviews"]["contrasts"]
+    forward, backward = got["qlora-gptq - qlora"], got["qlora - qlora-gptq"]
+    for t in TARGETS:
+        per_seed = [acc[s][("qlora-gptq", t)] - acc[s][("qlora", t)] for s in (0, 1)]
+        assert forward["pooled"][t][0] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+        assert forward["across_seeds"][t][0] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+        assert backward["pooled"][t][0] == pytest.approx(-forward["pooled"][t][0], abs=1e-4)
+        lo, hi = forward["pooled"][t][1:]
+        assert lo <= forward["pooled"][t][0] <= hi
+    raw = json.loads((tmp_path / "results" / "accuracy.json").read_text())["jobs"][0]["contrasts"][0]
+    assert raw["across_seeds"]["target 3"]["per_seed"] == pytest.approx(
+        [acc[s][("qlora-gptq", "target 3")] - acc[s][("qlora", "target 3")] for s in (0, 1)], abs=1e-9)
+    md = (tmp_path / "results.md").read_text()
+    assert "### Contrasts between methods" in md and "| qlora-gptq − qlora | all targets |" in md
+
+
+def test_a_contrast_the_job_cannot_give_is_refused_before_compute(tmp_path):
+    """A pair that is not two methods, or names a method the job does not evaluate (qlora-projq with qlora_projq
+    off), is refused before anything trains."""
+    import yaml
+
+    from bench.accuracy.__main__ import main
+    from bench.accuracy.jobs import load_bench
+    from orchestrator.config import ConfigError
+
+    data = yaml.safe_load(_bench_yaml())
+    for bad in ([["qlora", "qlora"]], [["qlora"]], [["qlora", "nope"]], []):
+        data["jobs"][0]["bench"]["contrasts"] = bad
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match="bench.contrasts"):
+            load_bench(tmp_path / "bad.yaml")
+    data["jobs"][0]["bench"].update(contrasts=[["qlora-projq", "qlora"]], qlora_projq=False)
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit, match=r"names \['qlora-projq'\], which the job does not evaluate"):
+        main(["--config", str(tmp_path / "off.yaml"), "--out", str(tmp_path / "out")])
+    assert not list((tmp_path / "out" / "results").glob("jobs/*"))
