@@ -15,12 +15,17 @@ With ``--free factors`` the fits also move A and B (every target's LoRA pair, th
 per-configuration fit is then a LoRA fine-tuned for that configuration from the run's state, the ceiling of any
 configuration-aware adapter at this rank and step count, not only of one built on M.
 
+With ``--free theta`` the question is whether θ itself can be trained to reach that room once A and B stop moving:
+θ is refitted (everything else frozen) on the run's last training set, K configurations per step drawn as the run
+drew them, and judged on the targets and unseen configurations it never trained on, against the control of one
+shared M fitted on the same draws (what the same extra steps give without any dependence on the configuration).
+
 per-configuration − shared is what making M (or the adapter) depend on the configuration is worth; shared − the run's own
 CoA-LoRA is what further training of M alone is worth (the part any shared adapter could learn as well). Both are
 paired on the run's validation examples with 95% intervals over the examples (orchestrator.loop.paired). The run's
 own CoA-LoRA is evaluated again first and must reproduce its ledger's final accuracy exactly, or the bench stops.
 
-    .venv/bin/python bench/theta_oracle.py RUN_DIR --steps 60 --lr 3e-3 [--free factors] --out docs/theta/oracle
+    .venv/bin/python bench/theta_oracle.py RUN_DIR --steps 60 --lr 3e-3 [--free factors|theta] --out docs/theta/oracle
 
 RUN_DIR is a finished ``coalora run`` of ``adapter.kind: coa`` on a classification or language-modelling task
 (bench.accuracy keeps its runs under ``<out>/results/work/``). Writes ``<out>/<run name>[-factors].json`` and prints it
@@ -48,7 +53,7 @@ import torch  # noqa: E402
 
 from orchestrator.config import ConfigError  # noqa: E402
 from orchestrator.loop.paired import paired_difference  # noqa: E402
-from orchestrator.loop.schedule import batch_ids, unkey  # noqa: E402
+from orchestrator.loop.schedule import batch_ids, step_configurations, unkey  # noqa: E402
 from orchestrator.runs import load_run_config, worker_spec  # noqa: E402
 from orchestrator.state import CheckpointStore, Ledger, write_json_atomic  # noqa: E402
 from workers.adapters.coa import CoAModel, theta_spread  # noqa: E402
@@ -56,20 +61,22 @@ from workers.tasks import evaluate_examples  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
 MAIN = "coa-lora"
-FREE = {"M": "M", "factors": "A, B, M"}
+FREE = {"M": "M", "factors": "A, B, M", "theta": "θ"}
 """What the oracle's fits move (``--free``), and how its rows are named."""
 REPRODUCE_TOLERANCE = 1e-9
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
-def load_run(run_dir: Path) -> tuple[Any, Worker, list[dict[str, Any]]]:
+def load_run(run_dir: Path, *, unseen: bool = False) -> tuple[Any, Worker, list[dict[str, Any]]]:
     """(config, a worker holding the run's replica with its last checkpoint's trainable state, the ledger's final
-    CoA-LoRA rows of the targets); a clear error for a run this bench cannot read."""
+    CoA-LoRA rows of the targets, and of the unseen configurations too with ``unseen``); a clear error for a run
+    this bench cannot read."""
     cfg = load_run_config(run_dir)
     if cfg.adapter.kind != "coa":
         raise ConfigError(f"{run_dir} is an adapter.kind {cfg.adapter.kind!r} run: the oracle fits CoA-LoRA's M")
-    targets = [r for r in Ledger(run_dir / "ledger.jsonl").entries()
-               if r.get("kind") == "final" and r.get("method") == MAIN and r["configuration"].startswith("target")]
+    finals = [r for r in Ledger(run_dir / "ledger.jsonl").entries() if r.get("kind") == "final" and r.get("method") == MAIN]
+    targets = [r for r in finals if r["configuration"].startswith("target")]
+    targets += [r for r in finals if unseen and not r["configuration"].startswith("target")]
     if not targets:
         raise ConfigError(f"{run_dir} has no final CoA-LoRA rows at its targets: is the run finished?")
     ckpt = CheckpointStore(run_dir / "checkpoints").load_latest()
@@ -147,6 +154,75 @@ def fit(model: CoAModel, worker: Worker, configurations: Sequence[list], start: 
     return mixing.detach(), fitted, losses
 
 
+def training_set(run_dir: Path) -> list[np.ndarray]:
+    """The configurations (encoded) the run's last round trained on."""
+    rounds = [e for e in Ledger(run_dir / "ledger.jsonl").entries() if e.get("kind") == "round_end"]
+    if not rounds or not rounds[-1].get("training_set"):
+        raise ConfigError(f"{run_dir}: the ledger records no training set")
+    return [np.asarray(unkey(k)) for k in rounds[-1]["training_set"]]
+
+
+def fit_theta(model: CoAModel, worker: Worker, pool: Sequence[np.ndarray], cfg: Any, *, steps: int, lr: float,
+              shared_start: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor] | torch.Tensor, list[float]]:
+    """Adam on θ's parameters, everything else frozen, or with ``shared_start`` on one (N, r, r) M from it instead
+    (the control): each step the mean loss of the K configurations the run's own schedule draws from ``pool`` (its
+    seed and sampling) on the run's batches, the same draws for both. Returns θ's fitted parameters (or the shared
+    M) and the step losses; the model keeps the run's θ."""
+    encoder = dict(model.encoder.named_parameters())
+    kept = {n: p.detach().clone() for n, p in encoder.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    mixing = None if shared_start is None else shared_start.detach().clone().requires_grad_(True)
+    moved = [mixing] if mixing is not None else list(encoder.values())
+    for p in moved:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(moved, lr=lr)
+    t = cfg.training
+    torch.manual_seed(cfg.run.seed)  # dropout
+    model.train()
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            batch = worker.collate([worker.train_items[i] for i in
+                                    batch_ids(cfg.run.seed, len(worker.train_items), cfg.data.batch_size, step)])
+            drawn = step_configurations(pool, step, seed=cfg.run.seed, k=t.configs_per_step, sampling=t.config_sampling,
+                                        space=worker.space, numels=worker.numels())
+            settings = [worker.space.decode(x) for x in drawn]
+            loss = torch.stack([_loss(model, s, model.mixing_matrices(s) if mixing is None else mixing, batch)
+                                for s in settings]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        fitted = mixing.detach() if mixing is not None else {n: p.detach().clone() for n, p in encoder.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in encoder.items():
+                p.requires_grad_(False)
+                p.copy_(kept[n])
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    return fitted, losses
+
+
+@contextmanager
+def with_theta(model: CoAModel, parameters: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block θ's parameters are ``parameters``; the run's θ restored after."""
+    encoder = dict(model.encoder.named_parameters())
+    kept = {n: p.detach().clone() for n, p in encoder.items()}
+    with torch.no_grad():
+        for n, value in parameters.items():
+            encoder[n].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in kept.items():
+                encoder[n].copy_(value)
+
+
 def _loss(model: CoAModel, settings: list, mixing: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.set_configuration(settings, mixing=mixing)
     return model.model(**batch).loss
@@ -158,9 +234,10 @@ def _progress(losses: Sequence[float]) -> str:
 
 # ---- the comparison ---------------------------------------------------------------------------------------------
 def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) -> dict[str, Any]:
-    """The comparison above; ``free``: what the fits move, ``"M"`` or ``"factors"`` (A, B and M)."""
-    if free not in FREE:
-        raise ValueError(f"free must be one of {list(FREE)}, got {free!r}")
+    """The comparison above; ``free``: what the fits move, ``"M"`` or ``"factors"`` (A, B and M); θ's refit is
+    :func:`refit`."""
+    if free not in ("M", "factors"):
+        raise ValueError(f"free must be 'M' or 'factors' (θ's refit is refit()), got {free!r}")
     label = FREE[free]
     cfg, worker, target_rows = load_run(run_dir)
     model = worker.models["main"]
@@ -222,13 +299,80 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
             "curves": curves}
 
 
+def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
+    """``--free theta``: θ refitted on the run's training set with A, B and the heads frozen, against one shared M
+    fitted on the same draws, both judged (with the run's own CoA-LoRA, which must reproduce) on every target and
+    unseen configuration the run evaluated."""
+    cfg, worker, rows = load_run(run_dir, unseen=True)
+    model = worker.models["main"]
+    kind = "classification" if cfg.model.task == "classification" else "causal-lm"
+    metric = "accuracy" if kind == "classification" else "loss"
+    names = [r["configuration"] for r in rows]
+    settings = [worker.space.decode(unkey(r["config"])) for r in rows]
+    pool = training_set(run_dir)
+    own, control = "refit θ", "shared M"
+    values: dict[str, list[float]] = {"coa-lora": [], own: [], control: []}
+    losses = {k: [] for k in values}
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in values}
+
+    def evaluate(method: str, s: list) -> float:
+        metrics, example_scores = evaluate_examples(model, s, worker.val_batches)
+        values[method].append(float(metrics[metric]))
+        losses[method].append(float(metrics["loss"]))
+        scores[method].append(example_scores.numpy())
+        return float(metrics[metric])
+
+    for name, s, row in zip(names, settings, rows):
+        value = evaluate("coa-lora", s)
+        if abs(value - row["metrics"][metric]) > REPRODUCE_TOLERANCE:
+            raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
+                               "in its ledger; the replica is not the run's")
+    pool_settings = [worker.space.decode(x) for x in pool]
+    spread = {"theta (training set)": theta_spread(model, pool_settings)["theta_spread"],
+              "theta (evaluated)": theta_spread(model, settings)["theta_spread"]}
+    with torch.no_grad():
+        start = torch.stack([model.mixing_matrices(s) for s in pool_settings]).mean(0)
+    t0 = time.perf_counter()
+    theta, curves_own = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr)
+    log(f"{own} on {len(pool)} training configurations: {_progress(curves_own)}")
+    shared, curves_shared = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, shared_start=start)
+    log(f"{control} on the same draws: {_progress(curves_shared)}")
+    minutes = (time.perf_counter() - t0) / 60
+    with with_theta(model, theta):
+        spread["refit θ (training set)"] = theta_spread(model, pool_settings)["theta_spread"]
+        spread["refit θ (evaluated)"] = theta_spread(model, settings)["theta_spread"]
+        for s in settings:
+            evaluate(own, s)
+    use_mixing(model, {repr(list(s)): shared for s in settings})
+    for s in settings:
+        evaluate(control, s)
+    del model.mixing_matrices  # θ again
+
+    groups = [(n, [i]) for i, n in enumerate(names)]
+    for label, prefix in (("all targets", "target"), ("all unseen", "unseen"), ("all ilp-unseen", "ilp-unseen")):
+        members = [i for i, n in enumerate(names) if n.startswith(prefix)]
+        if len(members) > 1:
+            groups.append((label, members))
+    compared = {f"{own} − {control}": (own, control), f"{own} − coa-lora": (own, "coa-lora"),
+                f"{control} − coa-lora": (control, "coa-lora")}
+    paired = {title: {label: paired_difference([scores[a][i] for i in members], [scores[b][i] for i in members], kind)
+                      for label, members in groups}
+              for title, (a, b) in compared.items()}
+    return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
+            "steps": steps, "lr": lr, "free": "theta", "rank": cfg.adapter.rank, "targets": names,
+            "training_set": len(pool), "values": values, "validation_loss": losses, "paired": paired,
+            "fit_minutes": round(minutes, 2), "spread": spread,
+            "curves": {own: curves_own, control: curves_shared}}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path, help="a finished coalora run of adapter.kind coa")
     ap.add_argument("--steps", type=int, default=60, help="Adam steps per fit (default 60)")
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of M (default 3e-3)")
     ap.add_argument("--free", choices=list(FREE), default="M",
-                    help="what the fits move: M alone (default) or the LoRA pairs too ('factors')")
+                    help="what the fits move: M alone per target (default), the LoRA pairs too ('factors'), or θ "
+                         "itself on the run's training set, judged on configurations it never trained on ('theta')")
     ap.add_argument("--out", type=Path, required=True, help="directory for <run name>[-factors].json")
     args = ap.parse_args(argv)
     if args.steps < 0 or args.lr <= 0:
@@ -236,8 +380,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not (args.run_dir / "ledger.jsonl").exists():
         ap.error(f"{args.run_dir} is not a coalora run directory (no ledger.jsonl)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-    result = oracle(args.run_dir.resolve(), steps=args.steps, lr=args.lr, free=args.free,
-                    log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    result = (refit(args.run_dir.resolve(), steps=args.steps, lr=args.lr, log=log) if args.free == "theta" else
+              oracle(args.run_dir.resolve(), steps=args.steps, lr=args.lr, free=args.free, log=log))
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.free == "M" else f"-{args.free}"
     write_json_atomic(args.out / f"{result['run_name']}{suffix}.json", result)

@@ -93,3 +93,39 @@ def test_with_factors_free_the_pairs_are_fitted_and_the_run_s_restored(run_dir, 
     with oracle.with_factors(model, pairs):
         assert all(torch.equal(dict(model.named_parameters())[n], pairs[n]) for n in pairs)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_theta_refit_at_zero_steps_is_the_run_and_fitting_moves_only_theta(run_dir, tmp_path):
+    """--free theta: θ refitted on the run's training set with everything else frozen, judged on every target and
+    unseen configuration. At zero steps the refit is the run's θ (every difference to CoA-LoRA exactly 0); with
+    steps it lowers the training loss on the draws, moves θ only, and the model keeps the run's θ afterwards."""
+    result = oracle.main([str(run_dir), "--steps", "0", "--free", "theta", "--out", str(tmp_path)])
+    assert "target 2.5" in result["targets"] and any(n.startswith("unseen") for n in result["targets"])
+    assert result["values"]["refit θ"] == result["values"]["coa-lora"]
+    assert all(d["difference"] == 0.0 for d in result["paired"]["refit θ − coa-lora"].values())
+    assert {"all targets", "unseen 1"} <= set(result["paired"]["refit θ − shared M"])
+    assert result["training_set"] >= 1 and (tmp_path / "tiny-theta.json").exists()
+
+    cfg, worker, _ = oracle.load_run(run_dir)
+    model = worker.models["main"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    pool = oracle.training_set(run_dir)
+    worker.train_items = worker.train_items[:16]  # one batch, seen at every step
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": 16})})
+    fitted, losses = oracle.fit_theta(model, worker, pool, cfg, steps=8, lr=0.05)
+    assert set(fitted) == {n for n, _ in model.encoder.named_parameters()}
+    assert any(not torch.equal(fitted[n], before[f"encoder.{n}"]) for n in fitted)  # θ moved in the fit ...
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # ... and the run's is back
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    batch = worker.collate(worker.train_items)
+    settings = [worker.space.decode(x) for x in pool]
+    with torch.no_grad():
+        run_loss = sum(float(oracle._loss(model, s, model.mixing_matrices(s), batch)) for s in settings)
+        with oracle.with_theta(model, fitted):
+            refit_loss = sum(float(oracle._loss(model, s, model.mixing_matrices(s), batch)) for s in settings)
+    assert refit_loss < run_loss
+    start = torch.stack([model.mixing_matrices(s) for s in settings]).mean(0).detach()
+    shared, _ = oracle.fit_theta(model, worker, pool, cfg, steps=3, lr=0.05, shared_start=start)
+    assert shared.shape == start.shape and not torch.equal(shared, start)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
