@@ -248,16 +248,25 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             "minutes": {m: round(v, 2) for m, v in r["minutes"].items()},
             "paired_coa_minus": paired_summary(r.get("paired") or []),
             **({"paired_jobs": paired_summary(r["paired_jobs"]["rows"])} if r.get("paired_jobs") else {}),
-            **({"contrasts": {f"{c['method']} - {c['other']}": {
-                "pooled": paired_summary(c["rows"])[c["other"]],
-                **({"across_seeds": {k: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
-                                     for k, a in c["across_seeds"].items()}} if c["across_seeds"] else {})}
-                for c in r["contrasts"]}} if r.get("contrasts") else {}),
+            **({"contrasts": contrasts_summary(r["contrasts"])} if r.get("contrasts") else {}),
             "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
             **({"across_seeds": {o: {c: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
                                      for c, a in rows.items()} for o, rows in r["across_seeds"].items()}}
                if r.get("across_seeds") and len(r["seeds"]) > 1 else {}),
         }
+    return out
+
+
+def contrasts_summary(pairs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each ``bench.contrasts`` pair (:func:`contrasts`) for the headline, keyed "a - b": its pooled rows and, with
+    several seeds, its across-seeds ones, as [difference, 95% low, 95% high]."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in pairs:
+        one: dict[str, Any] = {"pooled": paired_summary(c["rows"])[c["other"]]}
+        if c["across_seeds"]:
+            one["across_seeds"] = {k: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
+                                   for k, a in c["across_seeds"].items()}
+        out[f"{c['method']} - {c['other']}"] = one
     return out
 
 
