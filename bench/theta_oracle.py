@@ -302,7 +302,8 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
 def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     """``--free theta``: θ refitted on the run's training set with A, B and the heads frozen, against one shared M
     fitted on the same draws, both judged (with the run's own CoA-LoRA, which must reproduce) on every target and
-    unseen configuration the run evaluated."""
+    unseen configuration the run evaluated, and on the training configurations themselves ("train i", on the
+    held-out examples): a refit that helps there and not elsewhere memorised its configurations."""
     cfg, worker, rows = load_run(run_dir, unseen=True)
     model = worker.models["main"]
     kind = "classification" if cfg.model.task == "classification" else "causal-lm"
@@ -328,8 +329,13 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
             raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
                                "in its ledger; the replica is not the run's")
     pool_settings = [worker.space.decode(x) for x in pool]
+    for i, s in enumerate(pool_settings, 1):  # no ledger row to reproduce: the run never judged its training set
+        names.append(f"train {i}")
+        settings.append(s)
+        evaluate("coa-lora", s)
+    judged = settings[: len(rows)]  # the targets and unseen configurations
     spread = {"theta (training set)": theta_spread(model, pool_settings)["theta_spread"],
-              "theta (evaluated)": theta_spread(model, settings)["theta_spread"]}
+              "theta (evaluated)": theta_spread(model, judged)["theta_spread"]}
     with torch.no_grad():
         start = torch.stack([model.mixing_matrices(s) for s in pool_settings]).mean(0)
     t0 = time.perf_counter()
@@ -340,7 +346,7 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     minutes = (time.perf_counter() - t0) / 60
     with with_theta(model, theta):
         spread["refit θ (training set)"] = theta_spread(model, pool_settings)["theta_spread"]
-        spread["refit θ (evaluated)"] = theta_spread(model, settings)["theta_spread"]
+        spread["refit θ (evaluated)"] = theta_spread(model, judged)["theta_spread"]
         for s in settings:
             evaluate(own, s)
     use_mixing(model, {repr(list(s)): shared for s in settings})
@@ -349,7 +355,8 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     del model.mixing_matrices  # θ again
 
     groups = [(n, [i]) for i, n in enumerate(names)]
-    for label, prefix in (("all targets", "target"), ("all unseen", "unseen"), ("all ilp-unseen", "ilp-unseen")):
+    for label, prefix in (("all targets", "target"), ("all unseen", "unseen"), ("all ilp-unseen", "ilp-unseen"),
+                          ("all train", "train")):
         members = [i for i, n in enumerate(names) if n.startswith(prefix)]
         if len(members) > 1:
             groups.append((label, members))
@@ -359,7 +366,7 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
                       for label, members in groups}
               for title, (a, b) in compared.items()}
     return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
-            "steps": steps, "lr": lr, "free": "theta", "rank": cfg.adapter.rank, "targets": names,
+            "steps": steps, "lr": lr, "free": "theta", "rank": cfg.adapter.rank, "configurations": names,
             "training_set": len(pool), "values": values, "validation_loss": losses, "paired": paired,
             "fit_minutes": round(minutes, 2), "spread": spread,
             "curves": {own: curves_own, control: curves_shared}}

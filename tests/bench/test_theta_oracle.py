@@ -100,10 +100,12 @@ def test_theta_refit_at_zero_steps_is_the_run_and_fitting_moves_only_theta(run_d
     unseen configuration. At zero steps the refit is the run's θ (every difference to CoA-LoRA exactly 0); with
     steps it lowers the training loss on the draws, moves θ only, and the model keeps the run's θ afterwards."""
     result = oracle.main([str(run_dir), "--steps", "0", "--free", "theta", "--out", str(tmp_path)])
-    assert "target 2.5" in result["targets"] and any(n.startswith("unseen") for n in result["targets"])
+    names = result["configurations"]
+    assert "target 2.5" in names and any(n.startswith("unseen") for n in names)
+    assert [n for n in names if n.startswith("train")] == [f"train {i}" for i in range(1, result["training_set"] + 1)]
     assert result["values"]["refit θ"] == result["values"]["coa-lora"]
     assert all(d["difference"] == 0.0 for d in result["paired"]["refit θ − coa-lora"].values())
-    assert {"all targets", "unseen 1"} <= set(result["paired"]["refit θ − shared M"])
+    assert {"all targets", "unseen 1", "all train"} <= set(result["paired"]["refit θ − shared M"])
     assert result["training_set"] >= 1 and (tmp_path / "tiny-theta.json").exists()
 
     cfg, worker, _ = oracle.load_run(run_dir)
