@@ -177,6 +177,30 @@ def contrasts_section(r: Mapping[str, Any]) -> list[str]:
     return out + [""]
 
 
+def unseen_section(r: Mapping[str, Any]) -> list[str]:
+    """The random-settings unseen configurations: each driven method's mean (and QLoRA's on the ones it was
+    retrained on), then each configuration; nothing for a job that evaluated none."""
+    if not r["unseen"]:
+        return []
+    metric, by, main = r["metric"], {(x["method"], x["configuration"]): x for x in r["rows"]}, main_method(r)
+    driven = [m for m in (main, *DRIVER_BASELINES) if m in r["unseen_mean"]]
+    out = [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
+    out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
+            "|---|---|---|---|"]
+    for m in (*driven, *(["qlora"] if r["qlora_unseen"] else [])):
+        all_u = r["unseen_mean"].get(m, float("nan"))
+        out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
+                   f"{_f(r['unseen_qlora_subset_mean'].get(m, float('nan')))} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
+    out += ["", "Per unseen configuration:", ""]
+    head = ["configuration", "avg bits", *driven, "qlora (trained on it)"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in r["unseen"]:
+        cells = [n, _f(by[(main, n)]["avg_bits"], 3)]
+        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in (*driven, "qlora")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def ilp_unseen_table(r: Mapping[str, Any]) -> list[str]:
     """The unseen configurations drawn like the pool (ILP at random budgets of the pool's range), apart from the
     random-settings ones: closer to what the training set holds, so the easier kind for CoA-LoRA."""
@@ -264,20 +288,7 @@ def job_markdown(r: Mapping[str, Any], pngs: Sequence[str]) -> str:
         out += ["### Paired differences", "", paired.markdown(r["paired"])]
     out += paired_jobs_section(r)
     out += contrasts_section(r)
-    out += [f"### Unseen configurations ({len(r['unseen'])}, seeded, 2.5–6 bits, never trained on)", ""]
-    out += ["| method | mean over all unseen | mean over the " + str(len(r["qlora_unseen"])) + " QLoRA-trained unseen | HV (targets + unseen) |",
-            "|---|---|---|---|"]
-    for m in (*driven, *(["qlora"] if r["qlora_unseen"] else [])):
-        all_u = r["unseen_mean"].get(m, float("nan"))
-        out.append(f"| {m} | {_f(all_u) if m != 'qlora' else '– (needs retraining per configuration)'} | "
-                   f"{_f(r['unseen_qlora_subset_mean'].get(m, float('nan')))} | {_f(r['hypervolume_all_evaluated'].get(m, float('nan')))} |")
-    out += ["", "Per unseen configuration:", ""]
-    head = ["configuration", "avg bits", *driven, "qlora (trained on it)"]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n in r["unseen"]:
-        cells = [n, _f(by[(main, n)]["avg_bits"], 3)]
-        cells += [_f(by[(m, n)][metric]) if (m, n) in by else "–" for m in (*driven, "qlora")]
-        out.append("| " + " | ".join(cells) + " |")
+    out += unseen_section(r)
     out += ilp_unseen_table(r)
     ev = "; ".join(f"{k}: {v:.2f} min" for k, v in r["evaluation_minutes"].items())
     out += ["", "### Wall time (minutes, training only; evaluation excluded)", "",
