@@ -42,7 +42,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,6 +58,7 @@ from orchestrator.runs import load_run_config, worker_spec  # noqa: E402
 from orchestrator.state import CheckpointStore, Ledger, write_json_atomic  # noqa: E402
 from workers.adapters.coa import CoAModel, theta_spread  # noqa: E402
 from workers.tasks import evaluate_examples  # noqa: E402
+from workers.training import ENCODER_PREFIX  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
 MAIN = "coa-lora"
@@ -100,12 +101,13 @@ def factor_names(model: CoAModel) -> list[str]:
 
 
 @contextmanager
-def with_factors(model: CoAModel, factors: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
-    """Within the block the model's LoRA pairs are ``factors`` (None: as they are); restored after."""
+def with_parameters(model: CoAModel, values: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block the model's parameters named in ``values`` (LoRA pairs, θ's tensors; None: none) hold
+    those values; the run's are restored after."""
     params = dict(model.named_parameters())
-    kept = {n: params[n].detach().clone() for n in (factors or {})}
+    kept = {n: params[n].detach().clone() for n in (values or {})}
     with torch.no_grad():
-        for n, value in (factors or {}).items():
+        for n, value in (values or {}).items():
             params[n].copy_(value)
     try:
         yield
@@ -113,6 +115,35 @@ def with_factors(model: CoAModel, factors: Mapping[str, torch.Tensor] | None) ->
         with torch.no_grad():
             for n, value in kept.items():
                 params[n].copy_(value)
+
+
+def _adam(model: CoAModel, moved: Sequence[torch.Tensor], step_loss: Callable[[int], torch.Tensor], *, steps: int,
+          lr: float, seed: int) -> list[float]:
+    """Adam on ``moved`` alone for ``steps`` steps of ``step_loss(step)``, every other trainable tensor of the model
+    frozen (and trainable again after), dropout seeded with ``seed``; the step losses."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in moved:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(moved, lr=lr)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            loss = step_loss(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in moved:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    return losses
 
 
 def fit(model: CoAModel, worker: Worker, configurations: Sequence[list], start: torch.Tensor, *, steps: int, lr: float,
@@ -125,32 +156,14 @@ def fit(model: CoAModel, worker: Worker, configurations: Sequence[list], start: 
     mixing = start.detach().clone().requires_grad_(True)
     params = dict(model.named_parameters())
     moved = factor_names(model) if factors else []
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    torch.manual_seed(seed)  # dropout
-    model.train()
-    losses = []
-    with with_factors(model, {n: params[n].detach() for n in moved}):  # the run's pairs restored after
-        for n in moved:
-            params[n].requires_grad_(True)
-        optimizer = torch.optim.Adam([mixing, *(params[n] for n in moved)], lr=lr)
-        try:
-            for step in range(steps):
-                batch = worker.collate([worker.train_items[i] for i in
-                                        batch_ids(seed, len(worker.train_items), batch_size, step)])
-                loss = torch.stack([_loss(model, settings, mixing, batch) for settings in configurations]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            fitted = {n: params[n].detach().clone() for n in moved} if factors else None
-        finally:
-            for p in params.values():
-                p.requires_grad_(False)
-            for p in frozen:
-                p.requires_grad_(True)
-            model.eval()
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = worker.collate([worker.train_items[i] for i in batch_ids(seed, len(worker.train_items), batch_size, step)])
+        return torch.stack([_loss(model, settings, mixing, batch) for settings in configurations]).mean()
+
+    with with_parameters(model, {n: params[n].detach() for n in moved}):  # the run's pairs restored after
+        losses = _adam(model, [mixing, *(params[n] for n in moved)], step_loss, steps=steps, lr=lr, seed=seed)
+        fitted = {n: params[n].detach().clone() for n in moved} if factors else None
     return mixing.detach(), fitted, losses
 
 
@@ -167,60 +180,26 @@ def fit_theta(model: CoAModel, worker: Worker, pool: Sequence[np.ndarray], cfg: 
     """Adam on θ's parameters, everything else frozen, or with ``shared_start`` on one (N, r, r) M from it instead
     (the control): each step the mean loss of the K configurations the run's own schedule draws from ``pool`` (its
     seed and sampling) on the run's batches, the same draws for both. Returns θ's fitted parameters (or the shared
-    M) and the step losses; the model keeps the run's θ."""
-    encoder = dict(model.encoder.named_parameters())
-    kept = {n: p.detach().clone() for n, p in encoder.items()}
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    M) and the step losses; the model keeps the run's θ. θ's parameters are named as the model names them
+    (``encoder.…``), ready for :func:`with_parameters`."""
+    encoder = {n: p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIX)}
     mixing = None if shared_start is None else shared_start.detach().clone().requires_grad_(True)
-    moved = [mixing] if mixing is not None else list(encoder.values())
-    for p in moved:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(moved, lr=lr)
     t = cfg.training
-    torch.manual_seed(cfg.run.seed)  # dropout
-    model.train()
-    losses: list[float] = []
-    try:
-        for step in range(steps):
-            batch = worker.collate([worker.train_items[i] for i in
-                                    batch_ids(cfg.run.seed, len(worker.train_items), cfg.data.batch_size, step)])
-            drawn = step_configurations(pool, step, seed=cfg.run.seed, k=t.configs_per_step, sampling=t.config_sampling,
-                                        space=worker.space, numels=worker.numels())
-            settings = [worker.space.decode(x) for x in drawn]
-            loss = torch.stack([_loss(model, s, model.mixing_matrices(s) if mixing is None else mixing, batch)
-                                for s in settings]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = worker.collate([worker.train_items[i] for i in
+                                batch_ids(cfg.run.seed, len(worker.train_items), cfg.data.batch_size, step)])
+        drawn = step_configurations(pool, step, seed=cfg.run.seed, k=t.configs_per_step, sampling=t.config_sampling,
+                                    space=worker.space, numels=worker.numels())
+        settings = [worker.space.decode(x) for x in drawn]
+        return torch.stack([_loss(model, s, model.mixing_matrices(s) if mixing is None else mixing, batch)
+                            for s in settings]).mean()
+
+    with with_parameters(model, {n: p.detach() for n, p in encoder.items()}):  # the run's θ restored after
+        losses = _adam(model, [mixing] if mixing is not None else list(encoder.values()), step_loss, steps=steps,
+                       lr=lr, seed=cfg.run.seed)
         fitted = mixing.detach() if mixing is not None else {n: p.detach().clone() for n, p in encoder.items()}
-    finally:
-        with torch.no_grad():
-            for n, p in encoder.items():
-                p.requires_grad_(False)
-                p.copy_(kept[n])
-        for p in frozen:
-            p.requires_grad_(True)
-        model.eval()
     return fitted, losses
-
-
-@contextmanager
-def with_theta(model: CoAModel, parameters: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block θ's parameters are ``parameters``; the run's θ restored after."""
-    encoder = dict(model.encoder.named_parameters())
-    kept = {n: p.detach().clone() for n, p in encoder.items()}
-    with torch.no_grad():
-        for n, value in parameters.items():
-            encoder[n].copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, value in kept.items():
-                encoder[n].copy_(value)
 
 
 def _loss(model: CoAModel, settings: list, mixing: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -230,6 +209,34 @@ def _loss(model: CoAModel, settings: list, mixing: torch.Tensor, batch: dict[str
 
 def _progress(losses: Sequence[float]) -> str:
     return f"training loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps: θ's output as is"
+
+
+class Judged:
+    """Each method's value, validation loss (also for classification) and per-example scores on the configurations
+    it is judged on, in the order evaluated."""
+
+    def __init__(self, model: CoAModel, worker: Worker, metric: str, methods: Sequence[str]):
+        self.model, self.worker, self.metric = model, worker, metric
+        self.values: dict[str, list[float]] = {m: [] for m in methods}
+        self.losses: dict[str, list[float]] = {m: [] for m in methods}
+        self.scores: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+
+    def evaluate(self, method: str, settings: list) -> float:
+        """``method``'s value on the configuration ``settings`` (the model as it is now), recorded."""
+        metrics, example_scores = evaluate_examples(self.model, settings, self.worker.val_batches)
+        self.values[method].append(float(metrics[self.metric]))
+        self.losses[method].append(float(metrics["loss"]))
+        self.scores[method].append(example_scores.numpy())
+        return float(metrics[self.metric])
+
+    def reproduce(self, names: Sequence[str], settings: Sequence[list], rows: Sequence[Mapping[str, Any]]) -> None:
+        """The run's own CoA-LoRA on each of its ledger rows, recorded; it must give the ledger's value, or the
+        replica is not the run's and nothing fitted on it would mean anything."""
+        for name, s, row in zip(names, settings, rows):
+            value = self.evaluate(MAIN, s)
+            if abs(value - row["metrics"][self.metric]) > REPRODUCE_TOLERANCE:
+                raise RuntimeError(f"{name}: the run's CoA-LoRA gives {self.metric} {value} here and "
+                                   f"{row['metrics'][self.metric]} in its ledger; the replica is not the run's")
 
 
 # ---- the comparison ---------------------------------------------------------------------------------------------
@@ -249,23 +256,10 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
         theta = [model.mixing_matrices(s).detach().clone() for s in settings]
     spread = {"theta": theta_spread(model, settings)["theta_spread"]}
 
-    def evaluate(method: str, s: list) -> float:
-        """``method``'s value on configuration ``s``, its validation loss and per-example scores recorded."""
-        metrics, example_scores = evaluate_examples(model, s, worker.val_batches)
-        values[method].append(float(metrics[metric]))
-        losses[method].append(float(metrics["loss"]))
-        scores[method].append(example_scores.numpy())
-        return float(metrics[metric])
-
     own, shared_name = f"per-configuration {label}", f"shared {label}"
-    scores: dict[str, list[np.ndarray]] = {"coa-lora": [], own: [], shared_name: []}
-    values: dict[str, list[float]] = {k: [] for k in scores}
-    losses: dict[str, list[float]] = {k: [] for k in scores}  # validation loss, also for classification
-    for name, s, row in zip(names, settings, target_rows):  # the run's own CoA-LoRA, which must reproduce
-        value = evaluate("coa-lora", s)
-        if abs(value - row["metrics"][metric]) > REPRODUCE_TOLERANCE:
-            raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
-                               "in its ledger; the replica is not the run's")
+    judged = Judged(model, worker, metric, ["coa-lora", own, shared_name])
+    judged.reproduce(names, settings, target_rows)
+    evaluate, values, losses, scores = judged.evaluate, judged.values, judged.losses, judged.scores
     t0 = time.perf_counter()
     fitted, curves = [], {}
     for name, s, start in zip(names, settings, theta):
@@ -282,7 +276,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
     for method, tables in ((own, fitted), (shared_name, [(m, pairs)] * len(settings))):
         for s, (mixing, factors) in zip(settings, tables):
             use_mixing(model, {repr(list(s)): mixing})
-            with with_factors(model, factors):
+            with with_parameters(model, factors):
                 evaluate(method, s)
     del model.mixing_matrices  # θ again
 
@@ -312,22 +306,9 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     settings = [worker.space.decode(unkey(r["config"])) for r in rows]
     pool = training_set(run_dir)
     own, control = "refit θ", "shared M"
-    values: dict[str, list[float]] = {"coa-lora": [], own: [], control: []}
-    losses = {k: [] for k in values}
-    scores: dict[str, list[np.ndarray]] = {k: [] for k in values}
-
-    def evaluate(method: str, s: list) -> float:
-        metrics, example_scores = evaluate_examples(model, s, worker.val_batches)
-        values[method].append(float(metrics[metric]))
-        losses[method].append(float(metrics["loss"]))
-        scores[method].append(example_scores.numpy())
-        return float(metrics[metric])
-
-    for name, s, row in zip(names, settings, rows):
-        value = evaluate("coa-lora", s)
-        if abs(value - row["metrics"][metric]) > REPRODUCE_TOLERANCE:
-            raise RuntimeError(f"{name}: the run's CoA-LoRA gives {metric} {value} here and {row['metrics'][metric]} "
-                               "in its ledger; the replica is not the run's")
+    judged = Judged(model, worker, metric, ["coa-lora", own, control])
+    judged.reproduce(names, settings, rows)
+    evaluate, values, losses, scores = judged.evaluate, judged.values, judged.losses, judged.scores
     pool_settings = [worker.space.decode(x) for x in pool]
     for i, s in enumerate(pool_settings, 1):  # no ledger row to reproduce: the run never judged its training set
         names.append(f"train {i}")
@@ -344,7 +325,7 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     shared, curves_shared = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, shared_start=start)
     log(f"{control} on the same draws: {_progress(curves_shared)}")
     minutes = (time.perf_counter() - t0) / 60
-    with with_theta(model, theta):
+    with with_parameters(model, theta):
         spread["refit θ (training set)"] = theta_spread(model, pool_settings)["theta_spread"]
         spread["refit θ (evaluated)"] = theta_spread(model, judged)["theta_spread"]
         for s in settings:
