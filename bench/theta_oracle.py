@@ -63,6 +63,10 @@ from workers.worker import Worker  # noqa: E402
 
 MAIN = "coa-lora"
 FREE = {"M": "M", "factors": "A, B, M", "theta": "θ"}
+OBJECTIVES = ("mean", "log")
+"""What θ's refit minimises each step over its K configurations: the mean of their losses (the run's objective),
+or the mean of their logarithms, so that a configuration with a loss four times the others' (a collapsed one)
+weighs as much as they do instead of four times more: ∇log L = ∇L / L."""
 """What the oracle's fits move (``--free``), and how its rows are named."""
 REPRODUCE_TOLERANCE = 1e-9
 
@@ -176,10 +180,11 @@ def training_set(run_dir: Path) -> list[np.ndarray]:
 
 
 def fit_theta(model: CoAModel, worker: Worker, pool: Sequence[np.ndarray], cfg: Any, *, steps: int, lr: float,
-              shared_start: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor] | torch.Tensor, list[float]]:
+              shared_start: torch.Tensor | None = None, objective: str = "mean"
+              ) -> tuple[dict[str, torch.Tensor] | torch.Tensor, list[float]]:
     """Adam on θ's parameters, everything else frozen, or with ``shared_start`` on one (N, r, r) M from it instead
-    (the control): each step the mean loss of the K configurations the run's own schedule draws from ``pool`` (its
-    seed and sampling) on the run's batches, the same draws for both. Returns θ's fitted parameters (or the shared
+    (the control): each step the ``objective`` (:data:`OBJECTIVES`) of the losses of the K configurations the run's
+    own schedule draws from ``pool`` (its seed and sampling) on the run's batches, the same draws for both. Returns θ's fitted parameters (or the shared
     M) and the step losses; the model keeps the run's θ. θ's parameters are named as the model names them
     (``encoder.…``), ready for :func:`with_parameters`."""
     encoder = {n: p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIX)}
@@ -192,8 +197,9 @@ def fit_theta(model: CoAModel, worker: Worker, pool: Sequence[np.ndarray], cfg: 
         drawn = step_configurations(pool, step, seed=cfg.run.seed, k=t.configs_per_step, sampling=t.config_sampling,
                                     space=worker.space, numels=worker.numels())
         settings = [worker.space.decode(x) for x in drawn]
-        return torch.stack([_loss(model, s, model.mixing_matrices(s) if mixing is None else mixing, batch)
-                            for s in settings]).mean()
+        per_config = torch.stack([_loss(model, s, model.mixing_matrices(s) if mixing is None else mixing, batch)
+                                  for s in settings])
+        return (per_config if objective == "mean" else per_config.log()).mean()
 
     with with_parameters(model, {n: p.detach() for n, p in encoder.items()}):  # the run's θ restored after
         losses = _adam(model, [mixing] if mixing is not None else list(encoder.values()), step_loss, steps=steps,
@@ -293,7 +299,7 @@ def oracle(run_dir: Path, *, steps: int, lr: float, free: str = "M", log=print) 
             "curves": curves}
 
 
-def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
+def refit(run_dir: Path, *, steps: int, lr: float, objective: str = "mean", log=print) -> dict[str, Any]:
     """``--free theta``: θ refitted on the run's training set with A, B and the heads frozen, against one shared M
     fitted on the same draws, both judged (with the run's own CoA-LoRA, which must reproduce) on every target and
     unseen configuration the run evaluated, and on the training configurations themselves ("train i", on the
@@ -320,9 +326,12 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
     with torch.no_grad():
         start = torch.stack([model.mixing_matrices(s) for s in pool_settings]).mean(0)
     t0 = time.perf_counter()
-    theta, curves_own = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    theta, curves_own = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, objective=objective)
     log(f"{own} on {len(pool)} training configurations: {_progress(curves_own)}")
-    shared, curves_shared = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, shared_start=start)
+    shared, curves_shared = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, shared_start=start,
+                                      objective=objective)
     log(f"{control} on the same draws: {_progress(curves_shared)}")
     minutes = (time.perf_counter() - t0) / 60
     with with_parameters(model, theta):
@@ -347,7 +356,7 @@ def refit(run_dir: Path, *, steps: int, lr: float, log=print) -> dict[str, Any]:
                       for label, members in groups}
               for title, (a, b) in compared.items()}
     return {"bench": "theta_oracle", "run": str(run_dir), "run_name": cfg.run.name, "metric": metric,
-            "steps": steps, "lr": lr, "free": "theta", "rank": cfg.adapter.rank, "configurations": names,
+            "steps": steps, "lr": lr, "free": "theta", "objective": objective, "rank": cfg.adapter.rank, "configurations": names,
             "training_set": len(pool), "values": values, "validation_loss": losses, "paired": paired,
             "fit_minutes": round(minutes, 2), "spread": spread,
             "curves": {own: curves_own, control: curves_shared}}
@@ -361,18 +370,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--free", choices=list(FREE), default="M",
                     help="what the fits move: M alone per target (default), the LoRA pairs too ('factors'), or θ "
                          "itself on the run's training set, judged on configurations it never trained on ('theta')")
-    ap.add_argument("--out", type=Path, required=True, help="directory for <run name>[-factors].json")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="mean",
+                    help="with --free theta: each step minimises the mean of the K configurations' losses (default) "
+                         "or of their logarithms ('log': a collapsed configuration does not outweigh the others)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="directory for <run name>[-factors|-theta][-log].json")
     args = ap.parse_args(argv)
     if args.steps < 0 or args.lr <= 0:
         ap.error("--steps must be ≥ 0 and --lr > 0")
+    if args.objective != "mean" and args.free != "theta":
+        ap.error("--objective goes with --free theta")
     if not (args.run_dir / "ledger.jsonl").exists():
         ap.error(f"{args.run_dir} is not a coalora run directory (no ledger.jsonl)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     log = lambda m: print(m, flush=True)  # noqa: E731
-    result = (refit(args.run_dir.resolve(), steps=args.steps, lr=args.lr, log=log) if args.free == "theta" else
+    result = (refit(args.run_dir.resolve(), steps=args.steps, lr=args.lr, objective=args.objective, log=log)
+              if args.free == "theta" else
               oracle(args.run_dir.resolve(), steps=args.steps, lr=args.lr, free=args.free, log=log))
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.free == "M" else f"-{args.free}"
+    suffix = ("" if args.free == "M" else f"-{args.free}") + ("" if args.objective == "mean" else f"-{args.objective}")
     write_json_atomic(args.out / f"{result['run_name']}{suffix}.json", result)
     for label, rows in result["paired"].items():
         unit = 100 if result["metric"] == "accuracy" else 1

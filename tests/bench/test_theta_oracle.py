@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -131,3 +132,22 @@ def test_theta_refit_at_zero_steps_is_the_run_and_fitting_moves_only_theta(run_d
     shared, _ = oracle.fit_theta(model, worker, pool, cfg, steps=3, lr=0.05, shared_start=start)
     assert shared.shape == start.shape and not torch.equal(shared, start)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_theta_refit_with_the_log_objective_weighs_configurations_alike(run_dir, tmp_path):
+    """--objective log: each step minimises the mean log-loss of its configurations, so its gradient is each
+    configuration's own gradient divided by its loss; it goes with --free theta only, and names its file apart."""
+    with pytest.raises(SystemExit):
+        oracle.main([str(run_dir), "--objective", "log", "--out", str(tmp_path)])
+    result = oracle.main([str(run_dir), "--steps", "0", "--free", "theta", "--objective", "log", "--out", str(tmp_path)])
+    assert result["objective"] == "log" and (tmp_path / "tiny-theta-log.json").exists()
+
+    cfg, worker, _ = oracle.load_run(run_dir)
+    model = worker.models["main"]
+    pool = oracle.training_set(run_dir)
+    worker.train_items = worker.train_items[:16]
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": 16})})
+    mean_fit, _ = oracle.fit_theta(model, worker, pool, cfg, steps=2, lr=0.05)
+    log_fit, log_losses = oracle.fit_theta(model, worker, pool, cfg, steps=2, lr=0.05, objective="log")
+    assert any(not torch.equal(mean_fit[n], log_fit[n]) for n in mean_fit)  # another objective, another fit
+    assert len(log_losses) == 2 and all(math.isfinite(x) for x in log_losses)
