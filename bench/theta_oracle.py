@@ -63,11 +63,11 @@ from workers.worker import Worker  # noqa: E402
 
 MAIN = "coa-lora"
 FREE = {"M": "M", "factors": "A, B, M", "theta": "θ"}
+"""What the oracle's fits move (``--free``), and how its rows are named."""
 OBJECTIVES = ("mean", "log")
 """What θ's refit minimises each step over its K configurations: the mean of their losses (the run's objective),
 or the mean of their logarithms, so that a configuration with a loss four times the others' (a collapsed one)
 weighs as much as they do instead of four times more: ∇log L = ∇L / L."""
-"""What the oracle's fits move (``--free``), and how its rows are named."""
 REPRODUCE_TOLERANCE = 1e-9
 
 
@@ -121,6 +121,11 @@ def with_parameters(model: CoAModel, values: Mapping[str, torch.Tensor] | None) 
                 params[n].copy_(value)
 
 
+def run_batch(worker: Worker, seed: int, batch_size: int, step: int) -> dict[str, torch.Tensor]:
+    """The training batch the run itself took at global ``step`` (its seed's permutation of the examples)."""
+    return worker.collate([worker.train_items[i] for i in batch_ids(seed, len(worker.train_items), batch_size, step)])
+
+
 def _adam(model: CoAModel, moved: Sequence[torch.Tensor], step_loss: Callable[[int], torch.Tensor], *, steps: int,
           lr: float, seed: int) -> list[float]:
     """Adam on ``moved`` alone for ``steps`` steps of ``step_loss(step)``, every other trainable tensor of the model
@@ -162,7 +167,7 @@ def fit(model: CoAModel, worker: Worker, configurations: Sequence[list], start: 
     moved = factor_names(model) if factors else []
 
     def step_loss(step: int) -> torch.Tensor:
-        batch = worker.collate([worker.train_items[i] for i in batch_ids(seed, len(worker.train_items), batch_size, step)])
+        batch = run_batch(worker, seed, batch_size, step)
         return torch.stack([_loss(model, settings, mixing, batch) for settings in configurations]).mean()
 
     with with_parameters(model, {n: params[n].detach() for n in moved}):  # the run's pairs restored after
@@ -184,16 +189,15 @@ def fit_theta(model: CoAModel, worker: Worker, pool: Sequence[np.ndarray], cfg: 
               ) -> tuple[dict[str, torch.Tensor] | torch.Tensor, list[float]]:
     """Adam on θ's parameters, everything else frozen, or with ``shared_start`` on one (N, r, r) M from it instead
     (the control): each step the ``objective`` (:data:`OBJECTIVES`) of the losses of the K configurations the run's
-    own schedule draws from ``pool`` (its seed and sampling) on the run's batches, the same draws for both. Returns θ's fitted parameters (or the shared
-    M) and the step losses; the model keeps the run's θ. θ's parameters are named as the model names them
-    (``encoder.…``), ready for :func:`with_parameters`."""
+    own schedule draws from ``pool`` (its seed and sampling) on the run's batches, the same draws for both. Returns
+    θ's fitted parameters (or the shared M) and the step losses; the model keeps the run's θ. θ's parameters are
+    named as the model names them (``encoder.…``), ready for :func:`with_parameters`."""
     encoder = {n: p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIX)}
     mixing = None if shared_start is None else shared_start.detach().clone().requires_grad_(True)
     t = cfg.training
 
     def step_loss(step: int) -> torch.Tensor:
-        batch = worker.collate([worker.train_items[i] for i in
-                                batch_ids(cfg.run.seed, len(worker.train_items), cfg.data.batch_size, step)])
+        batch = run_batch(worker, cfg.run.seed, cfg.data.batch_size, step)
         drawn = step_configurations(pool, step, seed=cfg.run.seed, k=t.configs_per_step, sampling=t.config_sampling,
                                     space=worker.space, numels=worker.numels())
         settings = [worker.space.decode(x) for x in drawn]
@@ -304,6 +308,8 @@ def refit(run_dir: Path, *, steps: int, lr: float, objective: str = "mean", log=
     fitted on the same draws, both judged (with the run's own CoA-LoRA, which must reproduce) on every target and
     unseen configuration the run evaluated, and on the training configurations themselves ("train i", on the
     held-out examples): a refit that helps there and not elsewhere memorised its configurations."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     cfg, worker, rows = load_run(run_dir, unseen=True)
     model = worker.models["main"]
     kind = "classification" if cfg.model.task == "classification" else "causal-lm"
@@ -320,14 +326,12 @@ def refit(run_dir: Path, *, steps: int, lr: float, objective: str = "mean", log=
         names.append(f"train {i}")
         settings.append(s)
         evaluate("coa-lora", s)
-    judged = settings[: len(rows)]  # the targets and unseen configurations
+    never_trained = settings[: len(rows)]  # the targets and unseen configurations
     spread = {"theta (training set)": theta_spread(model, pool_settings)["theta_spread"],
-              "theta (evaluated)": theta_spread(model, judged)["theta_spread"]}
+              "theta (evaluated)": theta_spread(model, never_trained)["theta_spread"]}
     with torch.no_grad():
         start = torch.stack([model.mixing_matrices(s) for s in pool_settings]).mean(0)
     t0 = time.perf_counter()
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     theta, curves_own = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, objective=objective)
     log(f"{own} on {len(pool)} training configurations: {_progress(curves_own)}")
     shared, curves_shared = fit_theta(model, worker, pool, cfg, steps=steps, lr=lr, shared_start=start,
@@ -336,7 +340,7 @@ def refit(run_dir: Path, *, steps: int, lr: float, objective: str = "mean", log=
     minutes = (time.perf_counter() - t0) / 60
     with with_parameters(model, theta):
         spread["refit θ (training set)"] = theta_spread(model, pool_settings)["theta_spread"]
-        spread["refit θ (evaluated)"] = theta_spread(model, judged)["theta_spread"]
+        spread["refit θ (evaluated)"] = theta_spread(model, never_trained)["theta_spread"]
         for s in settings:
             evaluate(own, s)
     use_mixing(model, {repr(list(s)): shared for s in settings})

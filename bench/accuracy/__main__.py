@@ -152,10 +152,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for job in jobs:  # validate every job (at each of its seeds) and every pairing before any compute
         for seed in job_seeds(job):
             cfg, opts = job_config(job, args.override, work, uri, seed)
-            unknown = {m for pair in opts["contrasts"] or [] for m in pair} - set(job_methods(cfg, opts))
+            evaluated = job_methods(cfg, opts)
+            unknown = {m for pair in opts["contrasts"] or [] for m in pair} - set(evaluated)
             if unknown:
                 raise SystemExit(f"job {job['name']}: bench.contrasts names {sorted(unknown)}, which the job does not "
-                                 f"evaluate (it evaluates {job_methods(cfg, opts)})")
+                                 f"evaluate (it evaluates {evaluated})")
             other = job.get("bench", {}).get("paired_with")
             if other is not None:
                 if other not in {j["name"] for j in jobs}:

@@ -112,6 +112,11 @@ def seeds_tables(r: Mapping[str, Any]) -> list[str]:
     return out + ["", *across_seeds_table(r.get("across_seeds") or {}, seeds, metric, DISPLAY[main_method(r)])]
 
 
+def seeds_favouring(per_seed: Sequence[float], metric: str) -> int:
+    """At how many seeds the difference a − b favours a: a higher accuracy, a lower loss."""
+    return sum(d > 0 if metric == "accuracy" else d < 0 for d in per_seed)
+
+
 def across_seeds_table(across: Mapping[str, Mapping[str, Mapping[str, Any]]], seeds: Sequence[int], metric: str,
                        main: str) -> list[str]:
     """``main`` − each other method per configuration at each seed and across the seeds
@@ -126,7 +131,7 @@ def across_seeds_table(across: Mapping[str, Mapping[str, Mapping[str, Any]]], se
     for o in sorted(across):
         for c, a in sorted(across[o].items(), key=lambda kv: (not kv[0].startswith("all"), kv[0])):
             ci = "" if a["ci95"] is None else f" [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}]"
-            better = sum(d > 0 if metric == "accuracy" else d < 0 for d in a["per_seed"])  # a lower loss is better
+            better = seeds_favouring(a["per_seed"], metric)
             out.append(f"| {o} | {c} | " + " | ".join(f"{d:+.4f}" for d in a["per_seed"])
                        + f" | {a['difference']:+.4f}{ci} | {better}/{len(seeds)} |")
     return out + [""]
@@ -168,8 +173,7 @@ def contrasts_section(r: Mapping[str, Any]) -> list[str]:
                 continue  # an "unseen i" is another draw at each seed
             a = c["across_seeds"].get(name)
             seeds_ci = "–" if not a or a["ci95"] is None else f"[{scale * a['ci95'][0]:+.2f}, {scale * a['ci95'][1]:+.2f}]"
-            better = "–" if not a else \
-                f"{sum(d > 0 if accuracy else d < 0 for d in a['per_seed'])}/{len(a['per_seed'])}"
+            better = "–" if not a else f"{seeds_favouring(a['per_seed'], r['metric'])}/{len(a['per_seed'])}"
             lo, hi = (scale * x for x in row["ci95"])
             across = "–" if not a else f"{scale * a['difference']:+.2f}"
             out.append(f"| {c['method']} − {c['other']} | {name} | {scale * row['difference']:+.2f} | [{lo:+.2f}, "

@@ -250,8 +250,7 @@ def headline(results: Sequence[Mapping[str, Any]], mode: str, total_minutes: flo
             **({"paired_jobs": paired_summary(r["paired_jobs"]["rows"])} if r.get("paired_jobs") else {}),
             **({"contrasts": contrasts_summary(r["contrasts"])} if r.get("contrasts") else {}),
             "seeds": r.get("seeds", [r["config"]["run"]["seed"]]),
-            **({"across_seeds": {o: {c: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
-                                     for c, a in rows.items()} for o, rows in r["across_seeds"].items()}}
+            **({"across_seeds": {o: {c: _compact(a) for c, a in rows.items()} for o, rows in r["across_seeds"].items()}}
                if r.get("across_seeds") and len(r["seeds"]) > 1 else {}),
         }
     return out
@@ -264,8 +263,7 @@ def contrasts_summary(pairs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
     for c in pairs:
         one: dict[str, Any] = {"pooled": paired_summary(c["rows"])[c["other"]]}
         if c["across_seeds"]:
-            one["across_seeds"] = {k: [round(a["difference"], 4), *(round(x, 4) for x in a["ci95"])]
-                                   for k, a in c["across_seeds"].items()}
+            one["across_seeds"] = {k: _compact(a) for k, a in c["across_seeds"].items()}
         out[f"{c['method']} - {c['other']}"] = one
     return out
 
@@ -275,6 +273,10 @@ def paired_summary(differences: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
     paired rows of a job (``orchestrator.loop.paired``), compact for the headline."""
     out: dict[str, dict[str, list[float]]] = {}
     for d in differences:
-        out.setdefault(d["other"], {})[d["configuration"]] = [round(d["difference"], 4),
-                                                              *(round(x, 4) for x in d["ci95"])]
+        out.setdefault(d["other"], {})[d["configuration"]] = _compact(d)
     return out
+
+
+def _compact(d: Mapping[str, Any]) -> list[float]:
+    """A difference with its 95% interval, as [difference, low, high] rounded for the headline."""
+    return [round(d["difference"], 4), *(round(x, 4) for x in d["ci95"])]
